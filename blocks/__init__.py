@@ -1,0 +1,7 @@
+"""Prefect blocks for bq-refresh: the BigQuery source, the PostgreSQL target, and how to pick them."""
+
+from blocks.bigquery import BigQuerySource
+from blocks.postgres import PostgresTarget
+from blocks.resources import Resources, resolve_resources
+
+__all__ = ["BigQuerySource", "PostgresTarget", "Resources", "resolve_resources"]

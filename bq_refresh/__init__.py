@@ -1,0 +1,1 @@
+"""Foundations shared by every layer of bq-refresh: settings, errors, local services."""

