@@ -1,0 +1,74 @@
+"""The audit log: one row per table run, opened as running and closed with real figures."""
+
+from __future__ import annotations
+
+import resource
+import traceback
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from bq_refresh.errors import RefreshError
+from tasks.sqlnames import ident
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def start_audit(
+    conn: psycopg.Connection[Any], schema: str, *, config_id: int | None, table_schema: str, table_name: str,
+    metadata: dict[str, Any] | None = None,
+) -> int:
+    """Open an audit row with status running; return its id (committed at once)."""
+    row = conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (refresh_config_id, table_schema, table_name, refresh_started_at, status, sync_metadata)"
+            " VALUES (%s, %s, %s, clock_timestamp(), 'running', %s) RETURNING id"
+        ).format(ident(schema, "refresh_audit_log")),
+        (config_id, table_schema, table_name, Jsonb(metadata or {})),
+    ).fetchone()
+    if not conn.autocommit:
+        conn.commit()
+    assert row is not None
+    return int(row[0])
+
+
+def error_details(exc: BaseException) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "type": type(exc).__name__,
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:],
+    }
+    if isinstance(exc, RefreshError):
+        details["table"] = exc.table
+        details["transient"] = exc.transient
+        details["context"] = exc.context
+    return details
+
+
+def finish_audit(
+    conn: psycopg.Connection[Any], schema: str, audit_id: int, *, status: str,
+    rows_processed: int | None = None, rows_inserted: int | None = None, rows_updated: int | None = None,
+    rows_deleted: int | None = None, bigquery_job_id: str | None = None,
+    metadata: dict[str, Any] | None = None, error: BaseException | None = None,
+) -> None:
+    """Close an audit row with the run's figures (execution time measured by the database clock)."""
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET status = %s, refresh_completed_at = clock_timestamp(),"
+            " execution_time_ms = (extract(epoch FROM clock_timestamp() - refresh_started_at) * 1000)::int,"
+            " rows_processed = %s, rows_inserted = %s, rows_updated = %s, rows_deleted = %s,"
+            " memory_used_mb = %s, bigquery_job_id = coalesce(%s, bigquery_job_id),"
+            " sync_metadata = sync_metadata || %s, error_message = %s, error_details = %s WHERE id = %s"
+        ).format(ident(schema, "refresh_audit_log")),
+        (
+            status, rows_processed, rows_inserted, rows_updated, rows_deleted, round(peak_rss_mb(), 2),
+            bigquery_job_id, Jsonb(metadata or {}), None if error is None else str(error)[:4000],
+            None if error is None else Jsonb(error_details(error)), audit_id,
+        ),
+    )
+    if not conn.autocommit:
+        conn.commit()

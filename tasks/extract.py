@@ -1,0 +1,227 @@
+"""BigQuery Storage Read extraction as Arrow batches: sessions at one snapshot, streams with offsets."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+from google.api_core import exceptions as gexc
+from google.api_core.retry import Retry
+from google.cloud import bigquery
+from google.cloud.bigquery_storage_v1 import BigQueryReadClient, types
+from google.protobuf import timestamp_pb2
+
+from blocks.bigquery import BigQuerySource
+from bq_refresh.errors import SourceError, SourceUnavailable
+from tasks.typemap import normalize_type
+
+SESSION_GONE = (gexc.NotFound, gexc.FailedPrecondition, gexc.InvalidArgument, gexc.PermissionDenied)
+TRANSIENT = (gexc.ServerError, gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.TooManyRequests, gexc.RetryError)
+
+
+def short_retry(timeout_s: float) -> Retry:
+    """The Google clients retry 5xx for 10 minutes by default; bound it by our own deadline."""
+    return Retry(timeout=timeout_s, initial=0.5, maximum=5.0)
+
+
+@dataclass(frozen=True)
+class SourceField:
+    name: str
+    type: str
+    mode: str
+
+
+@dataclass
+class SourceTable:
+    """A resolved source: the table that is read, its schema, and the job that made it (query sources)."""
+
+    ref: str  # project.dataset.table
+    fields: list[SourceField]
+    job_id: str | None = None
+
+    @property
+    def read_path(self) -> str:
+        project, dataset, table = self.ref.split(".")
+        return f"projects/{project}/datasets/{dataset}/tables/{table}"
+
+    def field(self, name: str) -> SourceField | None:
+        return next((f for f in self.fields if f.name == name), None)
+
+
+def _fields(schema: list[bigquery.SchemaField]) -> list[SourceField]:
+    return [SourceField(f.name, normalize_type(f.field_type), f.mode or "NULLABLE") for f in schema]
+
+
+def resolve_source(source: BigQuerySource, *, table: str, source_ref: str | None, query: str | None) -> SourceTable:
+    """Find the source table and its schema; run a query source into a table first.
+
+    Raises:
+        SourceError: the table does not exist or the query fails.
+        SourceUnavailable: BigQuery did not answer.
+    """
+    client = source.get_bigquery_client()
+    retry = short_retry(source.timeout_s)
+    try:
+        if query is not None:
+            dest = source.table_ref(f"_bqr_query_{uuid.uuid5(uuid.NAMESPACE_URL, table).hex[:16]}")
+            config = bigquery.QueryJobConfig(destination=dest, write_disposition="WRITE_TRUNCATE")
+            job = client.query(query, job_config=config, retry=retry, job_retry=None)
+            job.result(timeout=source.timeout_s, retry=retry)
+            bq_table = client.get_table(dest, retry=retry, timeout=source.timeout_s)
+            return SourceTable(dest, _fields(bq_table.schema), job.job_id)
+        assert source_ref is not None
+        ref = source.table_ref(source_ref)
+        bq_table = client.get_table(ref, retry=retry, timeout=source.timeout_s)
+        return SourceTable(ref, _fields(bq_table.schema))
+    except gexc.NotFound:
+        raise SourceError(f"source table {source_ref or 'of the query'} not found in BigQuery", table=table) from None
+    except gexc.Forbidden as exc:
+        raise SourceError(f"permission denied reading the source: {exc.message}", table=table) from None
+    except gexc.BadRequest as exc:
+        raise SourceError(f"BigQuery rejected the request: {exc.message}", table=table) from None
+    except TRANSIENT as exc:
+        raise SourceUnavailable(f"BigQuery unavailable: {type(exc).__name__}", table=table) from None
+    except OSError as exc:
+        raise SourceUnavailable(f"BigQuery unreachable: {exc}", table=table) from None
+
+
+def bq_ident(name: str) -> str:
+    """Quote a column name for BigQuery standard SQL."""
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def bq_literal(value: Any, bq_type: str) -> str:
+    """A typed BigQuery literal for a watermark value (never user text: values we stored)."""
+    if bq_type in {"INT64", "INTEGER"}:
+        return str(int(value))
+    text = value.isoformat() if isinstance(value, datetime | date) else str(value)
+    text = text.replace("'", "")
+    return f"{bq_type} '{text}'"
+
+
+def parse_watermark(text: str | None, bq_type: str) -> Any:
+    """Turn a stored watermark string back into a value of the cursor's type."""
+    if text is None:
+        return None
+    if bq_type in {"INT64", "INTEGER"}:
+        return int(text)
+    if bq_type == "DATE":
+        return date.fromisoformat(text[:10])
+    parsed = datetime.fromisoformat(text)
+    if bq_type == "TIMESTAMP" and parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def watermark_floor(watermark: Any, bq_type: str, lookback: tuple[int, str]) -> Any:
+    """The watermark moved back by the lookback, in the cursor's own type."""
+    amount, unit = lookback
+    if watermark is None or amount == 0:
+        return watermark
+    if bq_type in {"INT64", "INTEGER"}:
+        return watermark - amount
+    seconds = amount * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit or "s"]
+    if bq_type == "DATE":
+        return watermark - timedelta(days=max(1, seconds // 86400))
+    return watermark - timedelta(seconds=seconds)
+
+
+@dataclass
+class ReadSessionInfo:
+    """A read session's identity, kept in the checkpoint so a rerun can continue it."""
+
+    name: str
+    streams: list[str]
+    arrow_schema: bytes
+    snapshot_time: str
+    row_restriction: str
+    selected_fields: list[str]
+    offsets: dict[str, int] = field(default_factory=dict)
+
+
+def create_session(
+    source: BigQuerySource,
+    table: SourceTable,
+    *,
+    selected_fields: list[str],
+    row_restriction: str,
+    snapshot_time: datetime,
+    max_streams: int,
+    table_name: str,
+) -> ReadSessionInfo:
+    """Open a Storage Read session at ``snapshot_time`` (Arrow, LZ4 where the server offers it)."""
+    client = source.get_read_client()
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(snapshot_time.astimezone(UTC).replace(tzinfo=None))
+    project = table.ref.split(".")[0]
+    read_options = types.ReadSession.TableReadOptions(
+        selected_fields=selected_fields,
+        row_restriction=row_restriction,
+        arrow_serialization_options=types.ArrowSerializationOptions(
+            buffer_compression=types.ArrowSerializationOptions.CompressionCodec.LZ4_FRAME
+        ),
+    )
+    request = types.ReadSession(
+        table=table.read_path,
+        data_format=types.DataFormat.ARROW,
+        read_options=read_options,
+        table_modifiers=types.ReadSession.TableModifiers(snapshot_time=ts),
+    )
+    try:
+        session = client.create_read_session(
+            parent=f"projects/{project}", read_session=request, max_stream_count=max_streams,
+            retry=short_retry(source.timeout_s), timeout=source.timeout_s,
+        )
+    except gexc.BadRequest as exc:
+        raise SourceError(f"read session refused: {exc.message}", table=table_name) from None
+    except gexc.NotFound:
+        raise SourceError(f"source table {table.ref} not found", table=table_name) from None
+    except TRANSIENT as exc:
+        raise SourceUnavailable(f"Storage Read API unavailable: {type(exc).__name__}", table=table_name) from None
+    streams = [s.name for s in session.streams]
+    return ReadSessionInfo(
+        name=session.name,
+        streams=streams,
+        arrow_schema=bytes(session.arrow_schema.serialized_schema),
+        snapshot_time=snapshot_time.isoformat(),
+        row_restriction=row_restriction,
+        selected_fields=selected_fields,
+        offsets={s: 0 for s in streams},
+    )
+
+
+def read_stream(
+    client: BigQueryReadClient,
+    stream: str,
+    offset: int,
+    arrow_schema: pa.Schema,
+    *,
+    table_name: str,
+) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """Yield (batch, offset after it) from ``stream`` starting at row ``offset``.
+
+    Raises:
+        SessionExpired: the session is gone; the caller re-creates it.
+        SourceUnavailable: the server failed mid-read.
+    """
+    try:
+        for response in client.read_rows(stream, offset=offset):
+            if not response.arrow_record_batch.serialized_record_batch:
+                continue
+            batch = pa.ipc.read_record_batch(
+                pa.py_buffer(response.arrow_record_batch.serialized_record_batch), arrow_schema
+            )
+            offset += batch.num_rows
+            yield batch, offset
+    except SESSION_GONE as exc:
+        raise SessionExpired(f"read session gone: {type(exc).__name__}", table=table_name) from None
+    except TRANSIENT as exc:
+        raise SourceUnavailable(f"Storage Read API failed mid-read: {type(exc).__name__}", table=table_name) from None
+
+
+class SessionExpired(SourceUnavailable):
+    """The read session expired or vanished; a new one at the same snapshot continues the read."""

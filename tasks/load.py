@@ -1,0 +1,206 @@
+"""Loading into PostgreSQL: target and staging DDL, ADBC COPY with its checkpoint, and the publish SQL."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+from psycopg import sql
+
+from bq_refresh.errors import ConfigError
+from tasks.sqlnames import ident, idents, quote_ident
+from tasks.typemap import Column
+
+SEQ_COLUMN = "_bqr_seq"
+
+
+def table_exists(conn: psycopg.Connection[Any], schema: str, table: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{quote_ident(schema)}.{quote_ident(table)}",)).fetchone()
+    return bool(row and row[0])
+
+
+def target_columns(conn: psycopg.Connection[Any], schema: str, table: str) -> dict[str, str]:
+    """Column name -> formatted type of an existing table."""
+    rows = conn.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+        " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        (f"{quote_ident(schema)}.{quote_ident(table)}",),
+    ).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def has_unique_key(conn: psycopg.Connection[Any], schema: str, table: str, key: list[str]) -> bool:
+    """True when a unique index (or primary key) covers exactly the key columns."""
+    rows = conn.execute(
+        "SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_index i"
+        " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+        " WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indpred IS NULL GROUP BY i.indexrelid",
+        (f"{quote_ident(schema)}.{quote_ident(table)}",),
+    ).fetchall()
+    return any(sorted(r[0]) == sorted(key) for r in rows)
+
+
+def create_target(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column], key: list[str]) -> None:
+    """Create the live table from the contract's types, with a primary key on the key columns."""
+    cols = sql.SQL(", ").join(
+        sql.SQL("{} {}{}").format(
+            ident(c.target_name), sql.SQL(c.pg_type), sql.SQL(" NOT NULL" if c.target_name in key else "")
+        )
+        for c in columns
+    )
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
+    conn.execute(
+        sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(ident(schema, table), cols, idents(key))
+    )
+
+
+def create_staging(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column]) -> None:
+    """An UNLOGGED staging table of this run (JSON as text; a batch sequence for 'latest wins')."""
+    cols = sql.SQL(", ").join(sql.SQL("{} {}").format(ident(c.target_name), sql.SQL(c.staging_type)) for c in columns)
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
+    conn.execute(
+        sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} ({}, {} bigint NOT NULL)").format(
+            ident(schema, table), cols, ident(SEQ_COLUMN)
+        )
+    )
+
+
+def create_key_table(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column]) -> None:
+    cols = sql.SQL(", ").join(sql.SQL("{} {}").format(ident(c.target_name), sql.SQL(c.staging_type)) for c in columns)
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(schema, table)))
+    conn.execute(sql.SQL("CREATE UNLOGGED TABLE {} ({})").format(ident(schema, table), cols))
+
+
+def add_columns(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column]) -> None:
+    """Schema evolution: add new nullable columns (instant in PostgreSQL 11+)."""
+    for c in columns:
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                ident(schema, table), ident(c.target_name), sql.SQL(c.pg_type)
+            )
+        )
+
+
+@dataclass(frozen=True)
+class BatchLoad:
+    """Where one batch goes and which checkpoint moves with it."""
+
+    staging_schema: str
+    staging_table: str
+    registry_schema: str
+    checkpoint_id: int
+    stream: str
+    offset_after: int
+    stream_done: bool
+    seq: int
+    table_schema: str
+    table_name: str
+    audit_id: int | None
+
+
+def ingest_batch(adbc_conn: Any, batch: pa.RecordBatch, load: BatchLoad, quarantined: list[dict[str, Any]]) -> None:
+    """COPY one batch into staging and move its checkpoint, in ONE transaction.
+
+    A crash before commit loses both (the rerun re-reads the batch); after commit keeps both.
+    """
+    reg = quote_ident(load.registry_schema)  # an identifier quoted by PostgreSQL rules; values are bound
+    with adbc_conn.cursor() as cur:
+        if batch.num_rows:
+            seq = pa.array([load.seq] * batch.num_rows, pa.int64())
+            data = pa.Table.from_batches([batch.append_column(SEQ_COLUMN, seq)])
+            cur.adbc_ingest(load.staging_table, data, mode="append", db_schema_name=load.staging_schema)
+    with adbc_conn.cursor() as cur:
+        cur.execute(
+            f"UPDATE {reg}.refresh_checkpoints SET"  # noqa: S608
+            " checkpoint_data = jsonb_set(jsonb_set(checkpoint_data, ARRAY['offsets', $2::text], to_jsonb($3::bigint)),"
+            "   ARRAY['done', $2::text], to_jsonb($4::boolean)),"
+            " last_processed_row = coalesce(last_processed_row, 0) + $5::bigint,"
+            " expires_at = greatest(expires_at, now() + interval '1 hour')"
+            " WHERE id = $1::int AND status = 'active'",
+            parameters=(load.checkpoint_id, load.stream, load.offset_after, load.stream_done, batch.num_rows),
+        )
+        for row in quarantined:
+            cur.execute(
+                f"INSERT INTO {reg}.refresh_quarantine (audit_log_id, table_schema, table_name, reason, row_data)"  # noqa: S608
+                " VALUES ($1::int, $2::text, $3::text, 'NULL in a key column', $4::text::jsonb)",
+                parameters=(load.audit_id, load.table_schema, load.table_name, json.dumps(row, default=str)),
+            )
+    adbc_conn.commit()
+
+
+@dataclass(frozen=True)
+class PublishSQL:
+    """Names a publish works with."""
+
+    target: sql.Composable
+    staging: sql.Composable
+    columns: list[Column]
+    key: list[str]
+    cursor: str | None
+
+    def typed_select(self, alias: str = "s") -> sql.Composed:
+        parts = []
+        for c in self.columns:
+            col = sql.SQL("{}.{}").format(sql.Identifier(alias), ident(c.target_name))
+            if c.pg_type != c.staging_type:
+                col = sql.SQL("{}::{}").format(col, sql.SQL(c.pg_type))
+            parts.append(col)
+        return sql.SQL(", ").join(parts)
+
+    def deduped(self) -> sql.Composed:
+        """Staged rows, one per key: the latest cursor wins, then the latest batch."""
+        order: list[sql.Composable] = [ident(k) for k in self.key]
+        if self.cursor:
+            order.append(sql.SQL("{} DESC NULLS LAST").format(ident(self.cursor)))
+        order.append(sql.SQL("{} DESC").format(ident(SEQ_COLUMN)))
+        return sql.SQL("SELECT DISTINCT ON ({}) {} FROM {} s ORDER BY {}").format(
+            idents(self.key), self.typed_select("s"), self.staging, sql.SQL(", ").join(order)
+        )
+
+    def key_match(self, left: str, right: str) -> sql.Composed:
+        return sql.SQL(" AND ").join(
+            sql.SQL("{}.{} = {}.{}").format(sql.Identifier(left), ident(k), sql.Identifier(right), ident(k))
+            for k in self.key
+        )
+
+    def merge(self, revive_column: str | None = None) -> sql.Composed:
+        """INSERT ... ON CONFLICT DO UPDATE only where the row really changed; counts inserts/updates.
+
+        Args:
+            revive_column: a soft-delete column to clear when a deleted key comes back.
+        """
+        names = [c.target_name for c in self.columns]
+        non_key = [n for n in names if n not in self.key]
+        if non_key or revive_column:
+            sets = [sql.SQL("{} = EXCLUDED.{}").format(ident(n), ident(n)) for n in non_key]
+            guards = []
+            if non_key:
+                guards.append(sql.SQL("({}) IS DISTINCT FROM ({})").format(
+                    sql.SQL(", ").join(sql.SQL("t.{}").format(ident(n)) for n in non_key),
+                    sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(ident(n)) for n in non_key),
+                ))
+            if revive_column:
+                sets.append(sql.SQL("{} = NULL").format(ident(revive_column)))
+                guards.append(sql.SQL("t.{} IS NOT NULL").format(ident(revive_column)))
+            action: sql.Composable = sql.SQL("DO UPDATE SET {} WHERE {}").format(
+                sql.SQL(", ").join(sets), sql.SQL(" OR ").join(guards)
+            )
+        else:
+            action = sql.SQL("DO NOTHING")
+        return sql.SQL(
+            "WITH up AS (INSERT INTO {} AS t ({}) {} ON CONFLICT ({}) {} RETURNING (xmax = 0) AS inserted)"
+            " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up"
+        ).format(self.target, idents(names), self.deduped(), idents(self.key), action)
+
+
+def check_target_shape(
+    conn: psycopg.Connection[Any], schema: str, table: str, key: list[str], table_label: str
+) -> None:
+    if not has_unique_key(conn, schema, table, key):
+        raise ConfigError(
+            f"target {schema}.{table} has no primary key or unique index on ({', '.join(key)}); "
+            "upserts need one", table=table_label,
+        )

@@ -1,0 +1,105 @@
+"""TableSpec: how one registry row maps a BigQuery source onto a PostgreSQL table, validated."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bq_refresh.errors import ConfigError
+
+_LOOKBACK = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def snake_case(name: str) -> str:
+    """camelCase / PascalCase / "Mixed Name" -> snake_case."""
+    name = re.sub(r"[\s\-]+", "_", name.strip())
+    name = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name)
+    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
+    return name.lower()
+
+
+class DeletePolicy(BaseModel):
+    """What happens to target rows whose key left the source."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["none", "hard", "soft"] = Field(
+        default="none", description="none: keep them; hard: DELETE; soft: set soft_delete_column."
+    )
+    soft_delete_column: str = Field(default="deleted_at", description="timestamptz column set on soft delete.")
+    max_delete_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Refuse a run that would delete more than this share of the table."
+    )
+
+
+class TableSpec(BaseModel):
+    """The sync parameters of one table (refresh_config.custom_sync_params)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | None = Field(default=None, description="BigQuery table: project.dataset.table, dataset.table or table.")
+    query: str | None = Field(default=None, description="A SQL query whose result is the source (instead of source).")
+    target: str | None = Field(default=None, description="schema.table in PostgreSQL; default the registry row's.")
+    key: list[str] = Field(min_length=1, description="Primary-key columns (source names).")
+    cursor: str | None = Field(default=None, description="TIMESTAMP/DATETIME/DATE/INT64 column for incremental reads.")
+    lookback: str = Field(default="0", description="Re-read window behind the watermark: 7d, 12h, 30m, 45s or an integer.")
+    mode: Literal["incremental", "window", "full"] = "incremental"
+    window_column: str | None = Field(default=None, description="Period column restated as a whole (window mode).")
+    batch_size: int | None = Field(default=None, gt=0, description="Rows per COPY batch and checkpoint.")
+    streams: int = Field(default=1, ge=1, le=64, description="Storage Read API streams read in parallel.")
+    columns: list[str] | None = Field(default=None, description="Source columns to sync (default all).")
+    rename: dict[str, str] = Field(default_factory=dict, description="Source name -> target name.")
+    snake_case: bool = Field(default=False, description="camelCase source names to snake_case target names.")
+    transform: str | None = Field(default=None, description="Name of a registered Polars transform.")
+    drift_policy: Literal["evolve", "freeze"] = "evolve"
+    delete_policy: DeletePolicy = Field(default_factory=DeletePolicy)
+    critical_fields: list[str] = Field(default_factory=list, description="Columns covered by the checksum check.")
+
+    @field_validator("lookback")
+    @classmethod
+    def _lookback_format(cls, value: str) -> str:
+        if not _LOOKBACK.match(str(value)):
+            raise ValueError("use an integer with an optional unit s, m, h, d or w (e.g. 7d)")
+        return str(value).strip()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> TableSpec:
+        if (self.source is None) == (self.query is None):
+            raise ValueError("give exactly one of source or query")
+        if self.mode == "window" and not self.window_column:
+            raise ValueError("window mode needs window_column")
+        if self.mode == "incremental" and not self.cursor:
+            raise ValueError("incremental mode needs a cursor column (or use mode full)")
+        return self
+
+    def lookback_amount(self) -> tuple[int, str]:
+        """The lookback as (number, unit); unit '' means raw cursor units (INT64 cursors)."""
+        m = _LOOKBACK.match(self.lookback)
+        assert m is not None
+        return int(m.group(1)), m.group(2)
+
+    def lookback_delta(self) -> timedelta:
+        amount, unit = self.lookback_amount()
+        return timedelta(seconds=amount * _UNITS.get(unit or "s", 1))
+
+    def target_name(self, source_name: str) -> str:
+        """The PostgreSQL column name a source column lands in."""
+        if source_name in self.rename:
+            return self.rename[source_name]
+        return snake_case(source_name) if self.snake_case else source_name
+
+    @classmethod
+    def parse_for(cls, table: str, params: dict[str, Any] | None) -> TableSpec:
+        """Validate ``params`` for ``table``; errors name the table and the key."""
+        try:
+            return cls.model_validate(params or {})
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                where = ".".join(str(p) for p in err["loc"]) or "custom_sync_params"
+                problems.append(f"{where}: {err['msg']}")
+            raise ConfigError("invalid sync parameters: " + "; ".join(problems), table=table) from None

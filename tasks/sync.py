@@ -1,0 +1,514 @@
+"""One table's refresh in three steps: plan (schema, drift, session, checkpoint), stage, publish."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from pydantic import BaseModel
+
+from blocks.resources import Resources
+from bq_refresh.errors import ConfigError, QualityCheckFailed, SchemaDriftError, SourceError
+from tasks import extract, load
+from tasks.registry import RegistryEntry
+from tasks.spec import TableSpec
+from tasks.sqlnames import ident, idents
+from tasks.transform import get_transform, shape
+from tasks.typemap import CURSOR_TYPES, Column, conform
+
+log = logging.getLogger(__name__)
+FUNCTION_NAME = "refresh_table"
+MAX_SESSION_RECREATIONS = 3
+
+
+class RefreshPlan(BaseModel):
+    """Everything a run of one table needs, small enough to pass between Prefect tasks."""
+
+    table: str
+    config_id: int
+    registry_schema: str
+    target_schema: str
+    target_table: str
+    staging_schema: str
+    staging_table: str
+    columns: list[Column]
+    key: list[str]
+    cursor: str | None
+    cursor_type: str | None
+    mode: str
+    full: bool
+    window_column: str | None
+    delete_mode: str
+    soft_delete_column: str
+    max_delete_fraction: float
+    batch_size: int
+    transform: str | None
+    source_ref: str
+    bigquery_job_id: str | None
+    session: dict[str, Any]
+    checkpoint_id: int
+    watermark_from: str | None
+    resumed: bool
+    rows_already_staged: int
+    target_created: bool
+    drift: dict[str, Any]
+    source_schema: list[dict[str, str]]
+    reconcile_keys: bool
+    frequency_hours: int
+    audit_id: int | None = None
+
+    @property
+    def target_label(self) -> str:
+        return f"{self.target_schema}.{self.target_table}"
+
+
+def staging_name(table: str) -> str:
+    digest = hashlib.sha1(table.encode()).hexdigest()[:8]
+    base = "".join(ch if ch.isalnum() else "_" for ch in table.split(".")[-1])[:40]
+    return f"{base}__{digest}"
+
+
+def _columns(spec: TableSpec, source: extract.SourceTable, table: str) -> list[Column]:
+    names = spec.columns or [f.name for f in source.fields]
+    for required in [*spec.key, *(c for c in (spec.cursor, spec.window_column) if c)]:
+        if required not in names:
+            names = [*names, required]
+    cols = []
+    for name in names:
+        field = source.field(name)
+        if field is None:
+            raise SourceError(f"column {name!r} not found in the source {source.ref}", table=table)
+        cols.append(Column(field.name, spec.target_name(field.name), field.type, field.mode))
+    targets = [c.target_name for c in cols]
+    dupes = {t for t in targets if targets.count(t) > 1}
+    if dupes:
+        raise ConfigError(f"two source columns map to the same target column(s) {sorted(dupes)}", table=table)
+    return cols
+
+
+def _drift(
+    entry: RegistryEntry, spec: TableSpec, source: extract.SourceTable, columns: list[Column],
+    existing: dict[str, str] | None,
+) -> tuple[dict[str, Any], list[Column]]:
+    """Compare the source with the stored schema and the target; return (report, columns to add)."""
+    report: dict[str, Any] = {}
+    selected = {c.source_name for c in columns}
+    if entry.source_schema:
+        before = {f["name"]: f for f in entry.source_schema}
+        now = {f.name: f for f in source.fields}
+        removed = sorted(n for n in before if n not in now and (spec.columns is None or n in selected))
+        changed = sorted(
+            f"{n}: {before[n]['type']}/{before[n]['mode']} -> {now[n].type}/{now[n].mode}"
+            for n in before if n in now and n in selected
+            and (before[n]["type"], before[n]["mode"]) != (now[n].type, now[n].mode)
+        )
+        if removed:
+            raise SchemaDriftError(f"source columns removed: {', '.join(removed)}", table=entry.name, removed=removed)
+        if changed:
+            raise SchemaDriftError(f"source column types changed: {'; '.join(changed)}", table=entry.name, changed=changed)
+        added = sorted(n for n in now if n not in before and n in selected)
+        if added:
+            report["added_in_source"] = added
+    to_add: list[Column] = []
+    if existing is not None:
+        to_add = [c for c in columns if c.target_name not in existing]
+        if to_add:
+            required = [c.source_name for c in to_add if c.mode == "REQUIRED" or c.target_name in spec.key]
+            if spec.drift_policy == "freeze" or required:
+                names = ", ".join(c.source_name for c in to_add)
+                why = "drift policy is freeze" if not required else f"{', '.join(required)} cannot be added as nullable"
+                raise SchemaDriftError(f"new source column(s) {names} not in the target ({why})",
+                                       table=entry.name, added=[c.source_name for c in to_add])
+            report["columns_added"] = [c.target_name for c in to_add]
+    return report, to_add
+
+
+def plan_refresh(
+    res: Resources, entry: RegistryEntry, *, full_refresh: bool = False, batch_size: int | None = None,
+) -> RefreshPlan:
+    """Resolve the source, check drift, prepare target and staging, and open or resume the read.
+
+    A valid active checkpoint of an earlier, unfinished run of the same table is resumed: its
+    staging table, read session and stream offsets are reused.
+    """
+    settings = res.settings
+    spec = entry.spec()
+    table = entry.name
+    source = extract.resolve_source(res.source, table=table, source_ref=spec.source, query=spec.query)
+    columns = _columns(spec, source, table)
+    by_source = {c.source_name: c for c in columns}
+    cursor_col = by_source[spec.cursor] if spec.cursor else None
+    if cursor_col is not None and (cursor_col.bq_type not in CURSOR_TYPES or cursor_col.mode == "REPEATED"):
+        raise SourceError(
+            f"cursor column {spec.cursor!r} is {cursor_col.bq_type}; use a TIMESTAMP, DATETIME, DATE or INT64 column",
+            table=table,
+        )
+    if spec.transform:
+        get_transform(spec.transform, table)
+    target_schema, target_table = (spec.target.split(".", 1) if spec.target else (entry.table_schema, entry.table_name))
+    key = [by_source[k].target_name for k in spec.key]
+    full = full_refresh or spec.mode == "full" or entry.watermark is None
+
+    with res.target.connect() as conn:
+        existing = load.target_columns(conn, target_schema, target_table) or None
+        drift, to_add = _drift(entry, spec, source, columns, existing)
+        created = False
+        if existing is None:
+            load.create_target(conn, target_schema, target_table, columns, key)
+            created = True
+        else:
+            load.check_target_shape(conn, target_schema, target_table, key, table)
+            if to_add:
+                load.add_columns(conn, target_schema, target_table, to_add)
+        if spec.delete_policy.mode == "soft":
+            conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} timestamptz").format(
+                ident(target_schema, target_table), ident(spec.delete_policy.soft_delete_column)))
+        conn.commit()
+
+        staging_schema = settings.staging_schema
+        stage_table = staging_name(table)
+        ckpt_table = ident(settings.schema_name, "refresh_checkpoints")
+        conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE status = 'active' AND expires_at < now()").format(ckpt_table))
+        active = conn.execute(
+            sql.SQL("SELECT id, checkpoint_data, last_processed_row FROM {} WHERE function_name = %s"
+                    " AND table_schema = %s AND table_name = %s AND status = 'active'").format(ckpt_table),
+            (FUNCTION_NAME, entry.table_schema, entry.table_name),
+        ).fetchone()
+        fingerprint = hashlib.sha1(repr((columns, key, full, spec.mode, entry.watermark, spec.lookback)).encode()).hexdigest()
+        if active is not None and (active[1].get("fingerprint") != fingerprint
+                                   or not load.table_exists(conn, staging_schema, stage_table)):
+            conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE id = %s").format(ckpt_table), (active[0],))
+            active = None
+        if active is not None:
+            data = active[1]
+            conn.commit()
+            return RefreshPlan(**data["plan"], checkpoint_id=active[0], resumed=True,
+                               rows_already_staged=int(active[2] or 0), session=data["session"])
+
+        watermark_from = None
+        restriction = ""
+        if not full and cursor_col is not None:
+            wm = extract.parse_watermark(entry.watermark, cursor_col.bq_type)
+            floor = extract.watermark_floor(wm, cursor_col.bq_type, spec.lookback_amount())
+            watermark_from = None if floor is None else str(floor)
+            if floor is not None:
+                restriction = f"{extract.bq_ident(cursor_col.source_name)} > {extract.bq_literal(floor, cursor_col.bq_type)}"
+        snapshot = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+        session = extract.create_session(
+            res.source, source, selected_fields=[c.source_name for c in columns], row_restriction=restriction,
+            snapshot_time=snapshot, max_streams=spec.streams, table_name=table,
+        )
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(staging_schema, stage_table)))
+        load.create_staging(conn, staging_schema, stage_table, columns)
+        plan_fields: dict[str, Any] = dict(
+            table=table, config_id=entry.id, registry_schema=settings.schema_name, target_schema=target_schema,
+            target_table=target_table, staging_schema=staging_schema, staging_table=stage_table,
+            columns=columns, key=key, cursor=cursor_col.target_name if cursor_col else None,
+            cursor_type=cursor_col.bq_type if cursor_col else None, mode=spec.mode, full=full,
+            window_column=by_source[spec.window_column].target_name if spec.window_column else None,
+            delete_mode=spec.delete_policy.mode, soft_delete_column=spec.delete_policy.soft_delete_column,
+            max_delete_fraction=spec.delete_policy.max_delete_fraction,
+            batch_size=batch_size or spec.batch_size or settings.batch_size, transform=spec.transform,
+            source_ref=source.ref, bigquery_job_id=source.job_id, watermark_from=watermark_from,
+            target_created=created, drift=drift, source_schema=[f.__dict__ for f in source.fields],
+            reconcile_keys=spec.delete_policy.mode != "none" and spec.mode == "incremental" and not full,
+            frequency_hours=entry.refresh_frequency_hours,
+        )
+        session_data = _session_dict(session)
+        plan_json = RefreshPlan(**plan_fields, checkpoint_id=0, resumed=False, rows_already_staged=0,
+                                session=session_data).model_dump(mode="json")
+        stored_plan = {k: v for k, v in plan_json.items()
+                       if k not in {"checkpoint_id", "resumed", "rows_already_staged", "session"}}
+        row = conn.execute(
+            sql.SQL("INSERT INTO {} (function_name, table_schema, table_name, checkpoint_data, last_processed_row,"
+                    " status, expires_at) VALUES (%s, %s, %s, %s, 0, 'active', now() + make_interval(hours => %s))"
+                    " RETURNING id").format(ckpt_table),
+            (FUNCTION_NAME, entry.table_schema, entry.table_name,
+             Jsonb({"fingerprint": fingerprint, "plan": stored_plan, "session": session_data,
+                    "offsets": session.offsets, "done": {}}), settings.checkpoint_ttl_hours),
+        ).fetchone()
+        conn.commit()
+        assert row is not None
+        return RefreshPlan(**plan_fields, checkpoint_id=int(row[0]), resumed=False, rows_already_staged=0,
+                           session=session_data)
+
+
+def _session_dict(session: extract.ReadSessionInfo) -> dict[str, Any]:
+    return {
+        "name": session.name, "streams": session.streams, "snapshot_time": session.snapshot_time,
+        "row_restriction": session.row_restriction, "selected_fields": session.selected_fields,
+        "arrow_schema": base64.b64encode(session.arrow_schema).decode(),
+    }
+
+
+class StageManifest(BaseModel):
+    """What staging read and kept."""
+
+    rows_read: int
+    rows_staged: int
+    rows_quarantined: int
+    batches: int
+    session_recreated: int
+    resumed_from_rows: int
+    read_session: str
+
+
+def stage_rows(res: Resources, plan: RefreshPlan, *, audit_id: int | None = None) -> StageManifest:
+    """Read every stream from its checkpointed offset and COPY batches into staging.
+
+    Each batch and its checkpoint commit together. Streams are read in parallel, one ADBC
+    connection each; memory is bounded by ``batch_size`` rows per stream.
+    """
+    transform = get_transform(plan.transform, plan.table) if plan.transform else None
+    counters = {"read": 0, "staged": 0, "quarantined": 0, "batches": 0}
+    lock = threading.Lock()
+    recreated = 0
+    session = dict(plan.session)
+    with res.target.connect() as conn:
+        row = conn.execute(
+            sql.SQL("SELECT checkpoint_data FROM {} WHERE id = %s").format(ident(plan.registry_schema, "refresh_checkpoints")),
+            (plan.checkpoint_id,),
+        ).fetchone()
+    assert row is not None
+    offsets: dict[str, int] = {k: int(v) for k, v in row[0].get("offsets", {}).items()}
+    done: dict[str, bool] = {k: bool(v) for k, v in row[0].get("done", {}).items()}
+    seq_base = int(row[0].get("seq_base", 0))
+
+    def run_stream(stream: str, arrow_schema: pa.Schema, stream_index: int) -> None:
+        client = res.source.get_read_client()
+        adbc_conn = res.target.connect_adbc()
+        seq = seq_base + stream_index * 1_000_000_000 + offsets.get(stream, 0)
+        try:
+            pending: list[pa.RecordBatch] = []
+            pending_rows = 0
+            start = offset = offsets.get(stream, 0)
+
+            def flush(offset_after: int, last: bool) -> None:
+                nonlocal pending, pending_rows, seq
+                raw = pa.Table.from_batches(pending, arrow_schema).combine_chunks().to_batches()
+                merged = raw[0] if raw else pa.RecordBatch.from_pylist([], arrow_schema)
+                shaped = shape(conform(merged, plan.columns), columns=plan.columns, key=plan.key,
+                               cursor=plan.cursor, transform=transform)
+                seq += 1
+                load.ingest_batch(adbc_conn, shaped.rows, load.BatchLoad(
+                    plan.staging_schema, plan.staging_table, plan.registry_schema, plan.checkpoint_id, stream,
+                    offset_after, last, seq, plan.table.split(".")[0], plan.table.split(".", 1)[1], audit_id,
+                ), shaped.quarantined)
+                with lock:
+                    counters["read"] += merged.num_rows
+                    counters["staged"] += shaped.rows.num_rows
+                    counters["quarantined"] += len(shaped.quarantined)
+                    counters["batches"] += 1
+                if shaped.quarantined:
+                    log.warning("%s: %d row(s) with a NULL key quarantined", plan.table, len(shaped.quarantined))
+                pending, pending_rows = [], 0
+
+            for batch, offset_after in extract.read_stream(client, stream, start, arrow_schema, table_name=plan.table):
+                offset = offset_after
+                pending.append(batch)
+                pending_rows += batch.num_rows
+                if pending_rows >= plan.batch_size:
+                    flush(offset, False)
+            flush(offset, True)
+        finally:
+            adbc_conn.close()
+
+    while True:
+        arrow_schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(session["arrow_schema"])))
+        todo = [(s, i) for i, s in enumerate(session["streams"]) if not done.get(s)]
+        try:
+            if len(todo) <= 1:
+                for stream, i in todo:
+                    run_stream(stream, arrow_schema, i)
+            else:
+                with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+                    for fut in [pool.submit(run_stream, s, arrow_schema, i) for s, i in todo]:
+                        fut.result()
+            break
+        except extract.SessionExpired:
+            recreated += 1
+            if recreated > MAX_SESSION_RECREATIONS:
+                raise
+            log.warning("%s: read session expired; re-creating it at the same snapshot", plan.table)
+            session, offsets, done, seq_base = _recreate_session(res, plan, session, seq_base + 10**13)
+
+    if plan.reconcile_keys:
+        _stage_source_keys(res, plan, session)
+    return StageManifest(
+        rows_read=counters["read"], rows_staged=counters["staged"], rows_quarantined=counters["quarantined"],
+        batches=counters["batches"], session_recreated=recreated, resumed_from_rows=plan.rows_already_staged,
+        read_session=str(session["name"]),
+    )
+
+
+def _recreate_session(
+    res: Resources, plan: RefreshPlan, old: dict[str, Any], seq_base: int
+) -> tuple[dict[str, Any], dict[str, int], dict[str, bool], int]:
+    """A new session at the same snapshot: offsets of the old one mean nothing in it, so staging
+    restarts empty (in the same transaction as the checkpoint) and the new session is read whole."""
+    source = extract.SourceTable(plan.source_ref, [])
+    info = extract.create_session(
+        res.source, source, selected_fields=old["selected_fields"], row_restriction=old["row_restriction"],
+        snapshot_time=datetime.fromisoformat(old["snapshot_time"]), max_streams=len(old["streams"]) or 1,
+        table_name=plan.table,
+    )
+    new = _session_dict(info)
+    with res.target.connect() as conn:
+        conn.execute(sql.SQL("TRUNCATE {}").format(ident(plan.staging_schema, plan.staging_table)))
+        conn.execute(
+            sql.SQL("UPDATE {} SET checkpoint_data = checkpoint_data || %s, last_processed_row = 0 WHERE id = %s").format(
+                ident(plan.registry_schema, "refresh_checkpoints")),
+            (Jsonb({"session": new, "offsets": info.offsets, "done": {}, "seq_base": seq_base}), plan.checkpoint_id),
+        )
+        conn.commit()
+    return new, dict(info.offsets), {}, seq_base
+
+
+def _stage_source_keys(res: Resources, plan: RefreshPlan, session: dict[str, Any]) -> None:
+    """Read every key of the source (same snapshot) for delete reconciliation."""
+    key_cols = [c for c in plan.columns if c.target_name in plan.key]
+    info = extract.create_session(
+        res.source, extract.SourceTable(plan.source_ref, []), selected_fields=[c.source_name for c in key_cols],
+        row_restriction="", snapshot_time=datetime.fromisoformat(session["snapshot_time"]),
+        max_streams=1, table_name=plan.table,
+    )
+    keys_table = plan.staging_table + "_keys"
+    with res.target.connect() as conn:
+        load.create_key_table(conn, plan.staging_schema, keys_table, key_cols)
+        conn.commit()
+    client = res.source.get_read_client()
+    schema = pa.ipc.read_schema(pa.py_buffer(info.arrow_schema))
+    adbc_conn = res.target.connect_adbc()
+    try:
+        for stream in info.streams:
+            for batch, _ in extract.read_stream(client, stream, 0, schema, table_name=plan.table):
+                with adbc_conn.cursor() as cur:
+                    cur.adbc_ingest(keys_table, pa.Table.from_batches([conform(batch, key_cols)]), mode="append",
+                                    db_schema_name=plan.staging_schema)
+        adbc_conn.commit()
+    finally:
+        adbc_conn.close()
+
+
+class PublishResult(BaseModel):
+    """What publishing changed (or, in a dry run, would change)."""
+
+    rows_inserted: int
+    rows_updated: int
+    rows_unchanged: int
+    rows_deleted: int
+    duplicate_keys: int
+    watermark: str | None
+    dry_run: bool
+
+
+def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False) -> PublishResult:
+    """Publish the staged rows into the live table in ONE transaction (or roll back a dry run).
+
+    In the same transaction: deletes by mode and policy, the watermark, the registry's times,
+    the checkpoint marked completed, and staging dropped.
+    """
+    target = ident(plan.target_schema, plan.target_table)
+    staging = ident(plan.staging_schema, plan.staging_table)
+    p = load.PublishSQL(target, staging, plan.columns, plan.key, plan.cursor)
+    soft = plan.soft_delete_column if plan.delete_mode == "soft" else None
+    with res.target.connect() as conn:
+        conn.execute("SET LOCAL lock_timeout = '60s'")
+        counts = conn.execute(
+            sql.SQL("SELECT count(*), count(DISTINCT ({})) FROM {}").format(idents(plan.key), staging)
+        ).fetchone()
+        assert counts is not None
+        staged, distinct = int(counts[0]), int(counts[1])
+        merged = conn.execute(p.merge(revive_column=soft)).fetchone()
+        assert merged is not None
+        inserted, updated = int(merged[0]), int(merged[1])
+
+        delete_scope: sql.Composable | None = None
+        if plan.mode == "window" and plan.window_column:
+            delete_scope = sql.SQL("t.{} IN (SELECT DISTINCT {} FROM {})").format(
+                ident(plan.window_column), ident(plan.window_column), staging)
+            source_keys = staging
+        elif plan.full and (plan.mode == "full" or plan.delete_mode != "none"):
+            delete_scope, source_keys = sql.SQL("true"), staging
+        elif plan.reconcile_keys:
+            delete_scope, source_keys = sql.SQL("true"), ident(plan.staging_schema, plan.staging_table + "_keys")
+        deleted = 0
+        if delete_scope is not None and (plan.delete_mode != "none" or plan.mode in {"window", "full"}):
+            gone = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(
+                delete_scope, source_keys, p.key_match("s", "t"))
+            total_row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target)).fetchone()
+            total = int(total_row[0]) if total_row else 0
+            if soft:
+                row = conn.execute(sql.SQL("WITH d AS (UPDATE {} t SET {} = now() WHERE {} AND t.{} IS NULL RETURNING 1)"
+                                           " SELECT count(*) FROM d").format(target, ident(soft), gone, ident(soft))).fetchone()
+            else:
+                row = conn.execute(sql.SQL("WITH d AS (DELETE FROM {} t WHERE {} RETURNING 1) SELECT count(*) FROM d").format(
+                    target, gone)).fetchone()
+            deleted = int(row[0]) if row else 0
+            before = max(total - inserted, 0)
+            if before > 0 and deleted > plan.max_delete_fraction * before and plan.mode != "window":
+                conn.rollback()
+                raise QualityCheckFailed(
+                    f"refusing to delete {deleted} of {before} rows (over max_delete_fraction "
+                    f"{plan.max_delete_fraction}); nothing published", table=plan.table, deleted=deleted, total=before)
+
+        watermark = None
+        if plan.cursor:
+            wm = conn.execute(sql.SQL("SELECT max({})::text FROM {}").format(ident(plan.cursor), staging)).fetchone()
+            watermark = wm[0] if wm else None
+        result = PublishResult(
+            rows_inserted=inserted, rows_updated=updated, rows_unchanged=distinct - inserted - updated,
+            rows_deleted=deleted, duplicate_keys=staged - distinct, watermark=watermark, dry_run=dry_run,
+        )
+        if dry_run:
+            conn.rollback()
+            return result
+        _advance_watermark(conn, plan, watermark)
+        conn.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s WHERE id = %s").format(
+            ident(plan.registry_schema, "refresh_checkpoints")), (staged, plan.checkpoint_id))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(staging))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, plan.staging_table + "_keys")))
+        conn.commit()
+    return result
+
+
+def _advance_watermark(conn: Any, plan: RefreshPlan, watermark: str | None) -> None:
+    """Move the watermark forward only (a full reload may set it afresh), with the registry's times."""
+    current_row = conn.execute(
+        sql.SQL("SELECT watermark FROM {} WHERE id = %s").format(ident(plan.registry_schema, "refresh_config")),
+        (plan.config_id,),
+    ).fetchone()
+    current = current_row[0] if current_row else None
+    new = current
+    if watermark is not None:
+        if current is None or plan.full:
+            new = watermark
+        else:
+            assert plan.cursor_type is not None
+            a = extract.parse_watermark(current, plan.cursor_type)
+            b = extract.parse_watermark(watermark, plan.cursor_type)
+            new = watermark if b > a else current
+    conn.execute(
+        sql.SQL("UPDATE {} SET watermark = %s, source_schema = %s, last_refresh_at = now(),"
+                " next_refresh_at = now() + make_interval(hours => refresh_frequency_hours) WHERE id = %s").format(
+            ident(plan.registry_schema, "refresh_config")),
+        (new, Jsonb(plan.source_schema), plan.config_id),
+    )
+
+
+def discard_staging(res: Resources, plan: RefreshPlan, reason: str) -> None:
+    """Drop a run's staging and expire its checkpoint (used when a run must start over)."""
+    with res.target.connect() as conn:
+        conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE id = %s").format(
+            ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, plan.staging_table)))
+        conn.commit()
+    log.info("%s: staging discarded (%s)", plan.table, reason)

@@ -1,0 +1,112 @@
+"""Shaping batches with Polars: named transforms, NULL-key quarantine, cursor high-water mark."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bq_refresh.errors import ConfigError
+from tasks.typemap import Column
+
+Transform = Callable[[pl.LazyFrame], pl.LazyFrame]
+TRANSFORMS: dict[str, Transform] = {}
+
+
+def register_transform(name: str) -> Callable[[Transform], Transform]:
+    """Register a Polars transform that TableSpec.transform can name."""
+
+    def decorate(fn: Transform) -> Transform:
+        TRANSFORMS[name] = fn
+        return fn
+
+    return decorate
+
+
+def get_transform(name: str, table: str) -> Transform:
+    try:
+        return TRANSFORMS[name]
+    except KeyError:
+        known = ", ".join(sorted(TRANSFORMS)) or "none"
+        raise ConfigError(f"unknown transform {name!r} (registered: {known})", table=table) from None
+
+
+@register_transform("trim_strings")
+def _trim_strings(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Strip surrounding whitespace from every text column."""
+    return frame.with_columns(pl.col(pl.String).str.strip_chars())
+
+
+@register_transform("sqp_rates")
+def _sqp_rates(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Recompute SQP click/cart-add/purchase rates from counts and search volume, where present."""
+    names = frame.collect_schema().names()
+    exprs = []
+    for stage in ("click", "cart_add", "purchase"):
+        total, rate = f"{stage}s_total_count" if stage != "cart_add" else "cart_adds_total_count", f"{stage}_rate"
+        if total in names and rate in names and "search_query_volume" in names:
+            exprs.append(
+                pl.when(pl.col("search_query_volume") > 0)
+                .then(pl.col(total).cast(pl.Float64) / pl.col("search_query_volume"))
+                .otherwise(None)
+                .alias(rate)
+            )
+    return frame.with_columns(exprs) if exprs else frame
+
+
+@dataclass
+class ShapedBatch:
+    """A batch ready for staging, plus what was set aside."""
+
+    rows: pa.RecordBatch
+    quarantined: list[dict[str, Any]]
+    max_cursor: Any
+
+
+def apply_transform(batch: pa.RecordBatch, transform: Transform, columns: list[Column]) -> pa.RecordBatch:
+    """Run a Polars transform lazily and cast the result back to the target's Arrow types."""
+    frame = pl.from_arrow(batch)
+    assert isinstance(frame, pl.DataFrame)
+    out = transform(frame.lazy()).collect().to_arrow()
+    arrays = []
+    for col in columns:
+        arr = out.column(col.target_name)
+        arrays.append(arr.cast(col.arrow_type) if arr.type != col.arrow_type else arr)
+    return pa.RecordBatch.from_arrays([a.combine_chunks() for a in arrays], names=[c.target_name for c in columns])
+
+
+def shape(
+    batch: pa.RecordBatch,
+    *,
+    columns: list[Column],
+    key: list[str],
+    cursor: str | None,
+    transform: Transform | None,
+) -> ShapedBatch:
+    """Transform a conformed batch, set aside rows with a NULL key, and find the batch's max cursor.
+
+    Args:
+        batch: rows already cast to the contract types and named as in the target.
+        columns: the target columns, in order.
+        key: target names of the key columns.
+        cursor: target name of the cursor column, if any.
+        transform: an optional registered Polars transform.
+    """
+    if transform is not None:
+        batch = apply_transform(batch, transform, columns)
+    null_key = None
+    for k in key:
+        is_null = pc.is_null(batch.column(k))
+        null_key = is_null if null_key is None else pc.or_(null_key, is_null)
+    quarantined: list[dict[str, Any]] = []
+    if null_key is not None and pc.any(null_key).as_py():
+        quarantined = batch.filter(null_key).to_pylist()
+        batch = batch.filter(pc.invert(null_key))
+    max_cursor = None
+    if cursor is not None and batch.num_rows:
+        max_cursor = pc.max(batch.column(cursor)).as_py()
+    return ShapedBatch(batch, quarantined, max_cursor)
