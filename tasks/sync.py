@@ -287,37 +287,37 @@ def stage_rows(res: Resources, plan: RefreshPlan, *, audit_id: int | None = None
         adbc_conn = res.target.connect_adbc()
         seq = seq_base + stream_index * 1_000_000_000 + offsets.get(stream, 0)
         try:
-            pending: list[pa.RecordBatch] = []
-            pending_rows = 0
-            start = offset = offsets.get(stream, 0)
+            committed = offsets.get(stream, 0)
 
-            def flush(offset_after: int, last: bool) -> None:
-                nonlocal pending, pending_rows, seq
-                raw = pa.Table.from_batches(pending, arrow_schema).combine_chunks().to_batches()
+            def flush(rows: pa.Table, last: bool) -> None:
+                nonlocal seq, committed
+                raw = rows.combine_chunks().to_batches()
                 merged = raw[0] if raw else pa.RecordBatch.from_pylist([], arrow_schema)
                 shaped = shape(conform(merged, plan.columns), columns=plan.columns, key=plan.key,
                                cursor=plan.cursor, transform=transform)
                 seq += 1
+                committed += merged.num_rows
                 load.ingest_batch(adbc_conn, shaped.rows, load.BatchLoad(
                     plan.staging_schema, plan.staging_table, plan.registry_schema, plan.checkpoint_id, stream,
-                    offset_after, last, seq, plan.table.split(".")[0], plan.table.split(".", 1)[1], audit_id,
+                    committed, last, seq, plan.table.split(".")[0], plan.table.split(".", 1)[1], audit_id,
                 ), shaped.quarantined)
                 with lock:
                     counters["read"] += merged.num_rows
                     counters["staged"] += shaped.rows.num_rows
                     counters["quarantined"] += len(shaped.quarantined)
-                    counters["batches"] += 1
+                    counters["batches"] += 1 if merged.num_rows else 0
                 if shaped.quarantined:
                     log.warning("%s: %d row(s) with a NULL key quarantined", plan.table, len(shaped.quarantined))
-                pending, pending_rows = [], 0
 
-            for batch, offset_after in extract.read_stream(client, stream, start, arrow_schema, table_name=plan.table):
-                offset = offset_after
-                pending.append(batch)
-                pending_rows += batch.num_rows
-                if pending_rows >= plan.batch_size:
-                    flush(offset, False)
-            flush(offset, True)
+            # Server batches are re-cut to exactly batch_size rows: memory and checkpoint granularity
+            # follow the setting, not the server's batch size.
+            pending = pa.Table.from_batches([], arrow_schema)
+            for batch, _ in extract.read_stream(client, stream, committed, arrow_schema, table_name=plan.table):
+                pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
+                while pending.num_rows >= plan.batch_size:
+                    flush(pending.slice(0, plan.batch_size), False)
+                    pending = pending.slice(plan.batch_size)
+            flush(pending, True)
         finally:
             adbc_conn.close()
 

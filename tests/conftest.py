@@ -100,3 +100,24 @@ def resources(settings: Settings) -> Resources:
         target=PostgresTarget(url=settings.database_url),
         settings=settings,
     )
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One ephemeral Prefect API for the whole session (it takes 15-30 s to start here)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Put the test's settings into the environment, as a deployment would have them."""
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        value = getattr(settings, name)
+        if value is None or not isinstance(alias, str):
+            continue
+        monkeypatch.setenv(alias, value.get_secret_value() if hasattr(value, "get_secret_value") else str(value))
+    return settings

@@ -1,0 +1,87 @@
+"""Test helpers: put Arrow data into the BigQuery emulator, read PostgreSQL back, compare."""
+
+from __future__ import annotations
+
+import io
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
+from google.api_core.retry import Retry
+from google.cloud import bigquery
+
+from blocks import BigQuerySource
+
+SHORT = Retry(timeout=20)
+
+
+def bq_schema(spec: list[tuple[str, str] | tuple[str, str, str]]) -> list[bigquery.SchemaField]:
+    out = []
+    for item in spec:
+        name, kind = item[0], item[1]
+        mode = item[2] if len(item) > 2 else "NULLABLE"  # type: ignore[misc]
+        out.append(bigquery.SchemaField(name, kind, mode=mode))
+    return out
+
+
+def put_table(source: BigQuerySource, name: str, schema: list[bigquery.SchemaField], data: pa.Table, *,
+              replace: bool = True) -> None:
+    """Create (or replace) a source table with an explicit schema and load ``data`` (resumable upload)."""
+    client = source.get_bigquery_client()
+    ref = source.table_ref(name)
+    if replace:
+        client.delete_table(ref, not_found_ok=True, retry=SHORT)
+        client.create_table(bigquery.Table(ref, schema=schema), retry=SHORT)
+    if data.num_rows == 0:
+        return
+    buf = io.BytesIO()
+    pq.write_table(data, buf)
+    buf.seek(0)
+    config = bigquery.LoadJobConfig(source_format="PARQUET", write_disposition="WRITE_APPEND")
+    client.load_table_from_file(buf, ref, job_config=config).result(timeout=120, retry=SHORT)
+
+
+def run_sql(source: BigQuerySource, query: str) -> None:
+    source.get_bigquery_client().query(query, retry=SHORT, job_retry=None).result(timeout=60, retry=SHORT)
+
+
+def source_rows(source: BigQuerySource, name: str) -> list[dict[str, Any]]:
+    client = source.get_bigquery_client()
+    rows = client.query(f"SELECT * FROM `{source.table_ref(name)}`", retry=SHORT, job_retry=None).result(retry=SHORT)
+    return [dict(r.items()) for r in rows]
+
+
+def pg_rows(conn: psycopg.Connection[Any], table: str, order_by: str) -> list[dict[str, Any]]:
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(f"SELECT * FROM {table} ORDER BY {order_by}")
+        return list(cur.fetchall())
+
+
+def norm(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return value.normalize()
+    if isinstance(value, memoryview):
+        return bytes(value)
+    return value
+
+
+def assert_same_rows(expected: list[dict[str, Any]], actual: list[dict[str, Any]], key: list[str]) -> None:
+    """Compare row sets by key, value by value (Decimal scale ignored, nothing else)."""
+    def index(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
+        out: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for r in rows:
+            k = tuple(r[c] for c in key)
+            assert k not in out, f"duplicate key {k}"
+            out[k] = {c: norm(v) for c, v in r.items()}
+        return out
+
+    e, a = index(expected), index(actual)
+    missing, extra = set(e) - set(a), set(a) - set(e)
+    assert not missing and not extra, f"missing keys {sorted(missing)[:5]}, extra keys {sorted(extra)[:5]}"
+    for k in e:
+        for col, value in e[k].items():
+            assert a[k].get(col) == value, f"key {k} column {col}: expected {value!r}, got {a[k].get(col)!r}"
