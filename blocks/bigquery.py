@@ -36,6 +36,11 @@ class BigQuerySource(Block):
     credentials_json: SecretStr | None = Field(default=None, description="Service-account key as JSON text.")
     timeout_s: float = Field(default=120.0, description="Deadline for one API call, seconds.")
 
+    @property
+    def honours_read_offset(self) -> bool:
+        """BigQuery starts ReadRows at the requested offset; the local emulator ignores it."""
+        return self.storage_endpoint is None
+
     @classmethod
     def from_settings(cls, settings: Settings) -> BigQuerySource:
         """Build the block from environment settings alone (no saved block)."""

@@ -201,13 +201,18 @@ def read_stream(
     arrow_schema: pa.Schema,
     *,
     table_name: str,
+    server_offsets: bool = True,
 ) -> Iterator[tuple[pa.RecordBatch, int]]:
     """Yield (batch, offset after it) from ``stream`` starting at row ``offset``.
+
+    BigQuery starts the stream at ``offset`` itself; a server that ignores the offset (the local
+    emulator does) is handled with ``server_offsets=False``: the rows before it are dropped here.
 
     Raises:
         SessionExpired: the session is gone; the caller re-creates it.
         SourceUnavailable: the server failed mid-read.
     """
+    skip = 0 if server_offsets else offset
     try:
         for response in client.read_rows(stream, offset=offset):
             if not response.arrow_record_batch.serialized_record_batch:
@@ -215,6 +220,11 @@ def read_stream(
             batch = pa.ipc.read_record_batch(
                 pa.py_buffer(response.arrow_record_batch.serialized_record_batch), arrow_schema
             )
+            if skip:
+                dropped = min(skip, batch.num_rows)
+                batch, skip = batch.slice(dropped), skip - dropped
+                if batch.num_rows == 0:
+                    continue
             offset += batch.num_rows
             yield batch, offset
     except SESSION_GONE as exc:

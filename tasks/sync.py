@@ -312,7 +312,8 @@ def stage_rows(res: Resources, plan: RefreshPlan, *, audit_id: int | None = None
             # Server batches are re-cut to exactly batch_size rows: memory and checkpoint granularity
             # follow the setting, not the server's batch size.
             pending = pa.Table.from_batches([], arrow_schema)
-            for batch, _ in extract.read_stream(client, stream, committed, arrow_schema, table_name=plan.table):
+            for batch, _ in extract.read_stream(client, stream, committed, arrow_schema, table_name=plan.table,
+                                                server_offsets=res.source.honours_read_offset):
                 pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
                 while pending.num_rows >= plan.batch_size:
                     flush(pending.slice(0, plan.batch_size), False)

@@ -1,0 +1,25 @@
+"""Run one refresh in a child process that the test kills with SIGKILL mid-load.
+
+A registered transform sleeps a little per batch so the test can catch the load half-way.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import polars as pl
+
+from tasks.transform import register_transform
+
+
+@register_transform("slow_for_tests")
+def _slow(frame: pl.LazyFrame) -> pl.LazyFrame:
+    time.sleep(0.15)
+    return frame
+
+
+if __name__ == "__main__":
+    from flows.refresh_table import refresh_table
+
+    refresh_table(sys.argv[1])

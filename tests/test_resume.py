@@ -1,0 +1,70 @@
+"""A refresh killed with SIGKILL during the load resumes from its checkpoint and ends exact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from blocks import BigQuerySource
+from bq_refresh.settings import Settings
+from flows.refresh_table import refresh_table
+from tasks.migrations import apply_migrations
+from tasks.registry import register_table
+from tests.bqdata import assert_same_rows, pg_rows, put_table, source_rows
+import tests.killable_refresh  # noqa: F401  (registers the slow transform here too)
+from tests.conftest import ROOT
+from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
+
+pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+def test_sigkill_during_load_then_rerun_resumes(env: Settings, pg: psycopg.Connection[Any]) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    schema = env.schema_name
+    apply_migrations(pg, schema)
+    source = BigQuerySource.from_settings(env)
+    total = 6000
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(total))
+    register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
+                                       "batch_size": 250, "transform": "slow_for_tests"})
+
+    child_env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-m", "tests.killable_refresh", "sqp"], cwd=ROOT, env=child_env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    staged = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        row = pg.execute(f'SELECT last_processed_row FROM "{schema}".refresh_checkpoints WHERE status = %s',
+                         ("active",)).fetchone()
+        staged = int(row[0]) if row and row[0] else 0
+        if staged >= 1000:
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, f"the child ended before it could be killed: {child.stderr.read() if child.stderr else ''}"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+
+    # Killed mid-load: nothing published, the checkpoint and staged batches survive.
+    assert pg.execute(f'SELECT count(*) FROM "{schema}".sqp').fetchone() == (0,)
+    ckpt = pg.execute(f'SELECT last_processed_row FROM "{schema}".refresh_checkpoints WHERE status = %s',
+                      ("active",)).fetchone()
+    assert ckpt is not None and ckpt[0] >= 1000 and ckpt[0] % 250 == 0
+
+    rerun = refresh_table("sqp")
+    assert rerun["resumed"] is True
+    assert rerun["resumed_from_rows"] == ckpt[0]
+    assert rerun["rows_read"] == total - ckpt[0]  # continued, did not start over
+    assert rerun["rows_inserted"] == total
+    assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{schema}".sqp', "1"), SQP_KEY)
+    dupes = pg.execute(f'SELECT count(*) - count(DISTINCT (start_date, asin, search_query)) FROM "{schema}".sqp').fetchone()
+    assert dupes == (0,)
+    audit = pg.execute(f'SELECT status FROM "{schema}".refresh_audit_log ORDER BY id').fetchall()
+    assert audit[-1] == ("success",)
