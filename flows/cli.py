@@ -54,6 +54,127 @@ def init(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
                       f"{len(report.already_applied)} already there; auto-registration trigger: {report.event_trigger}")
 
 
+tables_app = typer.Typer(no_args_is_help=True, help="The registry of tables to refresh.")
+app.add_typer(tables_app, name="tables")
+
+
+@tables_app.command("add")
+def tables_add(
+    name: Annotated[str, typer.Argument(help="Target table: schema.table or table (default schema).")],
+    source: Annotated[str | None, typer.Option(help="BigQuery table: project.dataset.table, dataset.table or table.")] = None,
+    query: Annotated[str | None, typer.Option(help="A SQL query as the source, instead of --source.")] = None,
+    key: Annotated[str, typer.Option(help="Key columns, comma-separated.")] = "",
+    cursor: Annotated[str | None, typer.Option(help="Cursor column for incremental reads.")] = None,
+    mode: Annotated[str, typer.Option(help="incremental, window or full.")] = "incremental",
+    window_column: Annotated[str | None, typer.Option(help="Period column (window mode).")] = None,
+    lookback: Annotated[str, typer.Option(help="Re-read window behind the watermark, e.g. 7d.")] = "0",
+    params: Annotated[str | None, typer.Option(help="More sync parameters as a JSON object.")] = None,
+    priority: Annotated[int, typer.Option()] = 100,
+    frequency_hours: Annotated[int, typer.Option()] = 24,
+    disabled: Annotated[bool, typer.Option("--disabled")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Register (or update) a table; its sync parameters are validated first."""
+    from blocks import resolve_resources
+    from tasks.registry import register_table
+
+    spec: dict[str, Any] = json.loads(params) if params else {}
+    for k, v in {"source": source, "query": query, "cursor": cursor, "window_column": window_column}.items():
+        if v is not None:
+            spec[k] = v
+    if key:
+        spec["key"] = [k.strip() for k in key.split(",") if k.strip()]
+    spec.setdefault("mode", mode)
+    if lookback != "0":
+        spec["lookback"] = lookback
+    settings = load_settings()
+    res = resolve_resources(settings)
+    with res.target.connect(autocommit=True) as conn:
+        entry = register_table(conn, settings.schema_name, name, spec, priority=priority,
+                               frequency_hours=frequency_hours, enabled=not disabled)
+    if not _emit({"id": entry.id, "table": entry.name, "params": entry.params}, as_json):
+        console.print(f"registered [bold]{entry.name}[/] (id {entry.id})")
+
+
+@tables_app.command("list")
+def tables_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List registered tables."""
+    from rich.table import Table
+
+    from blocks import resolve_resources
+    from tasks.registry import list_entries
+
+    settings = load_settings()
+    res = resolve_resources(settings)
+    with res.target.connect(autocommit=True) as conn:
+        entries = list_entries(conn, settings.schema_name)
+    rows = [{"table": e.name, "enabled": e.is_enabled, "priority": e.priority, "frequency_hours": e.refresh_frequency_hours,
+             "last_refresh_at": e.last_refresh_at, "next_refresh_at": e.next_refresh_at, "watermark": e.watermark,
+             "mode": e.params.get("mode")} for e in entries]
+    if _emit(rows, as_json):
+        return
+    table = Table("table", "enabled", "priority", "mode", "last refresh", "next due", "watermark")
+    for r in rows:
+        table.add_row(str(r["table"]), str(r["enabled"]), str(r["priority"]), str(r["mode"]), str(r["last_refresh_at"] or "-"),
+                      str(r["next_refresh_at"] or "-"), str(r["watermark"] or "-"))
+    console.print(table)
+
+
+@app.command()
+def run(
+    table: Annotated[str, typer.Option("--table", help="Registered table to refresh.")],
+    full_refresh: Annotated[bool, typer.Option("--full-refresh", help="Re-read everything and replace.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Everything except publishing.")] = False,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per COPY batch and checkpoint.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Refresh one table now (a run of the refresh-table flow); exit 1 if it failed."""
+    from flows.refresh_table import refresh_table
+
+    result = refresh_table(table, full_refresh=full_refresh, dry_run=dry_run, batch_size=batch_size)
+    if not _emit(result, as_json):
+        console.print(
+            f"[bold]{result['table']}[/] {result['status']}: read {result.get('rows_read', 0)}, "
+            f"inserted {result.get('rows_inserted', 0)}, updated {result.get('rows_updated', 0)}, "
+            f"deleted {result.get('rows_deleted', 0)}" + (" (dry run: nothing published)" if dry_run else "")
+        )
+    if result["status"] == "skipped":
+        raise typer.Exit(3)
+
+
+@app.command()
+def demo(
+    asins: Annotated[int, typer.Option(help="ASINs in the generated SQP data.")] = 50,
+    queries: Annotated[int, typer.Option(help="Search queries per ASIN.")] = 50,
+    weeks: Annotated[int, typer.Option(help="Weeks of data.")] = 4,
+    keep_up: Annotated[bool, typer.Option("--keep-up", help="Leave the emulator and PostgreSQL running.")] = False,
+    reset: Annotated[bool, typer.Option("--reset/--reuse", help="Start from empty source and target.")] = True,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Refresh generated SQP data from the local BigQuery emulator into the embedded PostgreSQL."""
+    from bq_refresh.services import stop_embedded_postgres, stop_emulator
+    from flows.demo import prepare_demo
+    from flows.refresh_table import refresh_table
+
+    settings = load_settings()
+    state = settings.state_dir
+    try:
+        with console.status("starting the BigQuery emulator and PostgreSQL, generating SQP data"):
+            info = prepare_demo(state, asins, queries, weeks, reset)
+        console.print(f"source: {info['rows']} SQP rows in the emulator ({info['emulator']})")
+        first = refresh_table("asin_performance_data")
+        second = refresh_table("asin_performance_data")
+        if not _emit({"first": first, "second": second}, as_json):
+            for label, r in (("first run", first), ("rerun", second)):
+                console.print(f"{label}: {r['status']}, read {r['rows_read']}, inserted {r['rows_inserted']}, "
+                              f"updated {r['rows_updated']}, deleted {r['rows_deleted']}")
+            console.print("next: bq-refresh tables list")
+    finally:
+        if not keep_up:
+            stop_emulator(state)
+            stop_embedded_postgres(state)
+
+
 def main() -> None:
     """Console entry point: one clear line on error (--debug for the traceback)."""
     try:
