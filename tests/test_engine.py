@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -21,7 +21,7 @@ from tests.bqdata import assert_same_rows, bq_schema, pg_rows, put_table, source
 
 pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
 
-T0 = datetime(2025, 1, 5, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 1, 5, 12, 0, tzinfo=UTC)
 
 SQP_SCHEMA = bq_schema([
     ("start_date", "DATE", "REQUIRED"), ("asin", "STRING", "REQUIRED"), ("search_query", "STRING", "REQUIRED"),
@@ -118,8 +118,8 @@ def all_types_table() -> pa.Table:
         "d": pa.array([date(1, 1, 1), date(9999, 12, 31), date(2024, 2, 29), None], pa.date32()),
         "dt": pa.array([datetime(1, 1, 1), datetime(9999, 12, 31, 23, 59, 59, 999999), datetime(2024, 1, 1, 0, 0, 0, 1), None],
                        pa.timestamp("us")),
-        "ts": pa.array([datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2024, 6, 30, 23, 59, 59, 999999, tzinfo=timezone.utc),
-                        datetime(2000, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc), None], pa.timestamp("us", tz="UTC")),
+        "ts": pa.array([datetime(1970, 1, 1, tzinfo=UTC), datetime(2024, 6, 30, 23, 59, 59, 999999, tzinfo=UTC),
+                        datetime(2000, 1, 1, 0, 0, 0, 1, tzinfo=UTC), None], pa.timestamp("us", tz="UTC")),
         "tm": pa.array([time(0, 0), time(23, 59, 59, 999999), time(12, 0, 0, 1), None], pa.time64("us")),
         "j": ['{"a": 1, "b": [1, 2, {"c": "ü"}]}', "[]", '"text"', None],
         "arr": [[1, 2, 3], [], [2**62], []],

@@ -12,13 +12,13 @@ from typing import Any
 import psycopg
 import pytest
 
+import tests.killable_refresh  # noqa: F401  (registers the slow transform here too)
 from blocks import BigQuerySource
 from bq_refresh.settings import Settings
 from flows.refresh_table import refresh_table
 from tasks.migrations import apply_migrations
 from tasks.registry import register_table
 from tests.bqdata import assert_same_rows, pg_rows, put_table, source_rows
-import tests.killable_refresh  # noqa: F401  (registers the slow transform here too)
 from tests.conftest import ROOT
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
 
