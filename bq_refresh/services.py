@@ -106,6 +106,8 @@ def start_emulator(
     persistent: bool = True,
     reuse: bool = True,
     startup_timeout_s: float = 60.0,
+    rest_port: int | None = None,
+    grpc_port: int | None = None,
 ) -> EmulatorEndpoints:
     """Start the bqemulator process (or reuse a running one recorded in the state folder).
 
@@ -115,6 +117,7 @@ def start_emulator(
         persistent: keep the emulator's tables on disk across restarts.
         reuse: reuse a running emulator recorded in ``state_dir``.
         startup_timeout_s: how long to wait for both ports to accept connections.
+        rest_port: REST port (default: a free one); grpc_port likewise.
 
     Returns:
         The REST URL and gRPC target of the running emulator.
@@ -129,7 +132,7 @@ def start_emulator(
             )
     install_duckdb_extensions()
     state_dir.mkdir(parents=True, exist_ok=True)
-    rest_port, grpc_port = free_port(), free_port()
+    rest_port, grpc_port = rest_port or free_port(), grpc_port or free_port()
     args = [
         sys.executable, "-m", "bqemulator", "start",
         "--rest-port", str(rest_port), "--grpc-port", str(grpc_port),

@@ -68,8 +68,10 @@ def resolve_source(source: BigQuerySource, *, table: str, source_ref: str | None
     try:
         if query is not None:
             dest = source.table_ref(f"_bqr_query_{uuid.uuid5(uuid.NAMESPACE_URL, table).hex[:16]}")
-            config = bigquery.QueryJobConfig(destination=dest, write_disposition="WRITE_TRUNCATE")
-            job = client.query(query, job_config=config, retry=retry, job_retry=None)
+            # A DDL statement rather than a destination table: the same on BigQuery and the emulator,
+            # and the table stays readable by the Storage Read API (query results are not, there).
+            ddl = f"CREATE OR REPLACE TABLE `{dest}` AS {query}"
+            job = client.query(ddl, retry=retry, job_retry=None)
             job.result(timeout=source.timeout_s, retry=retry)
             bq_table = client.get_table(dest, retry=retry, timeout=source.timeout_s)
             return SourceTable(dest, _fields(bq_table.schema), job.job_id)

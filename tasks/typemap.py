@@ -124,6 +124,13 @@ def conform(batch: pa.RecordBatch, columns: list[Column]) -> pa.RecordBatch:
             arr = _wkb_to_text(arr)
         elif col.bq_type == "INTERVAL" and not pa.types.is_string(arr.type):
             arr = pa.array([None if v is None else str(v) for v in arr.to_pylist()], pa.string())
+        if pa.types.is_string(want) and col.pg_type in {"text", "jsonb"} and len(arr) and pc.any(
+            pc.match_substring(arr.cast(pa.string()), "\x00")
+        ).as_py():
+            raise SourceError(
+                f"column {col.source_name!r} holds text with NUL (\\x00) characters, which PostgreSQL text "
+                "cannot store; clean them in the source or with a transform"
+            )
         if arr.type != want:
             try:
                 arr = pc.cast(arr, want, safe=True)
