@@ -25,9 +25,26 @@ from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
 pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 
-def test_sigkill_during_load_then_rerun_resumes(env: Settings, pg: psycopg.Connection[Any]) -> None:
+def kill_mid_load(pg: psycopg.Connection[Any], schema: str, *, at_rows: int) -> None:
+    """Start the refresh of "sqp" in a child process and SIGKILL it once ``at_rows`` rows are staged."""
     from prefect.settings import PREFECT_API_URL
 
+    child_env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-m", "tests.killable_refresh", "sqp"], cwd=ROOT, env=child_env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        row = pg.execute(f'SELECT last_processed_row FROM "{schema}".refresh_checkpoints WHERE status = %s',
+                         ("active",)).fetchone()
+        if row and row[0] and row[0] >= at_rows:
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, f"the child ended before it could be killed: {child.stderr.read() if child.stderr else ''}"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+
+
+def test_sigkill_during_load_then_rerun_resumes(env: Settings, pg: psycopg.Connection[Any]) -> None:
     schema = env.schema_name
     apply_migrations(pg, schema)
     source = BigQuerySource.from_settings(env)
@@ -36,21 +53,7 @@ def test_sigkill_during_load_then_rerun_resumes(env: Settings, pg: psycopg.Conne
     register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
                                        "batch_size": 250, "transform": "slow_for_tests"})
 
-    child_env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-m", "tests.killable_refresh", "sqp"], cwd=ROOT, env=child_env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    staged = 0
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and child.poll() is None:
-        row = pg.execute(f'SELECT last_processed_row FROM "{schema}".refresh_checkpoints WHERE status = %s',
-                         ("active",)).fetchone()
-        staged = int(row[0]) if row and row[0] else 0
-        if staged >= 1000:
-            break
-        time.sleep(0.05)
-    assert child.poll() is None, f"the child ended before it could be killed: {child.stderr.read() if child.stderr else ''}"
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    kill_mid_load(pg, schema, at_rows=1000)
 
     # Killed mid-load: nothing published, the checkpoint and staged batches survive.
     assert pg.execute(f'SELECT count(*) FROM "{schema}".sqp').fetchone() == (0,)
@@ -68,3 +71,37 @@ def test_sigkill_during_load_then_rerun_resumes(env: Settings, pg: psycopg.Conne
     assert dupes == (0,)
     audit = pg.execute(f'SELECT status FROM "{schema}".refresh_audit_log ORDER BY id').fetchall()
     assert audit[-1] == ("success",)
+
+
+def test_an_expired_read_session_is_recreated_and_the_run_completes(
+    env: Settings, pg: psycopg.Connection[Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kill mid-load, restart the emulator (its read sessions die with it), rerun: a new session at the
+    same snapshot is opened, staging restarts, and the table ends exact."""
+    from bq_refresh.services import free_port, start_emulator, stop_emulator
+    from tests.conftest import EMULATOR_PROJECT
+
+    state = tmp_path / "emu"
+    ports = {"rest_port": free_port(), "grpc_port": free_port()}
+    endpoints = start_emulator(state, EMULATOR_PROJECT, persistent=True, reuse=False, **ports)
+    try:
+        monkeypatch.setenv("BIGQUERY_API_ENDPOINT", endpoints.rest_url)
+        monkeypatch.setenv("BIGQUERY_STORAGE_ENDPOINT", endpoints.grpc_target)
+        source = BigQuerySource(project_id=EMULATOR_PROJECT, dataset=env.bigquery_dataset,
+                                api_endpoint=endpoints.rest_url, storage_endpoint=endpoints.grpc_target)
+        source.get_bigquery_client().create_dataset(env.bigquery_dataset, exists_ok=True)
+        schema = env.schema_name
+        apply_migrations(pg, schema)
+        put_table(source, "sqp", SQP_SCHEMA, sqp_rows(4000))
+        register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
+                                           "batch_size": 250, "transform": "slow_for_tests"})
+        kill_mid_load(pg, schema, at_rows=500)
+        stop_emulator(state)
+        start_emulator(state, EMULATOR_PROJECT, persistent=True, reuse=False, **ports)
+
+        rerun = refresh_table("sqp")
+        assert rerun["resumed"] is True and rerun["session_recreated"] == 1
+        assert rerun["rows_inserted"] == 4000 and rerun["duplicate_keys"] == 0
+        assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{schema}".sqp', "1"), SQP_KEY)
+    finally:
+        stop_emulator(state)
