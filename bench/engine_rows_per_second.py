@@ -10,11 +10,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 
 from bq_refresh.offline import configure_offline_prefect
 
 configure_offline_prefect()
+
+
+class RssSampler:
+    """Samples this process's resident memory every 20 ms while the refresh runs."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.baseline = self._proc.memory_info().rss
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def main() -> None:
@@ -33,13 +59,19 @@ def main() -> None:
     t = time.perf_counter()
     info = prepare_demo(settings.state_dir, args.asins, args.queries, args.weeks, reset=True)
     prepared = time.perf_counter() - t
+    import gc
+
+    gc.collect()
+    sampler = RssSampler()
     t = time.perf_counter()
-    result = refresh_table("asin_performance_data", full_refresh=True, batch_size=args.batch_size)
-    seconds = time.perf_counter() - t
+    with sampler:
+        result = refresh_table("asin_performance_data", full_refresh=True, batch_size=args.batch_size)
+        seconds = time.perf_counter() - t
     print(json.dumps({
         "rows": info["rows"], "prepare_s": round(prepared, 1), "refresh_s": round(seconds, 2),
         "rows_per_s": round(result["rows_read"] / seconds), "rows_read": result["rows_read"],
         "rows_inserted": result["rows_inserted"], "batches": result["batches"],
+        "rss_before_mb": round(sampler.baseline / 2**20), "peak_rss_during_refresh_mb": round(sampler.peak / 2**20),
     }, indent=2))
 
 

@@ -87,6 +87,11 @@ def _columns(spec: TableSpec, source: extract.SourceTable, table: str) -> list[C
         if field is None:
             raise SourceError(f"column {name!r} not found in the source {source.ref}", table=table)
         cols.append(Column(field.name, spec.target_name(field.name), field.type, field.mode))
+    if spec.transform:
+        from tasks.transform import derived_columns
+
+        for name, bq_type in derived_columns(spec.transform).items():
+            cols.append(Column(name, name, bq_type, "NULLABLE", derived=True))
     targets = [c.target_name for c in cols]
     dupes = {t for t in targets if targets.count(t) > 1}
     if dupes:
@@ -203,7 +208,8 @@ def plan_refresh(
                 restriction = f"{extract.bq_ident(cursor_col.source_name)} > {extract.bq_literal(floor, cursor_col.bq_type)}"
         snapshot = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
         session = extract.create_session(
-            res.source, source, selected_fields=[c.source_name for c in columns], row_restriction=restriction,
+            res.source, source, selected_fields=[c.source_name for c in columns if not c.derived],
+            row_restriction=restriction,
             snapshot_time=snapshot, max_streams=spec.streams, table_name=table,
         )
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(staging_schema, stage_table)))

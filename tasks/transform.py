@@ -15,16 +15,28 @@ from tasks.typemap import Column
 
 Transform = Callable[[pl.LazyFrame], pl.LazyFrame]
 TRANSFORMS: dict[str, Transform] = {}
+DERIVED: dict[str, dict[str, str]] = {}
 
 
-def register_transform(name: str) -> Callable[[Transform], Transform]:
-    """Register a Polars transform that TableSpec.transform can name."""
+def register_transform(name: str, *, derived: dict[str, str] | None = None) -> Callable[[Transform], Transform]:
+    """Register a Polars transform that TableSpec.transform can name.
+
+    Args:
+        name: the name sync parameters use.
+        derived: columns the transform adds, with their BigQuery type names (e.g. {"week_end": "DATE"});
+            the target gets them as nullable columns.
+    """
 
     def decorate(fn: Transform) -> Transform:
         TRANSFORMS[name] = fn
+        DERIVED[name] = dict(derived or {})
         return fn
 
     return decorate
+
+
+def derived_columns(name: str) -> dict[str, str]:
+    return DERIVED.get(name, {})
 
 
 def get_transform(name: str, table: str) -> Transform:
@@ -39,6 +51,12 @@ def get_transform(name: str, table: str) -> Transform:
 def _trim_strings(frame: pl.LazyFrame) -> pl.LazyFrame:
     """Strip surrounding whitespace from every text column."""
     return frame.with_columns(pl.col(pl.String).str.strip_chars())
+
+
+@register_transform("sqp_week_end", derived={"week_end_date": "DATE"})
+def _sqp_week_end(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Derive the SQP reporting week's last day (Saturday) from its start date (Sunday)."""
+    return frame.with_columns((pl.col("start_date") + pl.duration(days=6)).alias("week_end_date"))
 
 
 @register_transform("sqp_rates")

@@ -41,6 +41,7 @@ class Column:
     target_name: str
     bq_type: str
     mode: str  # NULLABLE, REQUIRED, REPEATED
+    derived: bool = False  # computed by a transform, not read from the source
 
     @property
     def is_json(self) -> bool:
@@ -115,8 +116,11 @@ def conform(batch: pa.RecordBatch, columns: list[Column]) -> pa.RecordBatch:
     """
     arrays = []
     for col in columns:
-        arr = batch.column(col.source_name)
         want = col.arrow_type
+        if col.derived:
+            arrays.append(pa.nulls(batch.num_rows, want))
+            continue
+        arr = batch.column(col.source_name)
         if col.pg_type == "jsonb":
             if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
                 arr = _json_text(arr)

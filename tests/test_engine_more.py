@@ -177,3 +177,28 @@ def test_date_and_int64_cursors(source_and_registry: tuple[BigQuerySource, str],
     assert refresh_table("by_int")["rows_read"] == 10 and refresh_table("by_day")["rows_read"] == 10
     assert refresh_table("by_int")["rows_read"] == 2  # version > 9 - 2
     assert refresh_table("by_day")["rows_read"] == 1  # day > 2025-01-10 - 1 day
+
+
+def test_renames_snake_case_and_a_derived_column(source_and_registry: tuple[BigQuerySource, str],
+                                                 pg: psycopg.Connection[Any]) -> None:
+    source, schema = source_and_registry
+    fields = bq_schema([("startDate", "DATE"), ("ASIN", "STRING"), ("searchQuery", "STRING"),
+                        ("clickShare", "NUMERIC"), ("Detail", "RECORD")])
+    fields[-1] = type(fields[-1])("Detail", "RECORD", fields=bq_schema([("x", "INT64"), ("label", "STRING")]))
+    data = pa.table({
+        "startDate": pa.array([date(2025, 1, 5), date(2025, 1, 12)], pa.date32()), "ASIN": ["B01", "B02"],
+        "searchQuery": ["  shoes ", "hat"], "clickShare": pa.array([Decimal("0.5"), None], pa.decimal128(38, 9)),
+        "Detail": [{"x": 1, "label": "ü"}, None],
+    })
+    put_table(source, "camel", fields, data)
+    register_table(pg, schema, "camel", {
+        "source": "camel", "key": ["startDate", "ASIN", "searchQuery"], "mode": "full", "snake_case": True,
+        "rename": {"ASIN": "asin"}, "transform": "sqp_week_end",
+    })
+    refresh_table("camel")
+    rows = pg.execute(f'SELECT start_date, asin, search_query, click_share, detail, week_end_date FROM "{schema}".camel'
+                      " ORDER BY start_date").fetchall()
+    assert rows == [
+        (date(2025, 1, 5), "B01", "  shoes ", Decimal("0.500000000"), {"x": 1, "label": "ü"}, date(2025, 1, 11)),
+        (date(2025, 1, 12), "B02", "hat", None, None, date(2025, 1, 18)),
+    ]
