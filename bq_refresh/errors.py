@@ -57,3 +57,36 @@ class AlreadyRunning(RefreshError):
 
 class DependencyCycle(RefreshError):
     """The registry's dependencies form a cycle."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors a retry may cure: network, 5xx, deadlines, lost connections, serialization failures.
+
+    Permanent errors (schema drift, failed quality check, invalid config, permission denied) are not.
+    """
+    if isinstance(exc, RefreshError):
+        return exc.transient
+    try:
+        import psycopg
+
+        if isinstance(exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
+            return True
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            return False
+        if isinstance(exc, psycopg.OperationalError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from google.api_core import exceptions as gexc
+
+        if isinstance(exc, gexc.ServerError | gexc.TooManyRequests | gexc.DeadlineExceeded | gexc.RetryError):
+            return True
+        if isinstance(exc, gexc.GoogleAPICallError):
+            return False
+    except ImportError:  # pragma: no cover
+        pass
+    name = type(exc).__name__
+    if "adbc" in type(exc).__module__ and ("OperationalError" in name or "IO" in str(exc)[:40]):
+        return True
+    return isinstance(exc, ConnectionError | TimeoutError)

@@ -45,9 +45,22 @@ class Settings(BaseSettings):
     timeout_warning_ms: int = Field(default=240_000, validation_alias="REFRESH_TIMEOUT_WARNING_MS")
     lock_wait_s: float = Field(default=30.0, validation_alias="REFRESH_LOCK_WAIT_SECONDS")
     checkpoint_ttl_hours: int = Field(default=24, validation_alias="REFRESH_CHECKPOINT_TTL_HOURS")
-    webhook_url: str | None = Field(default=None, validation_alias="REFRESH_WEBHOOK_URL")
+    webhook_url: str | None = Field(
+        default=None, validation_alias="REFRESH_WEBHOOK_URL", description="One or more URLs, comma-separated."
+    )
     webhook_secret: SecretStr | None = Field(default=None, validation_alias="REFRESH_WEBHOOK_SECRET")
     api_token: SecretStr | None = Field(default=None, validation_alias="REFRESH_API_TOKEN")
+    notification_block: str | None = Field(
+        default=None, validation_alias="REFRESH_NOTIFICATION_BLOCK",
+        description="Name of a saved Prefect notification block (e.g. SlackWebhook) that also gets alerts.",
+    )
+    webhook_timeout_s: float = Field(default=5.0, validation_alias="REFRESH_WEBHOOK_TIMEOUT_SECONDS")
+    webhook_attempts: int = Field(default=3, ge=1, validation_alias="REFRESH_WEBHOOK_ATTEMPTS")
+    retry_delay_s: float = Field(default=2.0, ge=0, validation_alias="REFRESH_RETRY_DELAY_SECONDS")
+    retries: int = Field(default=3, ge=0, validation_alias="REFRESH_RETRIES")
+    table_timeout_s: float = Field(default=3600.0, gt=0, validation_alias="REFRESH_TABLE_TIMEOUT_SECONDS")
+    daily_summary_alert: bool = Field(default=False, validation_alias="REFRESH_DAILY_SUMMARY_ALERT")
+    prefect_ui_url: str | None = Field(default=None, validation_alias="PREFECT_UI_URL")
 
     @property
     def uses_emulator(self) -> bool:

@@ -1,17 +1,22 @@
-"""The per-table subflow: lock, plan, stage, publish, audit."""
+"""The per-table subflow: lock, plan, stage, publish, audit; hooks send alerts and close crashed runs."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.runtime import flow_run as current_flow_run
 
 from blocks.resources import Resources, resolve_resources
-from bq_refresh.errors import AlreadyRunning
+from bq_refresh.errors import AlreadyRunning, QualityCheckFailed, SchemaDriftError, is_transient
 from bq_refresh.settings import load_settings
 from tasks import sync
-from tasks.audit import finish_audit, start_audit
+from tasks.alerts import Alert, send_alert
+from tasks.artifacts import publish_table_artifact
+from tasks.audit import close_running_audit, finish_audit, last_status, start_audit
 from tasks.locks import table_lock
 from tasks.registry import get_entry
 
@@ -20,7 +25,16 @@ def _resources() -> Resources:
     return resolve_resources(load_settings())
 
 
-@task(name="plan", cache_policy=NO_CACHE)
+def _retry_transient(task: Any, task_run: Any, state: State[Any]) -> bool:
+    """Retry only errors a retry may cure; drift, failed checks and bad config fail at once."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - classification of the task's own failure
+        return is_transient(exc)
+    return False
+
+
+@task(name="plan", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
 def plan_task(table: str, full_refresh: bool, batch_size: int | None) -> sync.RefreshPlan:
     res = _resources()
     with res.target.connect() as conn:
@@ -28,12 +42,13 @@ def plan_task(table: str, full_refresh: bool, batch_size: int | None) -> sync.Re
     return sync.plan_refresh(res, entry, full_refresh=full_refresh, batch_size=batch_size)
 
 
-@task(name="stage", cache_policy=NO_CACHE)
+@task(name="stage", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
 def stage_task(plan: sync.RefreshPlan, audit_id: int) -> sync.StageManifest:
+    # A retry resumes from the checkpoint: batches already committed are not read again.
     return sync.stage_rows(_resources(), plan, audit_id=audit_id)
 
 
-@task(name="publish", cache_policy=NO_CACHE)
+@task(name="publish", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
 def publish_task(plan: sync.RefreshPlan, dry_run: bool) -> sync.PublishResult:
     res = _resources()
     result = sync.publish(res, plan, dry_run=dry_run)
@@ -42,7 +57,46 @@ def publish_task(plan: sync.RefreshPlan, dry_run: bool) -> sync.PublishResult:
     return result
 
 
-@flow(name="refresh-table")
+def _with_retries(t: Any, retries: int, delay_s: float) -> Any:
+    delays = [delay_s * 2**i for i in range(retries)] if retries else 0
+    return t.with_options(retries=retries, retry_delay_seconds=delays, retry_jitter_factor=0.5 if retries else None)
+
+
+def _flow_run_url(flow_run_id: str | None) -> str | None:
+    base = load_settings().prefect_ui_url
+    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}" if base and flow_run_id else None
+
+
+def _on_failure(flow: Flow[Any, Any], flow_run: FlowRun, state: State[Any]) -> None:
+    """Close an audit row a crash, cancellation or timeout left running, and alert. Never raises."""
+    try:
+        settings = load_settings()
+        res = resolve_resources(settings)
+        table = str(flow_run.parameters.get("table"))
+        error: BaseException | None = None
+        try:
+            state.result()
+        except BaseException as exc:  # noqa: BLE001
+            error = exc
+        message = str(error) if error is not None else (state.message or state.type.value)
+        event = "table_failed"
+        if isinstance(error, SchemaDriftError):
+            event = "schema_drift"
+        elif isinstance(error, QualityCheckFailed):
+            event = "quality_check_failed"
+        with res.target.connect(autocommit=True) as conn:
+            close_running_audit(conn, settings.schema_name, str(flow_run.id), f"{state.type.value}: {message}")
+            send_alert(settings, Alert(
+                event=event, status=state.type.value.lower(), table=table, error=message[:2000],
+                flow_run_id=str(flow_run.id), flow_run_url=_flow_run_url(str(flow_run.id)),
+            ), conn)
+    except Exception as exc:  # noqa: BLE001 - a failing hook logs and never hides the run's outcome
+        import logging
+
+        logging.getLogger(__name__).warning("refresh-table failure hook failed: %s", exc)
+
+
+@flow(name="refresh-table", on_failure=[_on_failure], on_crashed=[_on_failure], on_cancellation=[_on_failure])
 def refresh_table(
     table: str,
     full_refresh: bool = False,
@@ -62,36 +116,43 @@ def refresh_table(
     """
     logger = get_run_logger()
     res = _resources()
-    schema = res.settings.schema_name
+    settings = res.settings
+    schema = settings.schema_name
+    run_id = str(current_flow_run.id) if current_flow_run.id else None
+    started = time.monotonic()
     with res.target.connect(autocommit=True) as audit_conn:
         entry = get_entry(audit_conn, schema, table)
+        previous = last_status(audit_conn, schema, entry.table_schema, entry.table_name)
         try:
-            lock = table_lock(res.target, entry.name, res.settings.lock_wait_s)
+            lock = table_lock(res.target, entry.name, settings.lock_wait_s)
             lock.__enter__()
         except AlreadyRunning as exc:
             audit_id = start_audit(audit_conn, schema, config_id=entry.id, table_schema=entry.table_schema,
-                                   table_name=entry.table_name)
+                                   table_name=entry.table_name, metadata={"flow_run_id": run_id})
             finish_audit(audit_conn, schema, audit_id, status="skipped", error=exc)
             logger.warning("%s", exc)
             return {"table": entry.name, "status": "skipped", "reason": str(exc), "audit_id": audit_id}
         try:
             audit_id = start_audit(audit_conn, schema, config_id=entry.id, table_schema=entry.table_schema,
-                                   table_name=entry.table_name, metadata={"dry_run": dry_run, "full_refresh": full_refresh})
+                                   table_name=entry.table_name,
+                                   metadata={"dry_run": dry_run, "full_refresh": full_refresh, "flow_run_id": run_id})
             try:
-                plan = plan_task(entry.name, full_refresh, batch_size)
-                manifest = stage_task(plan, audit_id)
-                result = publish_task(plan, dry_run)
+                plan = _with_retries(plan_task, settings.retries, settings.retry_delay_s)(entry.name, full_refresh, batch_size)
+                manifest = _with_retries(stage_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
+                result = _with_retries(publish_task, settings.retries, settings.retry_delay_s)(plan, dry_run)
             except BaseException as exc:
                 finish_audit(audit_conn, schema, audit_id, status="failed", error=exc)
                 raise
-            status = "warning" if manifest.rows_quarantined or result.duplicate_keys else "success"
+            elapsed_ms = int((time.monotonic() - started) * 1000)
+            slow = elapsed_ms > settings.timeout_warning_ms
+            status = "warning" if manifest.rows_quarantined or result.duplicate_keys or slow else "success"
             metadata = {
                 "mode": plan.mode, "full": plan.full, "dry_run": dry_run, "watermark_from": plan.watermark_from,
                 "watermark_to": result.watermark, "read_session": manifest.read_session, "batches": manifest.batches,
                 "resumed": plan.resumed, "resumed_from_rows": manifest.resumed_from_rows,
                 "session_recreated": manifest.session_recreated, "rows_unchanged": result.rows_unchanged,
                 "duplicate_keys": result.duplicate_keys, "rows_quarantined": manifest.rows_quarantined,
-                "drift": plan.drift, "target_created": plan.target_created,
+                "drift": plan.drift, "target_created": plan.target_created, "slow": slow,
             }
             finish_audit(
                 audit_conn, schema, audit_id, status=status, rows_processed=manifest.rows_read,
@@ -100,9 +161,24 @@ def refresh_table(
             )
         finally:
             lock.__exit__(None, None, None)
+        summary: dict[str, Any] = {
+            "table": entry.name, "status": status, "audit_id": audit_id, "rows_read": manifest.rows_read,
+            "rows_inserted": result.rows_inserted, "rows_updated": result.rows_updated,
+            "rows_deleted": result.rows_deleted, "execution_time_ms": elapsed_ms, **metadata,
+        }
+        counts = {k: summary[k] for k in ("rows_read", "rows_inserted", "rows_updated", "rows_deleted")}
+        url = _flow_run_url(run_id)
+        if previous == "failed" and not dry_run:
+            send_alert(settings, Alert("recovered", status, entry.name, None, run_id, url, counts), audit_conn)
+        if plan.drift:
+            send_alert(settings, Alert("schema_drift", status, entry.name, None, run_id, url, counts,
+                                       {"drift": plan.drift}), audit_conn)
+        if slow:
+            logger.warning("%s took %d ms, over REFRESH_TIMEOUT_WARNING_MS=%d", entry.name, elapsed_ms,
+                           settings.timeout_warning_ms)
+            send_alert(settings, Alert("timeout_warning", status, entry.name, None, run_id, url, counts,
+                                       {"execution_time_ms": elapsed_ms}), audit_conn)
+    publish_table_artifact([summary], key=None, title=f"refresh of {entry.name}")
     logger.info("%s %s: read %d, inserted %d, updated %d, deleted %d", entry.name, status, manifest.rows_read,
                 result.rows_inserted, result.rows_updated, result.rows_deleted)
-    return {"table": entry.name, "status": status, "audit_id": audit_id, "rows_read": manifest.rows_read,
-            "rows_inserted": result.rows_inserted, "rows_updated": result.rows_updated,
-            "rows_deleted": result.rows_deleted, **{k: v for k, v in metadata.items() if k != "drift"},
-            "drift": plan.drift}
+    return summary

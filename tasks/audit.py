@@ -72,3 +72,27 @@ def finish_audit(
     )
     if not conn.autocommit:
         conn.commit()
+
+
+def last_status(conn: psycopg.Connection[Any], schema: str, table_schema: str, table_name: str) -> str | None:
+    """The status of the table's latest finished run (for 'recovered after a failure' alerts)."""
+    row = conn.execute(
+        sql.SQL("SELECT status FROM {} WHERE table_schema = %s AND table_name = %s AND status <> 'running'"
+                " ORDER BY id DESC LIMIT 1").format(ident(schema, "refresh_audit_log")),
+        (table_schema, table_name),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def close_running_audit(conn: psycopg.Connection[Any], schema: str, flow_run_id: str, message: str) -> int:
+    """Mark audit rows a crashed/cancelled flow run left 'running' as failed; return how many."""
+    cur = conn.execute(
+        sql.SQL("UPDATE {} SET status = 'failed', refresh_completed_at = clock_timestamp(),"
+                " execution_time_ms = (extract(epoch FROM clock_timestamp() - refresh_started_at) * 1000)::int,"
+                " error_message = %s WHERE status = 'running' AND sync_metadata->>'flow_run_id' = %s").format(
+            ident(schema, "refresh_audit_log")),
+        (message[:4000], flow_run_id),
+    )
+    if not conn.autocommit:
+        conn.commit()
+    return cur.rowcount

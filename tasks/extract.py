@@ -143,6 +143,7 @@ class ReadSessionInfo:
     row_restriction: str
     selected_fields: list[str]
     offsets: dict[str, int] = field(default_factory=dict)
+    estimated_rows: int = 0
 
 
 def create_session(
@@ -193,6 +194,7 @@ def create_session(
         row_restriction=row_restriction,
         selected_fields=selected_fields,
         offsets={s: 0 for s in streams},
+        estimated_rows=int(getattr(session, "estimated_row_count", 0) or 0),
     )
 
 

@@ -125,3 +125,36 @@ def add_dependency(
     )
     if not conn.autocommit:
         conn.commit()
+
+
+@dataclass(frozen=True)
+class Dependency:
+    parent: str
+    dependent: str
+    kind: str  # hard | soft
+
+
+def list_dependencies(conn: psycopg.Connection[Any], schema: str) -> list[Dependency]:
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT p.table_schema || '.' || p.table_name, d.table_schema || '.' || d.table_name, x.dependency_type"
+            " FROM {} x JOIN {} p ON p.id = x.parent_config_id JOIN {} d ON d.id = x.dependent_config_id"
+        ).format(ident(schema, "refresh_dependencies"), ident(schema, "refresh_config"), ident(schema, "refresh_config"))
+    ).fetchall()
+    return [Dependency(r[0], r[1], r[2] or "hard") for r in rows]
+
+
+def due_entries(
+    conn: psycopg.Connection[Any], schema: str, *, names: list[str] | None = None, force: bool = False
+) -> list[RegistryEntry]:
+    """The tables a run should refresh: the named ones, else the enabled ones that are due (or all, forced)."""
+    entries = list_entries(conn, schema)
+    if names:
+        wanted = {".".join(split_qualified(n, schema)) for n in names}
+        unknown = wanted - {e.name for e in entries}
+        if unknown:
+            raise ConfigError(f"not registered: {', '.join(sorted(unknown))}")
+        return [e for e in entries if e.name in wanted]
+    now = conn.execute("SELECT now()").fetchone()
+    assert now is not None
+    return [e for e in entries if e.is_enabled and (force or e.next_refresh_at is None or e.next_refresh_at <= now[0])]

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from blocks.resources import Resources
 from bq_refresh.errors import ConfigError, QualityCheckFailed, SchemaDriftError, SourceError
 from tasks import extract, load
+from tasks.artifacts import Progress
 from tasks.registry import RegistryEntry
 from tasks.spec import TableSpec
 from tasks.sqlnames import ident, idents
@@ -252,6 +253,7 @@ def _session_dict(session: extract.ReadSessionInfo) -> dict[str, Any]:
         "name": session.name, "streams": session.streams, "snapshot_time": session.snapshot_time,
         "row_restriction": session.row_restriction, "selected_fields": session.selected_fields,
         "arrow_schema": base64.b64encode(session.arrow_schema).decode(),
+        "estimated_rows": session.estimated_rows,
     }
 
 
@@ -287,6 +289,7 @@ def stage_rows(res: Resources, plan: RefreshPlan, *, audit_id: int | None = None
     offsets: dict[str, int] = {k: int(v) for k, v in row[0].get("offsets", {}).items()}
     done: dict[str, bool] = {k: bool(v) for k, v in row[0].get("done", {}).items()}
     seq_base = int(row[0].get("seq_base", 0))
+    progress = Progress(plan.table, int(session.get("estimated_rows") or 0))
 
     def run_stream(stream: str, arrow_schema: pa.Schema, stream_index: int) -> None:
         client = res.source.get_read_client()
@@ -312,6 +315,7 @@ def stage_rows(res: Resources, plan: RefreshPlan, *, audit_id: int | None = None
                     counters["staged"] += shaped.rows.num_rows
                     counters["quarantined"] += len(shaped.quarantined)
                     counters["batches"] += 1 if merged.num_rows else 0
+                    progress.update(plan.rows_already_staged + counters["read"])
                 if shaped.quarantined:
                     log.warning("%s: %d row(s) with a NULL key quarantined", plan.table, len(shaped.quarantined))
 

@@ -19,6 +19,7 @@ from tests.conftest import EMULATOR_PROJECT
 EXPECTED_TABLES = {
     "refresh_config", "refresh_audit_log", "refresh_dependencies", "refresh_data_quality",
     "refresh_checkpoints", "materialized_view_refresh_status", "refresh_quarantine", "schema_migrations",
+    "refresh_alerts",
 }
 
 
@@ -46,7 +47,7 @@ def test_migrations_apply_twice_and_build_the_catalog(pg: psycopg.Connection[Any
     second = apply_migrations(pg, schema)
     after = catalog(pg, schema)
 
-    assert first.applied == ["001_refresh_system.sql", "002_sync_state.sql"]
+    assert first.applied == ["001_refresh_system.sql", "002_sync_state.sql", "003_alerts.sql"]
     assert second.applied == [] and second.already_applied == first.applied
     assert before == after
     assert EXPECTED_TABLES <= after["tables"]
@@ -55,7 +56,7 @@ def test_migrations_apply_twice_and_build_the_catalog(pg: psycopg.Connection[Any
     assert {"expire_checkpoints", "purge_audit_log", "update_refresh_config_timestamp"} <= after["functions"]
     assert "update_refresh_config_timestamp" in after["triggers"]
     recorded = pg.execute(f'SELECT count(*) FROM "{schema}".schema_migrations').fetchone()
-    assert recorded == (2,)
+    assert recorded == (3,)
 
 
 def test_constraints_and_triggers_behave(pg: psycopg.Connection[Any], schema: str) -> None:

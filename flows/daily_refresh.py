@@ -1,0 +1,144 @@
+"""The parent flow: read the registry, plan waves, run one refresh-table subflow per table."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import INPUTS, NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from blocks.resources import resolve_resources
+from bq_refresh.settings import load_settings
+from flows.refresh_table import refresh_table
+from tasks.alerts import Alert, send_alert
+from tasks.artifacts import publish_markdown, publish_table_artifact
+from tasks.audit import finish_audit, start_audit
+from tasks.planning import plan_waves
+from tasks.registry import due_entries, list_dependencies
+
+REFRESH_TABLE_DEPLOYMENT = "refresh-table/refresh-table"
+
+
+@task(name="plan-waves", cache_policy=INPUTS, cache_expiration=timedelta(hours=1))
+def plan_waves_task(tables: dict[str, int], dependencies: list[tuple[str, str, str]]) -> list[list[str]]:
+    """Pure function of small descriptors: cached on them."""
+    return plan_waves(tables, dependencies)
+
+
+@task(name="refresh", cache_policy=NO_CACHE)
+def run_table(table: str, full_refresh: bool, dry_run: bool, use_deployment: bool, timeout_s: float) -> dict[str, Any]:
+    """Run one table's subflow here, or as a flow run of the refresh-table deployment (scale-out)."""
+    if use_deployment:
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(REFRESH_TABLE_DEPLOYMENT, timeout=timeout_s, as_subflow=True,
+                             parameters={"table": table, "full_refresh": full_refresh, "dry_run": dry_run})
+        state = run.state  # type: ignore[union-attr]
+        if state is None or not state.is_completed():
+            raise RuntimeError(f"{table}: deployment run {run.id} ended {state.type.value if state else 'unknown'}")  # type: ignore[union-attr]
+        return dict(state.result())
+    return refresh_table.with_options(timeout_seconds=timeout_s)(table, full_refresh=full_refresh, dry_run=dry_run)
+
+
+@flow(name="daily-refresh", task_runner=ThreadPoolTaskRunner(max_workers=16))  # type: ignore[arg-type]
+def daily_refresh(
+    tables: list[str] | None = None,
+    full_refresh: bool = False,
+    dry_run: bool = False,
+    force: bool = False,
+    max_concurrency: int = 4,
+    use_deployments: bool = False,
+) -> Any:
+    """Refresh every due table (or the named ones) in dependency order, several at once.
+
+    Args:
+        tables: tables to refresh; none = every enabled table that is due.
+        full_refresh: re-read everything and replace.
+        dry_run: everything except publishing.
+        force: refresh enabled tables even if not due yet.
+        max_concurrency: tables refreshed at the same time.
+        use_deployments: start each table as a flow run of the refresh-table deployment (work-pool scale-out).
+
+    Returns:
+        A summary per table; the run ends Failed when any table failed.
+    """
+    logger = get_run_logger()
+    settings = load_settings()
+    res = resolve_resources(settings)
+    schema = settings.schema_name
+    with res.target.connect(autocommit=True) as conn:
+        entries = due_entries(conn, schema, names=tables, force=force)
+        deps = [(d.parent, d.dependent, d.kind) for d in list_dependencies(conn, schema)]
+    by_name = {e.name: e for e in entries}
+    waves = plan_waves_task({e.name: e.priority for e in entries}, deps)
+    hard_parents: dict[str, set[str]] = {}
+    for parent, dependent, kind in deps:
+        if kind == "hard":
+            hard_parents.setdefault(dependent, set()).add(parent)
+    logger.info("%d table(s) due, in %d wave(s): %s", len(entries), len(waves), waves)
+
+    results: dict[str, dict[str, Any]] = {}
+    for wave in waves:
+        runnable = []
+        for name in wave:
+            broken = sorted(p for p in hard_parents.get(name, ()) if results.get(p, {}).get("status") in {"failed", "skipped"})
+            if broken:
+                reason = f"skipped: hard dependency {', '.join(broken)} did not refresh"
+                with res.target.connect(autocommit=True) as conn:
+                    e = by_name[name]
+                    audit_id = start_audit(conn, schema, config_id=e.id, table_schema=e.table_schema,
+                                           table_name=e.table_name, metadata={"flow_run_id": str(current_flow_run.id)})
+                    finish_audit(conn, schema, audit_id, status="skipped", metadata={"reason": reason})
+                results[name] = {"table": name, "status": "skipped", "reason": reason}
+                logger.warning("%s %s", name, reason)
+            else:
+                runnable.append(name)
+        active: list[tuple[str, PrefectFuture[dict[str, Any]]]] = []
+        queue = list(runnable)
+        while queue or active:
+            while queue and len(active) < max(1, max_concurrency):
+                name = queue.pop(0)
+                active.append((name, run_table.submit(name, full_refresh, dry_run, use_deployments,
+                                                      settings.table_timeout_s)))
+            still = []
+            for name, fut in active:
+                if fut.state.is_final():
+                    try:
+                        results[name] = fut.result()
+                    except BaseException as exc:  # noqa: BLE001 - one table's failure never stops the others
+                        results[name] = {"table": name, "status": "failed", "error": str(exc)[:2000]}
+                else:
+                    still.append((name, fut))
+            active = still
+            if active:
+                time.sleep(0.2)
+
+    ordered = [results[n] for wave in waves for n in wave]
+    failed = [r["table"] for r in ordered if r["status"] == "failed"]
+    publish_table_artifact(ordered, key="daily-refresh-summary", title="daily refresh: one row per table")
+    lines = [f"# daily refresh: {len(ordered) - len(failed)} of {len(ordered)} table(s) without failure", ""]
+    lines += [f"- **{r['table']}**: {r['status']}" + (f" ({r.get('error') or r.get('reason')})"
+                                                      if r["status"] in {"failed", "skipped"} else
+                                                      f", read {r.get('rows_read', 0)}, inserted {r.get('rows_inserted', 0)},"
+                                                      f" updated {r.get('rows_updated', 0)}, deleted {r.get('rows_deleted', 0)}")
+              for r in ordered]
+    publish_markdown("\n".join(lines), key="daily-refresh-report", title="daily refresh report")
+    summary = {"tables": ordered, "failed": failed, "waves": waves}
+    run_id = str(current_flow_run.id) if current_flow_run.id else None
+    with res.target.connect(autocommit=True) as conn:
+        counts = {"tables": len(ordered), "failed": len(failed),
+                  "skipped": sum(1 for r in ordered if r["status"] == "skipped")}
+        if failed:
+            send_alert(settings, Alert("run_failed", "failed", None, f"tables failed: {', '.join(failed)}", run_id,
+                                       None, counts, {"failed": failed}), conn)
+        elif settings.daily_summary_alert:
+            send_alert(settings, Alert("daily_summary", "success", None, None, run_id, None, counts), conn)
+    if failed:
+        return Failed(message=f"{len(failed)} table(s) failed: {', '.join(failed)}", data=summary)
+    return Completed(message=f"{len(ordered)} table(s) refreshed", data=summary)

@@ -1,0 +1,149 @@
+"""The nightly parent flow under Prefect: waves, failures isolated, dependents skipped, retries, alerts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import polars as pl
+import psycopg
+import pytest
+
+from blocks import BigQuerySource
+from bq_refresh.errors import SourceUnavailable
+from bq_refresh.services import free_port
+from bq_refresh.settings import Settings
+from flows.daily_refresh import daily_refresh
+from flows.refresh_table import refresh_table
+from tasks.alerts import SIGNATURE_HEADER, verify
+from tasks.migrations import apply_migrations
+from tasks.registry import add_dependency, register_table
+from tasks.transform import register_transform
+from tests.bqdata import put_table
+from tests.conftest import WebhookReceiver
+from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
+
+pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
+SECRET = "test-webhook-secret-7f3a"
+FLAKY = {"left": 0}
+
+
+@register_transform("flaky_for_tests")
+def _flaky(frame: pl.LazyFrame) -> pl.LazyFrame:
+    if FLAKY["left"] > 0:
+        FLAKY["left"] -= 1
+        raise SourceUnavailable("injected: BigQuery answered 503", table="test")
+    return frame
+
+
+def summary_of(state: Any) -> dict[str, Any]:
+    """The parent flow's summary, whether it ended Completed or Failed."""
+    data = state.result(raise_on_failure=False)
+    assert isinstance(data, dict), data
+    return data
+
+
+@pytest.fixture
+def alerting(env: Settings, webhook: WebhookReceiver, monkeypatch: pytest.MonkeyPatch) -> WebhookReceiver:
+    down = f"http://127.0.0.1:{free_port()}/nobody-listens"
+    monkeypatch.setenv("REFRESH_WEBHOOK_URL", f"{webhook.url},{down}")
+    monkeypatch.setenv("REFRESH_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("REFRESH_WEBHOOK_ATTEMPTS", "2")
+    monkeypatch.setenv("REFRESH_WEBHOOK_TIMEOUT_SECONDS", "1")
+    monkeypatch.setenv("REFRESH_RETRY_DELAY_SECONDS", "0.1")
+    return webhook
+
+
+@pytest.fixture
+def registry(env: Settings, pg: psycopg.Connection[Any]) -> str:
+    apply_migrations(pg, env.schema_name)
+    return env.schema_name
+
+
+def test_one_failure_is_isolated_and_its_hard_dependents_are_skipped(
+    env: Settings, registry: str, pg: psycopg.Connection[Any], alerting: WebhookReceiver
+) -> None:
+    source = BigQuerySource.from_settings(env)
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(40))
+    spec = {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at"}
+    register_table(pg, registry, "base", spec, priority=100)
+    register_table(pg, registry, "summary", spec, priority=80)
+    register_table(pg, registry, "broken", {**spec, "source": "missing_table"}, priority=90)
+    register_table(pg, registry, "after_broken_hard", spec, priority=50)
+    register_table(pg, registry, "after_broken_soft", spec, priority=50)
+    register_table(pg, registry, "disabled", spec, enabled=False)
+    add_dependency(pg, registry, "base", "summary")
+    add_dependency(pg, registry, "broken", "after_broken_hard", "hard")
+    add_dependency(pg, registry, "broken", "after_broken_soft", "soft")
+
+    state = daily_refresh(return_state=True)
+    assert state.is_failed()
+    summary = {r["table"].split(".")[1]: r for r in summary_of(state)["tables"]}
+    assert {k: v["status"] for k, v in summary.items()} == {
+        "base": "success", "broken": "failed", "summary": "success",
+        "after_broken_hard": "skipped", "after_broken_soft": "success",
+    }
+    assert "missing_table" in summary["broken"]["error"]
+    assert "hard dependency" in summary["after_broken_hard"]["reason"]
+    assert summary_of(state)["waves"][0] == [f"{registry}.base", f"{registry}.broken"]
+    audit = dict(pg.execute(f'SELECT table_name, status FROM "{registry}".refresh_audit_log').fetchall())
+    assert audit["after_broken_hard"] == "skipped" and audit["broken"] == "failed" and "disabled" not in audit
+
+    # Alerts: table_failed for "broken" and run_failed for the parent, signed; the dead URL recorded.
+    assert sorted(alerting.events()) == ["run_failed", "table_failed"]
+    for request in alerting.received:
+        assert verify(request["body"], SECRET, request["headers"][SIGNATURE_HEADER])
+    failed = next(json.loads(r["body"]) for r in alerting.received if json.loads(r["body"])["event"] == "table_failed")
+    assert failed["table"] == "broken" or failed["table"].endswith(".broken") or failed["table"] == f"{registry}.broken"
+    assert failed["flow_run_id"] and "missing_table" in failed["error"]
+    undelivered = pg.execute(
+        f'SELECT count(*), min(attempts) FROM "{registry}".refresh_alerts WHERE status = %s', ("undelivered",)
+    ).fetchone()
+    assert undelivered == (2, 2)
+    assert SECRET not in json.dumps(alerting.received[0]["body"].decode())
+
+
+def test_nothing_due_is_not_refreshed_unless_forced(env: Settings, registry: str, pg: psycopg.Connection[Any]) -> None:
+    source = BigQuerySource.from_settings(env)
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(10))
+    register_table(pg, registry, "t", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at"})
+    assert summary_of(daily_refresh(return_state=True))["tables"][0]["rows_inserted"] == 10
+    assert summary_of(daily_refresh(return_state=True))["tables"] == []
+    forced = summary_of(daily_refresh(force=True, return_state=True))["tables"]
+    assert [r["rows_inserted"] for r in forced] == [0]
+
+
+def test_a_transient_error_is_retried_and_recovers(env: Settings, registry: str, pg: psycopg.Connection[Any],
+                                                   alerting: WebhookReceiver) -> None:
+    source = BigQuerySource.from_settings(env)
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(30))
+    register_table(pg, registry, "t", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
+                                       "transform": "flaky_for_tests"})
+    FLAKY["left"] = 2
+    result = refresh_table("t")
+    assert result["status"] == "success" and result["rows_inserted"] == 30 and FLAKY["left"] == 0
+
+
+def test_a_permanent_error_is_not_retried_and_recovery_is_alerted(
+    env: Settings, registry: str, pg: psycopg.Connection[Any], alerting: WebhookReceiver
+) -> None:
+    source = BigQuerySource.from_settings(env)
+    register_table(pg, registry, "t", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at"})
+    with pytest.raises(Exception, match="not found"):
+        refresh_table("t")
+    assert alerting.events() == ["table_failed"]
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(5))
+    assert refresh_table("t")["status"] == "success"
+    assert alerting.events() == ["table_failed", "recovered"]
+    audit = pg.execute(f'SELECT status, error_details->>\'type\' FROM "{registry}".refresh_audit_log ORDER BY id').fetchall()
+    assert audit == [("failed", "SourceError"), ("success", None)]
+
+
+def test_a_dependency_cycle_fails_the_run_naming_it(env: Settings, registry: str, pg: psycopg.Connection[Any]) -> None:
+    spec = {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at"}
+    register_table(pg, registry, "a", spec)
+    register_table(pg, registry, "b", spec)
+    add_dependency(pg, registry, "a", "b")
+    add_dependency(pg, registry, "b", "a")
+    state = daily_refresh(return_state=True)
+    assert state.is_failed() and "dependency cycle" in str(state.message) + str(state.result(raise_on_failure=False))
