@@ -122,24 +122,62 @@ def tables_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
 
 @app.command()
 def run(
-    table: Annotated[str, typer.Option("--table", help="Registered table to refresh.")],
+    table: Annotated[list[str] | None, typer.Option("--table", help="Table to refresh (repeatable); none = all due.")] = None,
     full_refresh: Annotated[bool, typer.Option("--full-refresh", help="Re-read everything and replace.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Everything except publishing.")] = False,
-    batch_size: Annotated[int | None, typer.Option(help="Rows per COPY batch and checkpoint.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Everything except publishing; report what would change.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Refresh enabled tables even if not due.")] = False,
+    max_concurrency: Annotated[int, typer.Option(help="Tables refreshed at the same time.")] = 4,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Refresh one table now (a run of the refresh-table flow); exit 1 if it failed."""
-    from flows.refresh_table import refresh_table
+    """Run the daily-refresh flow now with these parameters; exit 1 when a table failed."""
+    from rich.table import Table
 
-    result = refresh_table(table, full_refresh=full_refresh, dry_run=dry_run, batch_size=batch_size)
-    if not _emit(result, as_json):
-        console.print(
-            f"[bold]{result['table']}[/] {result['status']}: read {result.get('rows_read', 0)}, "
-            f"inserted {result.get('rows_inserted', 0)}, updated {result.get('rows_updated', 0)}, "
-            f"deleted {result.get('rows_deleted', 0)}" + (" (dry run: nothing published)" if dry_run else "")
-        )
-    if result["status"] == "skipped":
-        raise typer.Exit(3)
+    from flows.daily_refresh import daily_refresh
+
+    state: Any = daily_refresh(tables=table or None, full_refresh=full_refresh, dry_run=dry_run, force=force,
+                               max_concurrency=max_concurrency, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    if not isinstance(summary, dict):
+        raise summary if isinstance(summary, BaseException) else RefreshError(str(state.message))
+    if not _emit(summary, as_json):
+        out = Table("table", "status", "mode", "read", "inserted", "updated", "deleted", "ms", "note",
+                    title="dry run: nothing published" if dry_run else None)
+        for r in summary["tables"]:
+            out.add_row(r["table"], r["status"], str(r.get("mode", "")), *(str(r.get(k, "")) for k in
+                        ("rows_read", "rows_inserted", "rows_updated", "rows_deleted", "execution_time_ms")),
+                        str(r.get("error") or r.get("reason") or "")[:80])
+        console.print(out if summary["tables"] else "nothing due (use --force or --table)")
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def maintenance(
+    retention_days: Annotated[int, typer.Option(help="Keep audit rows this many days.")] = 90,
+    discover: Annotated[bool, typer.Option("--discover/--no-discover", help="Register new BigQuery tables (disabled).")] = True,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Expire checkpoints, purge old audit rows, drop orphaned staging, discover new tables."""
+    from flows.maintenance import maintenance_flow
+
+    report = maintenance_flow(retention_days=retention_days, discover=discover)
+    if not _emit(report, as_json):
+        console.print(report)
+
+
+automations_app = typer.Typer(no_args_is_help=True, help="Prefect automations for failure notifications.")
+app.add_typer(automations_app, name="automations")
+
+
+@automations_app.command("apply")
+def automations_apply(
+    block: Annotated[str, typer.Option(help="Saved notification block, e.g. custom-webhook/bq-refresh-alerts.")],
+) -> None:
+    """Create (or replace) the automation that notifies when a flow run fails or crashes."""
+    from flows.automations import AUTOMATION_NAME, apply_failure_automation
+
+    automation_id = apply_failure_automation(block)
+    console.print(f"automation [bold]{AUTOMATION_NAME}[/] saved ({automation_id})")
 
 
 @app.command()
