@@ -32,12 +32,12 @@ def plan_waves_task(tables: dict[str, int], dependencies: list[tuple[str, str, s
 
 
 @task(name="refresh", cache_policy=NO_CACHE)
-def run_table(table: str, full_refresh: bool, dry_run: bool, use_deployment: bool, timeout_s: float) -> dict[str, Any]:
+def run_table(table: str, full_refresh: bool, dry_run: bool, deployment: str | None, timeout_s: float) -> dict[str, Any]:
     """Run one table's subflow here, or as a flow run of the refresh-table deployment (scale-out)."""
-    if use_deployment:
+    if deployment:
         from prefect.deployments import run_deployment
 
-        run = run_deployment(REFRESH_TABLE_DEPLOYMENT, timeout=timeout_s, as_subflow=True,
+        run = run_deployment(deployment, timeout=timeout_s, as_subflow=True,
                              parameters={"table": table, "full_refresh": full_refresh, "dry_run": dry_run})
         state = run.state  # type: ignore[union-attr]
         if state is None or not state.is_completed():
@@ -54,6 +54,7 @@ def daily_refresh(
     force: bool = False,
     max_concurrency: int = 4,
     use_deployments: bool = False,
+    table_deployment: str = REFRESH_TABLE_DEPLOYMENT,
 ) -> Any:
     """Refresh every due table (or the named ones) in dependency order, several at once.
 
@@ -64,6 +65,7 @@ def daily_refresh(
         force: refresh enabled tables even if not due yet.
         max_concurrency: tables refreshed at the same time.
         use_deployments: start each table as a flow run of the refresh-table deployment (work-pool scale-out).
+        table_deployment: the "flow/deployment" name runs go to when use_deployments is on.
 
     Returns:
         A summary per table; the run ends Failed when any table failed.
@@ -104,7 +106,7 @@ def daily_refresh(
         while queue or active:
             while queue and len(active) < max(1, max_concurrency):
                 name = queue.pop(0)
-                active.append((name, run_table.submit(name, full_refresh, dry_run, use_deployments,
+                active.append((name, run_table.submit(name, full_refresh, dry_run, table_deployment if use_deployments else None,
                                                       settings.table_timeout_s)))
             still = []
             for name, fut in active:

@@ -110,6 +110,23 @@ def test_prefect_deploy_all_then_a_parameterized_run_on_a_process_worker(
         rows = pg.execute(f'SELECT count(*) FROM "{env.schema_name}".sqp').fetchone()
         audit = pg.execute(f'SELECT status FROM "{env.schema_name}".refresh_audit_log').fetchall()
         assert rows == (25,) and audit == [("success",)]
+
+        # Scale-out: the parent starts each table as a flow run of the refresh-table deployment.
+        put_table(source, "sqp", SQP_SCHEMA, sqp_rows(40))
+        _prefect("deployment", "run", "daily-refresh/daily-refresh-process", "-p", "use_deployments=true",
+                 "-p", "force=true", "-p", "table_deployment=refresh-table/refresh-table-process", env=penv)
+        worker = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool",
+                                   "bq-refresh-process", "--limit", "4"], cwd=ROOT, env=penv,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            count = pg.execute(f'SELECT count(*) FROM "{env.schema_name}".sqp').fetchone()
+            if count == (40,):
+                break
+            time.sleep(1)
+        assert pg.execute(f'SELECT count(*) FROM "{env.schema_name}".sqp').fetchone() == (40,)
+        flows = _prefect("flow-run", "ls", env={**penv, "COLUMNS": "250"}).stdout
+        assert "daily-refresh" in flows and flows.count("refresh-table") >= 2
     finally:
         for proc in (worker, server):
             if proc is not None and proc.poll() is None:
