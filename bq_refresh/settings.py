@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(default=None, validation_alias="REFRESH_API_TOKEN")
     notification_block: str | None = Field(
         default=None, validation_alias="REFRESH_NOTIFICATION_BLOCK",
-        description="Name of a saved Prefect notification block (e.g. SlackWebhook) that also gets alerts.",
+        description="A saved Prefect notification block, 'block-type/name' (e.g. slack-webhook/ops), that also gets alerts.",
     )
     webhook_timeout_s: float = Field(default=5.0, validation_alias="REFRESH_WEBHOOK_TIMEOUT_SECONDS")
     webhook_attempts: int = Field(default=3, ge=1, validation_alias="REFRESH_WEBHOOK_ATTEMPTS")

@@ -111,8 +111,11 @@ def _notify_block(name: str, alert: Alert) -> Delivery:
         from typing import cast
 
         from prefect.blocks.abstract import NotificationBlock
+        from prefect.blocks.core import Block
 
-        block = cast(NotificationBlock, NotificationBlock.load(name))
+        if "/" not in name:
+            return Delivery(f"block:{name}", False, 0, "REFRESH_NOTIFICATION_BLOCK must be 'block-type/name'")
+        block = cast(NotificationBlock, Block.load(name))
         subject = f"bq-refresh {alert.event}: {alert.table or 'run'} {alert.status}"
         text = f"{subject}\n{alert.error or ''}\n{json.dumps(alert.counts, default=str)}"
         block.notify(text, subject=subject)  # type: ignore[unused-coroutine]  # sync in a sync context

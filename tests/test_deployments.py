@@ -63,6 +63,7 @@ def _prefect(*args: str, env: dict[str, str], timeout: float = 180) -> subproces
 
 @pytest.mark.slow
 @pytest.mark.emulator
+@pytest.mark.once  # about Prefect, not the database: the PostgreSQL 15 pass skips it
 def test_prefect_deploy_all_then_a_parameterized_run_on_a_process_worker(
     env: Settings, pg: psycopg.Connection[Any], tmp_path: Path
 ) -> None:

@@ -150,3 +150,20 @@ def test_storage_read_api_returns_arrow(emulator: EmulatorEndpoints, dataset: st
     table = pa.Table.from_batches(batches, arrow_schema)
     assert table.num_rows == 50
     assert sorted(table.column("id").to_pylist()) == list(range(50, 100))
+
+
+def test_without_superuser_rights_the_trigger_is_a_notice_not_a_failure(pg_uri: str, schema: str,
+                                                                        pg: psycopg.Connection[Any]) -> None:
+    role = f"{schema}_app"
+    pg.execute(f'CREATE ROLE "{role}" LOGIN NOSUPERUSER')
+    pg.execute(f'GRANT CREATE ON DATABASE {pg.info.dbname} TO "{role}"')
+    try:
+        with psycopg.connect(pg_uri, user=role, autocommit=True) as limited:
+            report = apply_migrations(limited, schema)
+        assert report.applied[0] == "001_refresh_system.sql"
+        assert report.event_trigger.startswith("not created")
+        assert pg.execute("SELECT 1 FROM pg_event_trigger WHERE evtname = %s", (event_trigger_name(schema),)).fetchone() is None
+    finally:
+        pg.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        pg.execute(f'REVOKE CREATE ON DATABASE {pg.info.dbname} FROM "{role}"')
+        pg.execute(f'DROP ROLE "{role}"')

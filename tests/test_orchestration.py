@@ -7,6 +7,7 @@ from typing import Any
 
 import polars as pl
 import psycopg
+import pyarrow as pa
 import pytest
 
 from blocks import BigQuerySource
@@ -172,3 +173,35 @@ def test_a_timed_out_table_resumes_from_its_checkpoint(env: Settings, registry: 
     assert second["rows_read"] == 4000 - staged[0] and second["rows_inserted"] == 4000
     statuses = [r[0] for r in pg.execute(f'SELECT status FROM "{registry}".refresh_audit_log ORDER BY id')]
     assert statuses == ["failed", "success"]
+
+
+def test_slow_runs_drift_and_notification_blocks_alert(
+    env: Settings, registry: str, pg: psycopg.Connection[Any], alerting: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.artifacts import Artifact
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    CustomWebhookNotificationBlock(name="ops", url=alerting.url, json_data={"text": "{{body}}", "event": "block"},
+                                   allow_private_urls=True).save(
+        "bq-refresh-test-alerts", overwrite=True)
+    monkeypatch.setenv("REFRESH_NOTIFICATION_BLOCK", "custom-webhook/bq-refresh-test-alerts")
+    monkeypatch.setenv("REFRESH_TIMEOUT_WARNING_MS", "1")
+    source = BigQuerySource.from_settings(env)
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(10))
+    register_table(pg, registry, "t", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at"})
+    summary = summary_of(daily_refresh(tables=["t"], return_state=True))
+    assert summary["tables"][0]["status"] == "warning" and summary["tables"][0]["slow"] is True
+    deliveries = pg.execute(f'SELECT channel, status, last_error FROM "{registry}".refresh_alerts').fetchall()
+    assert alerting.events() == ["timeout_warning", "block"], deliveries  # the webhook, then the block
+
+    alerting.received.clear()
+    from tests.bqdata import bq_schema
+
+    data = sqp_rows(10).append_column("currency", pa.array(["USD"] * 10))
+    put_table(source, "sqp", [*SQP_SCHEMA, *bq_schema([("currency", "STRING")])], data)
+    refresh_table("t")
+    assert "schema_drift" in alerting.events()
+    drift = next(json.loads(r["body"]) for r in alerting.received if json.loads(r["body"]).get("event") == "schema_drift")
+    assert drift["details"]["drift"]["columns_added"] == ["currency"]
+    artifact = Artifact.get("daily-refresh-summary")
+    assert artifact is not None and "t" in str(artifact.data)
