@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     retry_delay_s: float = Field(default=2.0, ge=0, validation_alias="REFRESH_RETRY_DELAY_SECONDS")
     retries: int = Field(default=3, ge=0, validation_alias="REFRESH_RETRIES")
     table_timeout_s: float = Field(default=3600.0, gt=0, validation_alias="REFRESH_TABLE_TIMEOUT_SECONDS")
+    health_grace_hours: float = Field(default=2.0, ge=0, validation_alias="REFRESH_HEALTH_GRACE_HOURS")
+    api_read_requires_token: bool = Field(default=False, validation_alias="REFRESH_API_READ_REQUIRES_TOKEN")
+    trigger_deployment: str | None = Field(
+        default=None, validation_alias="REFRESH_TRIGGER_DEPLOYMENT",
+        description="'flow/deployment' that POST /trigger starts through the Prefect API; unset = a local run.",
+    )
     daily_summary_alert: bool = Field(default=False, validation_alias="REFRESH_DAILY_SUMMARY_ALERT")
     prefect_ui_url: str | None = Field(default=None, validation_alias="PREFECT_UI_URL")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime
 from typing import Annotated, Any
 
 from bq_refresh.offline import configure_offline_prefect
@@ -120,6 +121,244 @@ def tables_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     console.print(table)
 
 
+def _conn() -> Any:
+    from blocks import resolve_resources
+
+    settings = load_settings()
+    return resolve_resources(settings).target.connect(autocommit=True), settings
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> None:
+    from rich.table import Table
+
+    table = Table(*columns, title=title)
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+    console.print(table if rows else f"({title or 'nothing'}: no rows)")
+
+
+@tables_app.command("show")
+def tables_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show one table's registry row and sync parameters."""
+    from tasks.registry import get_entry, list_dependencies
+
+    conn, settings = _conn()
+    with conn:
+        e = get_entry(conn, settings.schema_name, name)
+        deps = [d.__dict__ for d in list_dependencies(conn, settings.schema_name) if e.name in (d.parent, d.dependent)]
+    data = {"table": e.name, "enabled": e.is_enabled, "priority": e.priority, "frequency_hours": e.refresh_frequency_hours,
+            "last_refresh_at": e.last_refresh_at, "next_refresh_at": e.next_refresh_at, "watermark": e.watermark,
+            "params": e.params, "dependencies": deps}
+    if not _emit(data, as_json):
+        console.print_json(json.dumps(data, default=str))
+
+
+def _set_enabled(name: str, enabled: bool) -> None:
+    from tasks.registry import update_table
+
+    conn, settings = _conn()
+    with conn:
+        e = update_table(conn, settings.schema_name, name, enabled=enabled)
+    console.print(f"{e.name} {'enabled' if enabled else 'disabled'}")
+
+
+@tables_app.command("enable")
+def tables_enable(name: str) -> None:
+    """Enable a table."""
+    _set_enabled(name, True)
+
+
+@tables_app.command("disable")
+def tables_disable(name: str) -> None:
+    """Disable a table (it is no longer refreshed)."""
+    _set_enabled(name, False)
+
+
+@tables_app.command("remove")
+def tables_remove(name: str) -> None:
+    """Unregister a table (the live table and its audit rows stay)."""
+    from tasks.registry import remove_table
+
+    conn, settings = _conn()
+    with conn:
+        remove_table(conn, settings.schema_name, name)
+    console.print(f"{name} removed from the registry")
+
+
+@tables_app.command("set")
+def tables_set(
+    name: str,
+    priority: Annotated[int | None, typer.Option()] = None,
+    frequency_hours: Annotated[int | None, typer.Option()] = None,
+    params: Annotated[str | None, typer.Option(help="Sync parameters to merge, as a JSON object.")] = None,
+    depends_on: Annotated[list[str] | None, typer.Option(help="Parent table (repeatable): hard dependency.")] = None,
+    soft_depends_on: Annotated[list[str] | None, typer.Option(help="Parent table (repeatable): soft dependency.")] = None,
+) -> None:
+    """Change priority, frequency, sync parameters or dependencies of a table."""
+    from tasks.registry import add_dependency, update_table
+
+    conn, settings = _conn()
+    with conn:
+        e = update_table(conn, settings.schema_name, name, priority=priority, frequency_hours=frequency_hours,
+                         params=json.loads(params) if params else None)
+        for parent in depends_on or []:
+            add_dependency(conn, settings.schema_name, parent, e.name, "hard")
+        for parent in soft_depends_on or []:
+            add_dependency(conn, settings.schema_name, parent, e.name, "soft")
+    console.print(f"{e.name} updated")
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Per table: last result, last success, next due, health."""
+    from tasks import status as q
+
+    conn, settings = _conn()
+    with conn:
+        rows = [t.as_dict() for t in q.table_status(conn, settings.schema_name, grace_hours=settings.health_grace_hours)]
+    if not _emit(rows, as_json):
+        for r in rows:
+            r["health"] = "ok" if r["healthy"] else f"[red]{r['reason']}[/]"
+        _print_rows(rows, ["table", "enabled", "last_status", "last_success_at", "next_refresh_at", "health"], "status")
+
+
+@app.command()
+def history(
+    table: Annotated[str | None, typer.Option()] = None,
+    status_: Annotated[str | None, typer.Option("--status")] = None,
+    since: Annotated[datetime | None, typer.Option()] = None,
+    limit: Annotated[int, typer.Option()] = 20,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Audit rows, newest first."""
+    from tasks import status as q
+
+    conn, settings = _conn()
+    with conn:
+        rows = q.history(conn, settings.schema_name, table=table, status=status_, since=since, limit=limit)
+    if not _emit(rows, as_json):
+        _print_rows(rows, ["id", "table_name", "status", "refresh_started_at", "rows_processed", "rows_inserted",
+                           "rows_updated", "rows_deleted", "execution_time_ms", "error_message"], "history")
+
+
+@app.command()
+def quality(table: Annotated[str | None, typer.Option()] = None,
+            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Data-quality check results."""
+    from tasks import status as q
+
+    conn, settings = _conn()
+    with conn:
+        rows = q.quality(conn, settings.schema_name, table=table)
+    if not _emit(rows, as_json):
+        _print_rows(rows, ["table", "metric_name", "metric_value", "expected_value", "threshold_min", "threshold_max",
+                           "is_within_threshold", "created_at"], "quality checks")
+
+
+checkpoints_app = typer.Typer(no_args_is_help=True, help="Checkpoints of unfinished runs.")
+app.add_typer(checkpoints_app, name="checkpoints")
+
+
+@checkpoints_app.command("list")
+def checkpoints_list(all_: Annotated[bool, typer.Option("--all", help="Not only active ones.")] = False,
+                     as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List checkpoints (active ones by default)."""
+    from tasks import status as q
+
+    conn, settings = _conn()
+    with conn:
+        rows = q.checkpoints(conn, settings.schema_name, status=None if all_ else "active")
+    if not _emit(rows, as_json):
+        _print_rows(rows, ["id", "table", "status", "rows_staged", "staging_table", "updated_at", "expires_at"], "checkpoints")
+
+
+@checkpoints_app.command("expire")
+def checkpoints_expire(all_: Annotated[bool, typer.Option("--all", help="Expire every active checkpoint.")] = False) -> None:
+    """Expire checkpoints past their expiry (or all active ones): the next run starts over."""
+    from tasks.maintenance import expire_checkpoints
+
+    conn, settings = _conn()
+    with conn:
+        n = expire_checkpoints(conn, settings.schema_name, all_active=all_)
+    console.print(f"{n} checkpoint(s) expired")
+
+
+@app.command()
+def rollback(yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False) -> None:
+    """Emergency stop: disable every table and expire active checkpoints (live data untouched)."""
+    from tasks import status as q
+
+    if not yes:
+        typer.confirm("Disable every table and expire every active checkpoint?", abort=True)
+    conn, settings = _conn()
+    with conn:
+        done = q.rollback(conn, settings.schema_name)
+    console.print(f"{done['tables_disabled']} table(s) disabled, {done['checkpoints_expired']} checkpoint(s) expired;"
+                  " re-enable with: bq-refresh tables enable NAME")
+
+
+@app.command()
+def serve(host: Annotated[str, typer.Option()] = "127.0.0.1", port: Annotated[int, typer.Option()] = 8080) -> None:
+    """Serve the HTTP API (health, status, history, metrics, config, trigger)."""
+    import uvicorn
+
+    from flows.api import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+def _run_with_progress(start: Any) -> Any:
+    """Run the flow in a thread while a live table shows, per table, rows staged and rows/s."""
+    import threading
+    import time
+
+    from rich.live import Live
+    from rich.table import Table
+
+    from tasks import status as q
+
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["state"] = start()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = exc
+
+    conn, settings = _conn()
+    first_seen: dict[str, float] = {}
+    with conn:
+        latest = q.history(conn, settings.schema_name, limit=1)
+        floor_id = latest[0]["id"] if latest else 0
+
+        def render() -> Table:
+            view = Table("table", "state", "rows", "rows/s", title="bq-refresh run")
+            try:
+                for c in q.checkpoints(conn, settings.schema_name, status="active"):
+                    seen = first_seen.setdefault(c["table"], time.monotonic())
+                    rows = int(c["rows_staged"] or 0)
+                    view.add_row(c["table"], "loading", f"{rows:,}", f"{rows / max(time.monotonic() - seen, 0.1):,.0f}")
+                for h in reversed(q.history(conn, settings.schema_name, limit=100)):
+                    if h["id"] <= floor_id or h["status"] == "running":
+                        continue
+                    done = int(h["rows_processed"] or 0)
+                    rate = done / max((h["execution_time_ms"] or 0) / 1000, 0.001)
+                    view.add_row(f"{h['table_schema']}.{h['table_name']}", h["status"], f"{done:,}", f"{rate:,.0f}")
+            except Exception:  # noqa: BLE001 - the display never breaks the run
+                pass
+            return view
+
+        worker = threading.Thread(target=target, daemon=True)
+        worker.start()
+        with Live(render(), console=console, refresh_per_second=2, transient=True) as live:
+            while worker.is_alive():
+                worker.join(0.5)
+                live.update(render())
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["state"]
+
+
 @app.command()
 def run(
     table: Annotated[list[str] | None, typer.Option("--table", help="Table to refresh (repeatable); none = all due.")] = None,
@@ -134,8 +373,11 @@ def run(
 
     from flows.daily_refresh import daily_refresh
 
-    state: Any = daily_refresh(tables=table or None, full_refresh=full_refresh, dry_run=dry_run, force=force,
-                               max_concurrency=max_concurrency, return_state=True)
+    def start() -> Any:
+        return daily_refresh(tables=table or None, full_refresh=full_refresh, dry_run=dry_run, force=force,
+                             max_concurrency=max_concurrency, return_state=True)
+
+    state: Any = start() if as_json else _run_with_progress(start)
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, dict):
         raise summary if isinstance(summary, BaseException) else RefreshError(str(state.message))
@@ -216,7 +458,9 @@ def demo(
 def main() -> None:
     """Console entry point: one clear line on error (--debug for the traceback)."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns the code of typer.Exit here instead of raising
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except RefreshError as exc:
         if DEBUG["on"]:
             raise

@@ -158,3 +158,43 @@ def due_entries(
     now = conn.execute("SELECT now()").fetchone()
     assert now is not None
     return [e for e in entries if e.is_enabled and (force or e.next_refresh_at is None or e.next_refresh_at <= now[0])]
+
+
+def update_table(
+    conn: psycopg.Connection[Any], schema: str, name: str, *, enabled: bool | None = None,
+    priority: int | None = None, frequency_hours: int | None = None, params: dict[str, Any] | None = None,
+    merge_params: bool = True,
+) -> RegistryEntry:
+    """Change a registered table; new sync parameters are validated before anything is written.
+
+    Raises:
+        ConfigError: the table is not registered, or the parameters are invalid (naming the key).
+    """
+    entry = get_entry(conn, schema, name)
+    sets: list[sql.Composable] = []
+    values: list[Any] = []
+    if params is not None:
+        merged = {**entry.params, **params} if merge_params else params
+        TableSpec.parse_for(entry.name, merged)
+        sets.append(sql.SQL("custom_sync_params = %s"))
+        values.append(Jsonb(merged))
+    for column, value in (("is_enabled", enabled), ("priority", priority), ("refresh_frequency_hours", frequency_hours)):
+        if value is not None:
+            if column == "refresh_frequency_hours" and int(value) <= 0:
+                raise ConfigError("refresh_frequency_hours must be positive", table=entry.name)
+            sets.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+            values.append(value)
+    if sets:
+        conn.execute(sql.SQL("UPDATE {} SET {} WHERE id = %s").format(ident(schema, "refresh_config"),
+                                                                     sql.SQL(", ").join(sets)), [*values, entry.id])
+        if not conn.autocommit:
+            conn.commit()
+    return get_entry(conn, schema, entry.name)
+
+
+def remove_table(conn: psycopg.Connection[Any], schema: str, name: str) -> None:
+    """Unregister a table (its audit rows stay; the live table is not touched)."""
+    entry = get_entry(conn, schema, name)
+    conn.execute(sql.SQL("DELETE FROM {} WHERE id = %s").format(ident(schema, "refresh_config")), (entry.id,))
+    if not conn.autocommit:
+        conn.commit()

@@ -1,0 +1,201 @@
+"""What operators read: per-table status and health, history, metrics, quality results, checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from tasks.sqlnames import ident
+
+
+@dataclass
+class TableStatus:
+    table: str
+    enabled: bool
+    priority: int
+    frequency_hours: int
+    last_status: str | None
+    last_run_at: datetime | None
+    last_error: str | None
+    last_success_at: datetime | None
+    next_refresh_at: datetime | None
+    watermark: str | None
+    healthy: bool
+    reason: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def table_status(conn: psycopg.Connection[Any], schema: str, *, grace_hours: float = 2.0) -> list[TableStatus]:
+    """One row per registered table, with health: enabled tables must have succeeded within their
+    frequency plus ``grace_hours``, and their latest run must not have failed."""
+    query = sql.SQL(
+        """
+        SELECT c.table_schema || '.' || c.table_name AS name, c.is_enabled, c.priority, c.refresh_frequency_hours,
+               c.next_refresh_at, c.watermark, now() AS now,
+               last.status AS last_status, last.refresh_started_at AS last_run_at, last.error_message,
+               ok.completed AS last_success_at
+          FROM {cfg} c
+          LEFT JOIN LATERAL (SELECT status, refresh_started_at, error_message FROM {audit} a
+                              WHERE a.table_schema = c.table_schema AND a.table_name = c.table_name
+                                AND a.status <> 'running' ORDER BY a.id DESC LIMIT 1) last ON true
+          LEFT JOIN LATERAL (SELECT max(refresh_completed_at) AS completed FROM {audit} a
+                              WHERE a.table_schema = c.table_schema AND a.table_name = c.table_name
+                                AND a.status IN ('success', 'warning')
+                                AND NOT coalesce((a.sync_metadata->>'dry_run')::boolean, false)) ok ON true
+         ORDER BY c.priority DESC, name
+        """
+    ).format(cfg=ident(schema, "refresh_config"), audit=ident(schema, "refresh_audit_log"))
+    out = []
+    with conn.cursor(row_factory=dict_row) as cur:
+        for r in cur.execute(query).fetchall():
+            healthy, reason = True, None
+            if r["is_enabled"]:
+                limit = timedelta(hours=(r["refresh_frequency_hours"] or 24) + grace_hours)
+                if r["last_status"] == "failed":
+                    healthy, reason = False, f"last run failed: {(r['error_message'] or '')[:200]}"
+                elif r["last_success_at"] is None:
+                    healthy, reason = False, "never refreshed successfully"
+                elif r["now"] - r["last_success_at"] > limit:
+                    age = r["now"] - r["last_success_at"]
+                    healthy, reason = False, f"stale: last success {age.total_seconds() / 3600:.1f} h ago (limit {limit.total_seconds() / 3600:.0f} h)"
+            out.append(TableStatus(
+                table=r["name"], enabled=r["is_enabled"], priority=r["priority"], frequency_hours=r["refresh_frequency_hours"],
+                last_status=r["last_status"], last_run_at=r["last_run_at"], last_error=r["error_message"],
+                last_success_at=r["last_success_at"], next_refresh_at=r["next_refresh_at"], watermark=r["watermark"],
+                healthy=healthy, reason=reason,
+            ))
+    return out
+
+
+HISTORY_COLUMNS = ("id", "table_schema", "table_name", "status", "refresh_started_at", "refresh_completed_at",
+                   "rows_processed", "rows_inserted", "rows_updated", "rows_deleted", "execution_time_ms",
+                   "memory_used_mb", "bigquery_job_id", "error_message", "sync_metadata")
+
+
+def history(
+    conn: psycopg.Connection[Any], schema: str, *, table: str | None = None, status: str | None = None,
+    since: datetime | None = None, until: datetime | None = None, limit: int = 50, offset: int = 0,
+) -> list[dict[str, Any]]:
+    """Audit rows, newest first, filtered by table ("schema.table" or name), status and time."""
+    where: list[sql.Composable] = []
+    params: list[Any] = []
+    if table:
+        if "." in table:
+            s, t = table.split(".", 1)
+            where.append(sql.SQL("table_schema = %s AND table_name = %s"))
+            params += [s, t]
+        else:
+            where.append(sql.SQL("table_name = %s"))
+            params.append(table)
+    if status:
+        where.append(sql.SQL("status = %s"))
+        params.append(status)
+    if since:
+        where.append(sql.SQL("refresh_started_at >= %s"))
+        params.append(since)
+    if until:
+        where.append(sql.SQL("refresh_started_at < %s"))
+        params.append(until)
+    query = sql.SQL("SELECT {} FROM {} {} ORDER BY id DESC LIMIT %s OFFSET %s").format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in HISTORY_COLUMNS), ident(schema, "refresh_audit_log"),
+        sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
+    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        return list(cur.execute(query, [*params, limit, offset]).fetchall())
+
+
+def metrics(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
+    """Per table over 30 days: runs, success rate, rows, durations, seconds since the last success."""
+    query = sql.SQL(
+        """
+        SELECT c.table_schema || '.' || c.table_name AS table,
+               count(a.id) FILTER (WHERE a.status IN ('success', 'warning', 'failed')) AS runs,
+               count(a.id) FILTER (WHERE a.status IN ('success', 'warning')) AS successes,
+               count(a.id) FILTER (WHERE a.status = 'failed') AS failures,
+               coalesce(sum(a.rows_processed), 0)::bigint AS rows_read, coalesce(sum(a.rows_inserted), 0)::bigint AS rows_inserted,
+               coalesce(sum(a.rows_updated), 0)::bigint AS rows_updated, coalesce(sum(a.rows_deleted), 0)::bigint AS rows_deleted,
+               avg(a.execution_time_ms) FILTER (WHERE a.status IN ('success', 'warning')) AS avg_duration_ms,
+               max(a.execution_time_ms) AS max_duration_ms,
+               extract(epoch FROM now() - max(a.refresh_completed_at) FILTER (WHERE a.status IN ('success', 'warning')))
+                   AS seconds_since_last_success
+          FROM {cfg} c
+          LEFT JOIN {audit} a ON a.table_schema = c.table_schema AND a.table_name = c.table_name
+                             AND a.refresh_started_at > now() - interval '30 days'
+         GROUP BY 1 ORDER BY 1
+        """
+    ).format(cfg=ident(schema, "refresh_config"), audit=ident(schema, "refresh_audit_log"))
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = list(cur.execute(query).fetchall())
+    for r in rows:
+        r["success_rate"] = (r["successes"] / r["runs"]) if r["runs"] else None
+        for k in ("avg_duration_ms", "seconds_since_last_success"):
+            r[k] = None if r[k] is None else float(r[k])
+    return rows
+
+
+def prometheus_text(rows: list[dict[str, Any]]) -> str:
+    """The metrics in the Prometheus text exposition format."""
+    def esc(v: str) -> str:
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    series = [
+        ("bq_refresh_runs_total", "counter", "Refresh runs in the last 30 days.", "runs"),
+        ("bq_refresh_failures_total", "counter", "Failed refresh runs in the last 30 days.", "failures"),
+        ("bq_refresh_success_rate", "gauge", "Share of runs that succeeded (30 days).", "success_rate"),
+        ("bq_refresh_avg_duration_ms", "gauge", "Mean duration of successful runs, ms.", "avg_duration_ms"),
+        ("bq_refresh_seconds_since_last_success", "gauge", "Seconds since the last successful refresh.",
+         "seconds_since_last_success"),
+    ]
+    lines: list[str] = []
+    for name, kind, help_text, key in series:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for r in rows:
+            if r[key] is not None:
+                lines.append(f'{name}{{table="{esc(r["table"])}"}} {float(r[key]):g}')
+    lines += ["# HELP bq_refresh_rows_total Rows by kind in the last 30 days.", "# TYPE bq_refresh_rows_total counter"]
+    for r in rows:
+        for kind in ("read", "inserted", "updated", "deleted"):
+            lines.append(f'bq_refresh_rows_total{{table="{esc(r["table"])}",kind="{kind}"}} {int(r["rows_" + kind])}')
+    return "\n".join(lines) + "\n"
+
+
+def quality(conn: psycopg.Connection[Any], schema: str, *, table: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    params: list[Any] = []
+    where = sql.SQL("")
+    if table:
+        where = sql.SQL("WHERE a.table_name = %s OR a.table_schema || '.' || a.table_name = %s")
+        params += [table, table]
+    query = sql.SQL(
+        "SELECT q.id, a.table_schema || '.' || a.table_name AS table, q.metric_name, q.metric_value, q.expected_value,"
+        " q.threshold_min, q.threshold_max, q.is_within_threshold, q.created_at FROM {} q JOIN {} a ON a.id = q.audit_log_id"
+        " {} ORDER BY q.id DESC LIMIT %s"
+    ).format(ident(schema, "refresh_data_quality"), ident(schema, "refresh_audit_log"), where)
+    with conn.cursor(row_factory=dict_row) as cur:
+        return list(cur.execute(query, [*params, limit]).fetchall())
+
+
+def checkpoints(conn: psycopg.Connection[Any], schema: str, *, status: str | None = "active") -> list[dict[str, Any]]:
+    query = sql.SQL(
+        "SELECT id, table_schema || '.' || table_name AS table, status, last_processed_row AS rows_staged,"
+        " total_rows, checkpoint_data->'plan'->>'staging_table' AS staging_table, created_at, updated_at, expires_at"
+        " FROM {} {} ORDER BY id DESC LIMIT 200"
+    ).format(ident(schema, "refresh_checkpoints"), sql.SQL("WHERE status = %s") if status else sql.SQL(""))
+    with conn.cursor(row_factory=dict_row) as cur:
+        return list(cur.execute(query, [status] if status else []).fetchall())
+
+
+def rollback(conn: psycopg.Connection[Any], schema: str) -> dict[str, int]:
+    """The spec's emergency procedure: disable every table and expire every active checkpoint."""
+    with conn.transaction():
+        disabled = conn.execute(sql.SQL("UPDATE {} SET is_enabled = false WHERE is_enabled").format(
+            ident(schema, "refresh_config"))).rowcount
+        expired = conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE status = 'active'").format(
+            ident(schema, "refresh_checkpoints"))).rowcount
+    return {"tables_disabled": disabled, "checkpoints_expired": expired}
