@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     )
     schema_name: str = Field(default=DEFAULT_SCHEMA, validation_alias="BQ_REFRESH_SCHEMA")
     staging_schema: str = Field(default=DEFAULT_STAGING_SCHEMA, validation_alias="BQ_REFRESH_STAGING_SCHEMA")
+    shadow_schema_setting: str | None = Field(default=None, validation_alias="BQ_REFRESH_SHADOW_SCHEMA")
     state_dir: Path = Field(default=Path(".state"), validation_alias="BQ_REFRESH_STATE_DIR")
 
     bigquery_project_id: str = Field(default=DEFAULT_PROJECT, validation_alias="BIGQUERY_PROJECT_ID")
@@ -67,6 +68,11 @@ class Settings(BaseSettings):
     )
     daily_summary_alert: bool = Field(default=False, validation_alias="REFRESH_DAILY_SUMMARY_ALERT")
     prefect_ui_url: str | None = Field(default=None, validation_alias="PREFECT_UI_URL")
+
+    @property
+    def shadow_schema(self) -> str:
+        """Where shadow-mode tables are published (default: "<schema>_shadow")."""
+        return self.shadow_schema_setting or f"{self.schema_name}_shadow"
 
     @property
     def uses_emulator(self) -> bool:

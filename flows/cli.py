@@ -297,6 +297,56 @@ def rollback(yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = F
                   " re-enable with: bq-refresh tables enable NAME")
 
 
+shadow_app = typer.Typer(no_args_is_help=True, help="Shadow mode: publish beside the live table, compare, cut over.")
+app.add_typer(shadow_app, name="shadow")
+
+
+@shadow_app.command("compare")
+def shadow_compare(name: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Differences between the shadow copy and the live table, by key (exit 1 when they differ)."""
+    from tasks import shadow
+    from tasks.registry import get_entry
+
+    conn, settings = _conn()
+    with conn:
+        e = get_entry(conn, settings.schema_name, name)
+        spec = e.spec()
+        live = tuple(spec.target.split(".", 1)) if spec.target else (e.table_schema, e.table_name)
+        key = [spec.target_name(k) for k in spec.key]
+        report = shadow.compare(conn, (live[0], live[1]), (settings.shadow_schema, live[1]), key)
+    if not _emit(report, as_json):
+        if "error" in report:
+            raise RefreshError(report["error"], table=e.name)
+        console.print(f"{report['live']} vs {report['shadow']}: {report['same']} same, {report['different']} different, "
+                      f"{report['only_in_live']} only in live, {report['only_in_shadow']} only in shadow")
+        for ex in report["examples"]:
+            console.print(f"  {ex['difference']}: {ex['key']}")
+    if not report.get("identical"):
+        raise typer.Exit(1)
+
+
+@shadow_app.command("cutover")
+def shadow_cutover(name: str) -> None:
+    """Switch the table to live: the next run publishes into the live table."""
+    from tasks.registry import update_table
+
+    conn, settings = _conn()
+    with conn:
+        update_table(conn, settings.schema_name, name, params={"shadow": False})
+    console.print(f"{name}: live (run it now to publish: bq-refresh run --table {name})")
+
+
+@shadow_app.command("enable")
+def shadow_enable(name: str) -> None:
+    """Switch the table (back) to shadow mode: the rollback of a cutover. The live table is left as it is."""
+    from tasks.registry import update_table
+
+    conn, settings = _conn()
+    with conn:
+        update_table(conn, settings.schema_name, name, params={"shadow": True})
+    console.print(f"{name}: shadow mode (publishes into {settings.shadow_schema})")
+
+
 @app.command()
 def serve(host: Annotated[str, typer.Option()] = "127.0.0.1", port: Annotated[int, typer.Option()] = 8080) -> None:
     """Serve the HTTP API (health, status, history, metrics, config, trigger)."""

@@ -15,7 +15,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.resources import resolve_resources
 from bq_refresh.settings import load_settings
-from flows.refresh_table import refresh_table
+from flows.refresh_table import refresh_table, views_task
 from tasks.alerts import Alert, send_alert
 from tasks.artifacts import publish_markdown, publish_table_artifact
 from tasks.audit import finish_audit, start_audit
@@ -38,12 +38,14 @@ def run_table(table: str, full_refresh: bool, dry_run: bool, deployment: str | N
         from prefect.deployments import run_deployment
 
         run = run_deployment(deployment, timeout=timeout_s, as_subflow=True,
-                             parameters={"table": table, "full_refresh": full_refresh, "dry_run": dry_run})
+                             parameters={"table": table, "full_refresh": full_refresh, "dry_run": dry_run,
+                                         "refresh_views": False})
         state = run.state  # type: ignore[union-attr]
         if state is None or not state.is_completed():
             raise RuntimeError(f"{table}: deployment run {run.id} ended {state.type.value if state else 'unknown'}")  # type: ignore[union-attr]
         return dict(state.result())
-    return refresh_table.with_options(timeout_seconds=timeout_s)(table, full_refresh=full_refresh, dry_run=dry_run)
+    return refresh_table.with_options(timeout_seconds=timeout_s)(table, full_refresh=full_refresh, dry_run=dry_run,
+                                                                 refresh_views=False)
 
 
 @flow(name="daily-refresh", task_runner=ThreadPoolTaskRunner(max_workers=16))  # type: ignore[arg-type]
@@ -122,6 +124,13 @@ def daily_refresh(
                 time.sleep(0.2)
 
     ordered = [results[n] for wave in waves for n in wave]
+    refreshed = [r for r in ordered if r["status"] in {"success", "warning"} and not r.get("shadow")]
+    views: list[dict[str, Any]] = []
+    if refreshed and not dry_run:
+        views = views_task([r["target"] for r in refreshed if r.get("changed")], [r["target"] for r in refreshed])
+        broken = [v["view"] for v in views if not v["queryable"]]
+        if broken:
+            logger.warning("views not queryable after the refresh: %s", broken)
     failed = [r["table"] for r in ordered if r["status"] == "failed"]
     publish_table_artifact(ordered, key="daily-refresh-summary", title="daily refresh: one row per table")
     lines = [f"# daily refresh: {len(ordered) - len(failed)} of {len(ordered)} table(s) without failure", ""]
@@ -131,7 +140,7 @@ def daily_refresh(
                                                       f" updated {r.get('rows_updated', 0)}, deleted {r.get('rows_deleted', 0)}")
               for r in ordered]
     publish_markdown("\n".join(lines), key="daily-refresh-report", title="daily refresh report")
-    summary = {"tables": ordered, "failed": failed, "waves": waves}
+    summary = {"tables": ordered, "failed": failed, "waves": waves, "views": views}
     run_id = str(current_flow_run.id) if current_flow_run.id else None
     with res.target.connect(autocommit=True) as conn:
         counts = {"tables": len(ordered), "failed": len(failed),

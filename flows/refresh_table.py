@@ -48,10 +48,17 @@ def stage_task(plan: sync.RefreshPlan, audit_id: int) -> sync.StageManifest:
     return sync.stage_rows(_resources(), plan, audit_id=audit_id)
 
 
+@task(name="check", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
+def check_task(plan: sync.RefreshPlan, audit_id: int) -> list[str]:
+    """The quality gate on staged rows; returns the names of failed soft checks (hard ones raise)."""
+    results = sync.check_staged(_resources(), plan, audit_id=audit_id)
+    return [r.name for r in results if not r.ok]
+
+
 @task(name="publish", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
-def publish_task(plan: sync.RefreshPlan, dry_run: bool) -> sync.PublishResult:
+def publish_task(plan: sync.RefreshPlan, dry_run: bool, audit_id: int) -> sync.PublishResult:
     res = _resources()
-    result = sync.publish(res, plan, dry_run=dry_run)
+    result = sync.publish(res, plan, dry_run=dry_run, audit_id=audit_id)
     if dry_run:
         sync.discard_staging(res, plan, "dry run")
     return result
@@ -96,12 +103,23 @@ def _on_failure(flow: Flow[Any, Any], flow_run: FlowRun, state: State[Any]) -> N
         logging.getLogger(__name__).warning("refresh-table failure hook failed: %s", exc)
 
 
+@task(name="views", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
+def views_task(changed: list[str], probe: list[str]) -> list[dict[str, Any]]:
+    """Refresh the materialized views downstream of changed tables, in order; probe every dependent view."""
+    from tasks.views import as_dicts, refresh_dependents
+
+    res = _resources()
+    with res.target.connect(autocommit=True) as conn:
+        return as_dicts(refresh_dependents(conn, res.settings.schema_name, changed, probe))
+
+
 @flow(name="refresh-table", on_failure=[_on_failure], on_crashed=[_on_failure], on_cancellation=[_on_failure])
 def refresh_table(
     table: str,
     full_refresh: bool = False,
     dry_run: bool = False,
     batch_size: int | None = None,
+    refresh_views: bool = True,
 ) -> dict[str, Any]:
     """Refresh one registered table from BigQuery, exactly once, resumably.
 
@@ -110,6 +128,8 @@ def refresh_table(
         full_refresh: re-read the whole source and replace the table's contents.
         dry_run: do everything except publishing; report what would change.
         batch_size: rows per COPY batch and checkpoint (default: the table's or REFRESH_BATCH_SIZE).
+        refresh_views: refresh the materialized views downstream when data changed (the parent flow
+            does it once for all tables instead).
 
     Returns:
         A summary: status, mode, rows read/inserted/updated/deleted, audit id.
@@ -139,13 +159,16 @@ def refresh_table(
             try:
                 plan = _with_retries(plan_task, settings.retries, settings.retry_delay_s)(entry.name, full_refresh, batch_size)
                 manifest = _with_retries(stage_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
-                result = _with_retries(publish_task, settings.retries, settings.retry_delay_s)(plan, dry_run)
+                soft_failures = _with_retries(check_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
+                result = _with_retries(publish_task, settings.retries, settings.retry_delay_s)(plan, dry_run, audit_id)
+                soft_failures += result.checks_failed_soft
             except BaseException as exc:
                 finish_audit(audit_conn, schema, audit_id, status="failed", error=exc)
                 raise
             elapsed_ms = int((time.monotonic() - started) * 1000)
             slow = elapsed_ms > settings.timeout_warning_ms
-            status = "warning" if manifest.rows_quarantined or result.duplicate_keys or slow else "success"
+            warn = manifest.rows_quarantined or result.duplicate_keys or slow or soft_failures
+            status = "warning" if warn else "success"
             metadata = {
                 "mode": plan.mode, "full": plan.full, "dry_run": dry_run, "watermark_from": plan.watermark_from,
                 "watermark_to": result.watermark, "read_session": manifest.read_session, "batches": manifest.batches,
@@ -153,6 +176,7 @@ def refresh_table(
                 "session_recreated": manifest.session_recreated, "rows_unchanged": result.rows_unchanged,
                 "duplicate_keys": result.duplicate_keys, "rows_quarantined": manifest.rows_quarantined,
                 "drift": plan.drift, "target_created": plan.target_created, "slow": slow,
+                "checks_warned": soft_failures, "shadow": plan.shadow, "target": plan.target_label,
             }
             finish_audit(
                 audit_conn, schema, audit_id, status=status, rows_processed=manifest.rows_read,
@@ -178,6 +202,10 @@ def refresh_table(
                            settings.timeout_warning_ms)
             send_alert(settings, Alert("timeout_warning", status, entry.name, None, run_id, url, counts,
                                        {"execution_time_ms": elapsed_ms}), audit_conn)
+    changed = result.rows_inserted + result.rows_updated + result.rows_deleted > 0
+    if refresh_views and not dry_run and not plan.shadow:
+        summary["views"] = views_task([plan.target_label] if changed else [], [plan.target_label])
+    summary["changed"] = changed and not dry_run
     publish_table_artifact([summary], key=None, title=f"refresh of {entry.name}")
     logger.info("%s %s: read %d, inserted %d, updated %d, deleted %d", entry.name, status, manifest.rows_read,
                 result.rows_inserted, result.rows_updated, result.rows_deleted)

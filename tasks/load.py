@@ -99,6 +99,7 @@ class BatchLoad:
     table_schema: str
     table_name: str
     audit_id: int | None
+    checksum: int = 0
 
 
 def ingest_batch(adbc_conn: Any, batch: pa.RecordBatch, load: BatchLoad, quarantined: list[dict[str, Any]]) -> None:
@@ -116,11 +117,15 @@ def ingest_batch(adbc_conn: Any, batch: pa.RecordBatch, load: BatchLoad, quarant
         cur.execute(
             f"UPDATE {reg}.refresh_checkpoints SET"  # noqa: S608
             " checkpoint_data = jsonb_set(jsonb_set(checkpoint_data, ARRAY['offsets', $2::text], to_jsonb($3::bigint)),"
-            "   ARRAY['done', $2::text], to_jsonb($4::boolean)),"
+            "   ARRAY['done', $2::text], to_jsonb($4::boolean))"
+            " || jsonb_build_object('checksum', ((coalesce((checkpoint_data->>'checksum')::numeric, 0) + $6::numeric)"
+            "      % 18446744073709551616)::text,"
+            "    'quarantined', coalesce((checkpoint_data->>'quarantined')::bigint, 0) + $7::bigint),"
             " last_processed_row = coalesce(last_processed_row, 0) + $5::bigint,"
             " expires_at = greatest(expires_at, now() + interval '1 hour')"
             " WHERE id = $1::int AND status = 'active'",
-            parameters=(load.checkpoint_id, load.stream, load.offset_after, load.stream_done, batch.num_rows),
+            parameters=(load.checkpoint_id, load.stream, load.offset_after, load.stream_done, batch.num_rows,
+                        str(load.checksum), len(quarantined)),
         )
         for row in quarantined:
             cur.execute(

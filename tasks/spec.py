@@ -36,6 +36,34 @@ class DeletePolicy(BaseModel):
     )
 
 
+class ForeignKey(BaseModel):
+    """Child columns of this table that must exist in a parent table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    columns: list[str] = Field(min_length=1, description="Target column names in this table.")
+    parent: str = Field(description="schema.table of the parent (a live PostgreSQL table).")
+    parent_columns: list[str] | None = Field(default=None, description="Default: the same names.")
+    hard: bool = True
+
+
+class QualityConfig(BaseModel):
+    """The checks run on staged data before publishing (and on the live table after). Column names are
+    target names. Hard checks stop the table with nothing published; soft ones only warn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    row_count: bool = Field(default=True, description="Rows read == the source's count for the window (hard).")
+    checksum: bool = Field(default=True, description="Order-independent checksum of key + critical fields (hard).")
+    foreign_keys: list[ForeignKey] = Field(default_factory=list)
+    max_null_rate: dict[str, float] = Field(default_factory=dict, description="column -> highest share of NULLs")
+    ranges: dict[str, tuple[float | None, float | None]] = Field(default_factory=dict, description="column -> [min, max]")
+    not_greater_than: list[tuple[str, str]] = Field(default_factory=list, description="[a, b]: a <= b on every row")
+    max_row_count_change: float | None = Field(default=None, ge=0, description="vs the previous run's rows read")
+    hard: list[str] = Field(default_factory=lambda: ["row_count", "checksum", "published_count", "foreign_key"],
+                            description="Check kinds that fail the table; the others warn.")
+
+
 class TableSpec(BaseModel):
     """The sync parameters of one table (refresh_config.custom_sync_params)."""
 
@@ -57,7 +85,9 @@ class TableSpec(BaseModel):
     transform: str | None = Field(default=None, description="Name of a registered Polars transform.")
     drift_policy: Literal["evolve", "freeze"] = "evolve"
     delete_policy: DeletePolicy = Field(default_factory=DeletePolicy)
-    critical_fields: list[str] = Field(default_factory=list, description="Columns covered by the checksum check.")
+    critical_fields: list[str] = Field(default_factory=list, description="Columns covered by the checksum (default all).")
+    checks: QualityConfig = Field(default_factory=QualityConfig)
+    shadow: bool = Field(default=False, description="Publish into the shadow schema instead of the live one.")
 
     @field_validator("lookback")
     @classmethod

@@ -17,10 +17,10 @@ from pydantic import BaseModel
 
 from blocks.resources import Resources
 from bq_refresh.errors import ConfigError, QualityCheckFailed, SchemaDriftError, SourceError
-from tasks import extract, load
+from tasks import extract, load, quality
 from tasks.artifacts import Progress
 from tasks.registry import RegistryEntry
-from tasks.spec import TableSpec
+from tasks.spec import QualityConfig, TableSpec
 from tasks.sqlnames import ident, idents
 from tasks.transform import get_transform, shape
 from tasks.typemap import CURSOR_TYPES, Column, conform
@@ -64,6 +64,9 @@ class RefreshPlan(BaseModel):
     source_schema: list[dict[str, str]]
     reconcile_keys: bool
     frequency_hours: int
+    critical_fields: list[str] = []
+    checks: QualityConfig = QualityConfig()
+    shadow: bool = False
     audit_id: int | None = None
 
     @property
@@ -160,6 +163,8 @@ def plan_refresh(
     if spec.transform:
         get_transform(spec.transform, table)
     target_schema, target_table = (spec.target.split(".", 1) if spec.target else (entry.table_schema, entry.table_name))
+    if spec.shadow:
+        target_schema = settings.shadow_schema
     key = [by_source[k].target_name for k in spec.key]
     full = full_refresh or spec.mode == "full" or entry.watermark is None
 
@@ -188,7 +193,8 @@ def plan_refresh(
                     " AND table_schema = %s AND table_name = %s AND status = 'active'").format(ckpt_table),
             (FUNCTION_NAME, entry.table_schema, entry.table_name),
         ).fetchone()
-        fingerprint = hashlib.sha1(repr((columns, key, full, spec.mode, entry.watermark, spec.lookback)).encode()).hexdigest()
+        fingerprint = hashlib.sha1(repr((columns, key, full, spec.mode, entry.watermark, spec.lookback, target_schema,
+                                         spec.checks, spec.critical_fields)).encode()).hexdigest()
         if active is not None and (active[1].get("fingerprint") != fingerprint
                                    or not load.table_exists(conn, staging_schema, stage_table)):
             conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE id = %s").format(ckpt_table), (active[0],))
@@ -228,6 +234,7 @@ def plan_refresh(
             target_created=created, drift=drift, source_schema=[f.__dict__ for f in source.fields],
             reconcile_keys=spec.delete_policy.mode != "none" and spec.mode == "incremental" and not full,
             frequency_hours=entry.refresh_frequency_hours,
+            critical_fields=[spec.target_name(c) for c in spec.critical_fields], checks=spec.checks, shadow=spec.shadow,
         )
         session_data = _session_dict(session)
         plan_json = RefreshPlan(**plan_fields, checkpoint_id=0, resumed=False, rows_already_staged=0,
@@ -290,6 +297,7 @@ def stage_rows(res: Resources, plan: RefreshPlan, *, audit_id: int | None = None
     done: dict[str, bool] = {k: bool(v) for k, v in row[0].get("done", {}).items()}
     seq_base = int(row[0].get("seq_base", 0))
     progress = Progress(plan.table, int(session.get("estimated_rows") or 0))
+    check_names = quality.checksum_names(plan.columns, plan.key, plan.critical_fields)
 
     def run_stream(stream: str, arrow_schema: pa.Schema, stream_index: int) -> None:
         client = res.source.get_read_client()
@@ -306,9 +314,10 @@ def stage_rows(res: Resources, plan: RefreshPlan, *, audit_id: int | None = None
                                cursor=plan.cursor, transform=transform)
                 seq += 1
                 committed += merged.num_rows
+                digest = quality.checksum(shaped.rows, plan.columns, check_names) if plan.checks.checksum else 0
                 load.ingest_batch(adbc_conn, shaped.rows, load.BatchLoad(
                     plan.staging_schema, plan.staging_table, plan.registry_schema, plan.checkpoint_id, stream,
-                    committed, last, seq, plan.table.split(".")[0], plan.table.split(".", 1)[1], audit_id,
+                    committed, last, seq, plan.table.split(".")[0], plan.table.split(".", 1)[1], audit_id, digest,
                 ), shaped.quarantined)
                 with lock:
                     counters["read"] += merged.num_rows
@@ -377,7 +386,8 @@ def _recreate_session(
         conn.execute(
             sql.SQL("UPDATE {} SET checkpoint_data = checkpoint_data || %s, last_processed_row = 0 WHERE id = %s").format(
                 ident(plan.registry_schema, "refresh_checkpoints")),
-            (Jsonb({"session": new, "offsets": info.offsets, "done": {}, "seq_base": seq_base}), plan.checkpoint_id),
+            (Jsonb({"session": new, "offsets": info.offsets, "done": {}, "seq_base": seq_base, "checksum": "0",
+                    "quarantined": 0}), plan.checkpoint_id),
         )
         conn.commit()
     return new, dict(info.offsets), {}, seq_base
@@ -409,6 +419,32 @@ def _stage_source_keys(res: Resources, plan: RefreshPlan, session: dict[str, Any
         adbc_conn.close()
 
 
+def check_staged(res: Resources, plan: RefreshPlan, *, audit_id: int | None) -> list[quality.CheckResult]:
+    """Run the quality gate on the staged rows; record every result; a hard failure discards the
+    staging and raises QualityCheckFailed (nothing is published)."""
+    with res.target.connect(autocommit=True) as conn:
+        row = conn.execute(sql.SQL("SELECT checkpoint_data FROM {} WHERE id = %s").format(
+            ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,)).fetchone()
+        state = row[0] if row else {}
+        prev = conn.execute(
+            sql.SQL("SELECT rows_processed FROM {} WHERE refresh_config_id = %s AND status IN ('success', 'warning')"
+                    " AND NOT coalesce((sync_metadata->>'dry_run')::boolean, false) ORDER BY id DESC LIMIT 1").format(
+                ident(plan.registry_schema, "refresh_audit_log")), (plan.config_id,)).fetchone()
+    results = quality.staged_checks(
+        res, table=plan.table, target_schema=plan.target_schema, target_table=plan.target_table,
+        staging_schema=plan.staging_schema, staging_table=plan.staging_table, columns=plan.columns, key=plan.key,
+        critical=plan.critical_fields, config=plan.checks, source_ref=plan.source_ref,
+        restriction=str(plan.session.get("row_restriction") or ""), snapshot=plan.session.get("snapshot_time"),
+        stage_state=state, previous_rows=int(prev[0]) if prev and prev[0] is not None else None,
+    )
+    with res.target.connect(autocommit=True) as conn:
+        quality.record(conn, plan.registry_schema, audit_id, results)
+    if any(r.hard and not r.ok for r in results):
+        discard_staging(res, plan, "failed quality check")
+        quality.raise_on_hard_failures(plan.table, results)
+    return results
+
+
 class PublishResult(BaseModel):
     """What publishing changed (or, in a dry run, would change)."""
 
@@ -419,9 +455,10 @@ class PublishResult(BaseModel):
     duplicate_keys: int
     watermark: str | None
     dry_run: bool
+    checks_failed_soft: list[str] = []
 
 
-def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False) -> PublishResult:
+def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_id: int | None = None) -> PublishResult:
     """Publish the staged rows into the live table in ONE transaction (or roll back a dry run).
 
     In the same transaction: deletes by mode and policy, the watermark, the registry's times,
@@ -471,6 +508,15 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False) -> Publ
                     f"refusing to delete {deleted} of {before} rows (over max_delete_fraction "
                     f"{plan.max_delete_fraction}); nothing published", table=plan.table, deleted=deleted, total=before)
 
+        post = quality.published_checks(conn, target=target, staging=staging, key=plan.key,
+                                        distinct_staged=distinct, config=plan.checks)
+        with res.target.connect(autocommit=True) as audit_conn:
+            quality.record(audit_conn, plan.registry_schema, audit_id, post)
+        if any(r.hard and not r.ok for r in post):
+            conn.rollback()
+            discard_staging(res, plan, "failed quality check after publish")
+            quality.raise_on_hard_failures(plan.table, post)
+
         watermark = None
         if plan.cursor:
             wm = conn.execute(sql.SQL("SELECT max({})::text FROM {}").format(ident(plan.cursor), staging)).fetchone()
@@ -478,6 +524,7 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False) -> Publ
         result = PublishResult(
             rows_inserted=inserted, rows_updated=updated, rows_unchanged=distinct - inserted - updated,
             rows_deleted=deleted, duplicate_keys=staged - distinct, watermark=watermark, dry_run=dry_run,
+            checks_failed_soft=[r.name for r in post if not r.ok and not r.hard],
         )
         if dry_run:
             conn.rollback()

@@ -1,0 +1,200 @@
+"""The quality gate: checks on staged data before publishing, and on the live table inside the publish."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import polars as pl
+import psycopg
+import pyarrow as pa
+from psycopg import sql
+
+from blocks.resources import Resources
+from bq_refresh.errors import QualityCheckFailed
+from tasks.extract import bq_ident, short_retry
+from tasks.spec import QualityConfig
+from tasks.sqlnames import ident, idents
+from tasks.typemap import Column
+
+MOD = 2**64
+
+
+@dataclass
+class CheckResult:
+    """One check's outcome, as written to refresh_data_quality."""
+
+    name: str
+    value: float | None
+    expected: float | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    ok: bool = True
+    hard: bool = True
+    detail: str = ""
+
+
+def checksum(data: pa.RecordBatch | pa.Table, columns: list[Column], names: list[str]) -> int:
+    """Order-independent checksum: the sum, modulo 2**64, of a 64-bit hash of each row's ``names`` values.
+
+    The same function runs on the Arrow batches read from BigQuery and on the staging table read back
+    from PostgreSQL (cast to the same Arrow types), so one changed value in one row changes it.
+    """
+    if data.num_rows == 0:
+        return 0
+    by_name = {c.target_name: c for c in columns}
+    arrays = []
+    for n in names:
+        arr = data.column(n)
+        want = by_name[n].arrow_type
+        arrays.append(arr.cast(want) if arr.type != want else arr)
+    frame = pl.from_arrow(pa.table(arrays, names=names))
+    assert isinstance(frame, pl.DataFrame)
+    hashes = frame.hash_rows(seed=0).to_numpy()
+    return int(np.sum(hashes, dtype=np.uint64))  # wraps modulo 2**64 by design
+
+
+def checksum_names(columns: list[Column], key: list[str], critical: list[str]) -> list[str]:
+    chosen = list(key) + [c for c in critical if c not in key] if critical else [c.target_name for c in columns]
+    return [c for c in chosen if any(col.target_name == c for col in columns)]
+
+
+def source_count(res: Resources, source_ref: str, restriction: str, snapshot: str | None) -> int:
+    """The source's row count for the synced window, from BigQuery (at the read's snapshot on BigQuery)."""
+    client = res.source.get_bigquery_client()
+    project, dataset, table = source_ref.split(".")
+    at = ""
+    if snapshot and res.source.honours_read_offset:  # the emulator has no time travel
+        at = f" FOR SYSTEM_TIME AS OF TIMESTAMP '{datetime.fromisoformat(snapshot).isoformat()}'"
+    where = f" WHERE {restriction}" if restriction else ""
+    # identifiers quoted by bq_ident; the restriction is ours, built from typed literals (extract.bq_literal)
+    query = f"SELECT COUNT(*) AS n FROM {bq_ident(project)}.{bq_ident(dataset)}.{bq_ident(table)}{at}{where}"  # noqa: S608
+    rows = list(client.query(query, retry=short_retry(res.source.timeout_s), job_retry=None)
+                .result(timeout=res.source.timeout_s, retry=short_retry(res.source.timeout_s)))
+    return int(rows[0][0])
+
+
+def staged_checksum(res: Resources, staging_schema: str, staging_table: str, columns: list[Column], names: list[str]) -> int:
+    """Read the staging table back as Arrow, in batches, and checksum it."""
+    conn = res.target.connect_adbc()
+    total = 0
+    try:
+        with conn.cursor() as cur:
+            query = sql.SQL("SELECT {} FROM {}").format(idents(names), ident(staging_schema, staging_table))
+            with res.target.connect() as pg:
+                text = query.as_string(pg)
+            cur.execute(text)
+            reader = cur.fetch_record_batch()
+            for batch in reader:
+                total = (total + checksum(batch, columns, names)) % MOD
+    finally:
+        conn.close()
+    return total
+
+
+def staged_checks(
+    res: Resources, *, table: str, target_schema: str, target_table: str, staging_schema: str, staging_table: str,
+    columns: list[Column], key: list[str], critical: list[str], config: QualityConfig, source_ref: str,
+    restriction: str, snapshot: str | None, stage_state: dict[str, Any], previous_rows: int | None,
+) -> list[CheckResult]:
+    """Run every configured check on the staged rows."""
+    hard = set(config.hard)
+    staging = ident(staging_schema, staging_table)
+    results: list[CheckResult] = []
+    with res.target.connect(autocommit=True) as conn:
+        staged_row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(staging)).fetchone()
+        staged = int(staged_row[0]) if staged_row else 0
+        read = staged + int(stage_state.get("quarantined", 0))
+        if config.row_count:
+            expected = source_count(res, source_ref, restriction, snapshot)
+            results.append(CheckResult("row_count", read, expected, ok=read == expected, hard="row_count" in hard,
+                                       detail=f"rows read {read} (staged {staged}), source {expected}"))
+        if config.checksum:
+            names = checksum_names(columns, key, critical)
+            got = staged_checksum(res, staging_schema, staging_table, columns, names)
+            want = int(stage_state.get("checksum", 0)) % MOD
+            results.append(CheckResult("checksum", float(got), float(want), ok=got == want, hard="checksum" in hard,
+                                       detail=f"fields {', '.join(names)}"))
+        for fk in config.foreign_keys:
+            results.append(_orphans(conn, staging, fk.columns, fk.parent, fk.parent_columns or fk.columns,
+                                    hard=fk.hard and "foreign_key" in hard, label="staged"))
+        for column, limit in config.max_null_rate.items():
+            row = conn.execute(sql.SQL("SELECT count(*) FILTER (WHERE {} IS NULL)::float8 / nullif(count(*), 0) FROM {}")
+                               .format(ident(column), staging)).fetchone()
+            rate = float(row[0]) if row and row[0] is not None else 0.0
+            results.append(CheckResult(f"null_rate:{column}", rate, None, 0.0, limit, rate <= limit, "null_rate" in hard))
+        for column, (low, high) in config.ranges.items():
+            cond = []
+            if low is not None:
+                cond.append(sql.SQL("{} < {}").format(ident(column), sql.Literal(low)))
+            if high is not None:
+                cond.append(sql.SQL("{} > {}").format(ident(column), sql.Literal(high)))
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+                staging, sql.SQL(" OR ").join(cond) if cond else sql.SQL("false"))).fetchone()
+            bad = int(row[0]) if row else 0
+            results.append(CheckResult(f"range:{column}", bad, 0, low, high, bad == 0, "range" in hard,
+                                       detail=f"{bad} row(s) outside [{low}, {high}]"))
+        for a, b in config.not_greater_than:
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} > {}").format(staging, ident(a), ident(b))).fetchone()
+            bad = int(row[0]) if row else 0
+            results.append(CheckResult(f"order:{a}<={b}", bad, 0, ok=bad == 0, hard="order" in hard,
+                                       detail=f"{bad} row(s) with {a} > {b}"))
+        if config.max_row_count_change is not None and previous_rows:
+            change = abs(read - previous_rows) / previous_rows
+            results.append(CheckResult("row_count_change", change, None, None, config.max_row_count_change,
+                                       change <= config.max_row_count_change, "row_count_change" in hard,
+                                       detail=f"{read} rows vs {previous_rows} in the previous run"))
+    return results
+
+
+def _orphans(conn: psycopg.Connection[Any], child: sql.Composable, columns: list[str], parent: str,
+             parent_columns: list[str], *, hard: bool, label: str) -> CheckResult:
+    p_schema, p_table = parent.split(".", 1)
+    match = sql.SQL(" AND ").join(sql.SQL("p.{} = c.{}").format(ident(pc), ident(cc))
+                                  for pc, cc in zip(parent_columns, columns, strict=True))
+    not_null = sql.SQL(" AND ").join(sql.SQL("c.{} IS NOT NULL").format(ident(c)) for c in columns)
+    row = conn.execute(sql.SQL(
+        "SELECT count(*) FROM (SELECT DISTINCT {} FROM {}) c WHERE {} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})"
+    ).format(idents(columns), child, not_null, ident(p_schema, p_table), match)).fetchone()
+    orphans = int(row[0]) if row else 0
+    return CheckResult(f"foreign_key:{','.join(columns)}->{parent}", orphans, 0, ok=orphans == 0, hard=hard,
+                       detail=f"{orphans} {label} key(s) without a parent in {parent}")
+
+
+def published_checks(
+    conn: psycopg.Connection[Any], *, target: sql.Composable, staging: sql.Composable, key: list[str],
+    distinct_staged: int, config: QualityConfig,
+) -> list[CheckResult]:
+    """Inside the publish transaction: every staged key is in the live table; no orphans there."""
+    hard = set(config.hard)
+    match = sql.SQL(" AND ").join(sql.SQL("t.{} = s.{}").format(ident(k), ident(k)) for k in key)
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {} t WHERE EXISTS (SELECT 1 FROM {} s WHERE {})").format(
+        target, staging, match)).fetchone()
+    published = int(row[0]) if row else 0
+    results = [CheckResult("published_count", published, distinct_staged, ok=published == distinct_staged,
+                           hard="published_count" in hard, detail="staged keys present in the live table")]
+    for fk in config.foreign_keys:
+        results.append(_orphans(conn, target, fk.columns, fk.parent, fk.parent_columns or fk.columns,
+                                hard=fk.hard and "foreign_key" in hard, label="live"))
+    return results
+
+
+def record(conn: psycopg.Connection[Any], schema: str, audit_id: int | None, results: list[CheckResult]) -> None:
+    """Write one refresh_data_quality row per check, linked to the run's audit row."""
+    for r in results:
+        conn.execute(
+            sql.SQL("INSERT INTO {} (audit_log_id, metric_name, metric_value, expected_value, threshold_min,"
+                    " threshold_max, is_within_threshold) VALUES (%s, %s, %s, %s, %s, %s, %s)").format(
+                ident(schema, "refresh_data_quality")),
+            (audit_id, r.name, r.value, r.expected, r.minimum, r.maximum, r.ok),
+        )
+
+
+def raise_on_hard_failures(table: str, results: list[CheckResult]) -> None:
+    failed = [r for r in results if r.hard and not r.ok]
+    if failed:
+        what = "; ".join(f"{r.name}: {r.detail or f'{r.value} vs expected {r.expected}'}" for r in failed)
+        raise QualityCheckFailed(f"quality check failed, nothing published: {what}", table=table,
+                                 checks=[asdict(r) for r in failed])
