@@ -177,6 +177,7 @@ def refresh_table(
                 "duplicate_keys": result.duplicate_keys, "rows_quarantined": manifest.rows_quarantined,
                 "drift": plan.drift, "target_created": plan.target_created, "slow": slow,
                 "checks_warned": soft_failures, "shadow": plan.shadow, "target": plan.target_label,
+                "indexes_rebuilt": result.indexes_rebuilt,
             }
             finish_audit(
                 audit_conn, schema, audit_id, status=status, rows_processed=manifest.rows_read,

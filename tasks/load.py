@@ -209,3 +209,14 @@ def check_target_shape(
             f"target {schema}.{table} has no primary key or unique index on ({', '.join(key)}); "
             "upserts need one", table=table_label,
         )
+
+
+def secondary_indexes(conn: psycopg.Connection[Any], schema: str, table: str) -> list[tuple[str, str]]:
+    """(name, definition) of the table's indexes that back no constraint and are not unique."""
+    rows = conn.execute(
+        "SELECT i.relname, pg_get_indexdef(i.oid) FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
+        " WHERE x.indrelid = to_regclass(%s) AND NOT x.indisprimary AND NOT x.indisunique"
+        " AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid)",
+        (f"{quote_ident(schema)}.{quote_ident(table)}",),
+    ).fetchall()
+    return [(str(r[0]), str(r[1])) for r in rows]

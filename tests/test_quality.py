@@ -185,3 +185,21 @@ def test_materialized_views_refresh_in_order_only_when_their_tables_changed(
     assert order == ["weekly", "monthly"]
     total = pg.execute(f"SELECT sum(impressions) FROM {s}.top").fetchone()
     assert total == pg.execute(f"SELECT sum(impressions) FROM {s}.sqp").fetchone()
+
+
+def test_a_bulk_load_into_an_empty_table_rebuilds_its_secondary_indexes(
+    setup: tuple[Resources, str], pg: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    res, schema = setup
+    pg.execute(f'CREATE TABLE "{schema}".sqp (start_date date, asin text, search_query text, impressions bigint,'
+               " click_share numeric(38,9), median_price numeric(38,9), updated_at timestamptz,"
+               " PRIMARY KEY (start_date, asin, search_query))")
+    pg.execute(f'CREATE INDEX sqp_by_asin ON "{schema}".sqp (asin, start_date)')
+    pg.execute(f'CREATE VIEW "{schema}".sqp_v AS SELECT asin FROM "{schema}".sqp')
+    monkeypatch.setenv("REFRESH_INDEX_REBUILD_MIN_ROWS", "100")
+    register_table(pg, schema, "sqp", SPEC)
+    first = refresh_table("sqp")
+    assert first["indexes_rebuilt"] == ["sqp_by_asin"] and first["rows_inserted"] == 200
+    assert pg.execute("SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND indexname = 'sqp_by_asin'",
+                      (schema,)).fetchone() is not None
+    assert refresh_table("sqp", full_refresh=True)["indexes_rebuilt"] == []  # not empty any more
