@@ -475,34 +475,81 @@ def automations_apply(
 @app.command()
 def demo(
     asins: Annotated[int, typer.Option(help="ASINs in the generated SQP data.")] = 50,
-    queries: Annotated[int, typer.Option(help="Search queries per ASIN.")] = 50,
-    weeks: Annotated[int, typer.Option(help="Weeks of data.")] = 4,
+    queries: Annotated[int, typer.Option(help="Search queries per ASIN.")] = 500,
+    weeks: Annotated[int, typer.Option(help="Weeks of data (rows = asins x queries x weeks).")] = 12,
     keep_up: Annotated[bool, typer.Option("--keep-up", help="Leave the emulator and PostgreSQL running.")] = False,
-    reset: Annotated[bool, typer.Option("--reset/--reuse", help="Start from empty source and target.")] = True,
+    reset: Annotated[bool, typer.Option("--reset/--reuse", help="Start from an empty source and target.")] = True,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Refresh generated SQP data from the local BigQuery emulator into the embedded PostgreSQL."""
+    """Nightly refresh of generated SQP data from the local BigQuery emulator into the embedded PostgreSQL,
+    then a simulated next day (new week, restated week, deleted row, new column) and the second night."""
     from bq_refresh.services import stop_embedded_postgres, stop_emulator
-    from flows.demo import prepare_demo
-    from flows.refresh_table import refresh_table
+    from flows.daily_refresh import daily_refresh
+    from flows.demo import create_summaries, prepare_demo, simulate_next_day
 
     settings = load_settings()
     state = settings.state_dir
+    nights: list[dict[str, Any]] = []
     try:
         with console.status("starting the BigQuery emulator and PostgreSQL, generating SQP data"):
             info = prepare_demo(state, asins, queries, weeks, reset)
-        console.print(f"source: {info['rows']} SQP rows in the emulator ({info['emulator']})")
-        first = refresh_table("asin_performance_data")
-        second = refresh_table("asin_performance_data")
-        if not _emit({"first": first, "second": second}, as_json):
-            for label, r in (("first run", first), ("rerun", second)):
-                console.print(f"{label}: {r['status']}, read {r['rows_read']}, inserted {r['rows_inserted']}, "
-                              f"updated {r['rows_updated']}, deleted {r['rows_deleted']}")
-            console.print("next: bq-refresh tables list")
+        console.print(f"source: {info['rows']:,} SQP rows ({asins} ASINs x {queries} queries x {weeks} weeks) "
+                      f"in the BigQuery emulator at {info['emulator']}")
+        first = _demo_night(daily_refresh, "night 1: everything is new", as_json)
+        create_summaries(settings.schema_name)
+        with console.status("simulating the next day in BigQuery"):
+            change = simulate_next_day(asins, queries, weeks)
+        if not as_json:
+            console.print(f"next day in the source: a new week ({change['new_week_rows']:,} rows), the last week "
+                          "restated (values changed, one row gone), a daily row deleted, a new column 'brand'")
+        second = _demo_night(daily_refresh, "night 2: incremental, restated window, reconciliation, drift", as_json)
+        nights = [first, second]
+        if as_json:
+            typer.echo(json.dumps({"source_rows": info["rows"], "next_day": change, "nights": nights}, default=str))
+        else:
+            console.print("\nnext steps:\n  .venv/bin/bq-refresh status        # health per table"
+                          "\n  .venv/bin/bq-refresh history --limit 10"
+                          "\n  .venv/bin/bq-refresh serve         # the API: /health /status /metrics on :8080"
+                          "\n  .venv/bin/prefect server start     # the Prefect UI on this data (PREFECT_HOME=.state/prefect)"
+                          "\n  rerun with --keep-up to leave the emulator and PostgreSQL running")
     finally:
         if not keep_up:
             stop_emulator(state)
             stop_embedded_postgres(state)
+    if any(n["failed"] for n in nights):
+        raise typer.Exit(1)
+
+
+def _demo_night(daily_refresh: Any, title: str, as_json: bool) -> dict[str, Any]:
+    from rich.table import Table
+
+    def start() -> Any:
+        return daily_refresh(force=True, return_state=True)
+
+    state = start() if as_json else _run_with_progress(start)
+    summary = state.result(raise_on_failure=False)
+    if not isinstance(summary, dict):
+        raise summary if isinstance(summary, BaseException) else RefreshError(str(state.message))
+    conn, settings = _conn()
+    with conn:
+        for r in summary["tables"]:
+            row = conn.execute(
+                f'SELECT count(*) FILTER (WHERE is_within_threshold), count(*) FROM "{settings.schema_name}".refresh_data_quality'  # noqa: S608
+                " WHERE audit_log_id = %s", (r.get("audit_id"),)).fetchone()
+            r["checks"] = f"{row[0]}/{row[1]}" if row else "-"
+    if not as_json:
+        out = Table("table", "status", "mode", "read", "inserted", "updated", "deleted", "ms", "checks passed", title=title)
+        for r in summary["tables"]:
+            out.add_row(r["table"], r["status"], str(r.get("mode", "")), *(f"{r.get(k, 0):,}" for k in
+                        ("rows_read", "rows_inserted", "rows_updated", "rows_deleted", "execution_time_ms")), r["checks"])
+        console.print(out)
+        refreshed = [v["view"] for v in summary.get("views", []) if v["refreshed"]]
+        if refreshed:
+            console.print(f"materialized views refreshed in order: {', '.join(refreshed)}")
+        for r in summary["tables"]:
+            if r.get("drift"):
+                console.print(f"schema drift on {r['table']}: {r['drift']}")
+    return summary
 
 
 def main() -> None:
