@@ -143,7 +143,10 @@ def start_emulator(
     else:
         args += ["--ephemeral"]
     log_file = open(state_dir / "bqemulator.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    # The emulator sends up to 65,536 rows per ReadRows message and caps gRPC messages near its write-API
+    # limit (~11 MB): wide tables (the 35-column SQP report) need more room.
+    env = {**os.environ, "BQEMU_WRITE_API_MAX_REQUEST_BYTES": str(200 * 1024 * 1024)}
+    proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.monotonic() + startup_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

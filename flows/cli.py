@@ -18,7 +18,7 @@ from bq_refresh.errors import RefreshError  # noqa: E402
 from bq_refresh.settings import load_settings  # noqa: E402
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Keep PostgreSQL tables in sync with BigQuery.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 150)  # full-width tables in logs and CI too
 err_console = Console(stderr=True)
 DEBUG = {"on": False}
 
