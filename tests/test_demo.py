@@ -41,10 +41,10 @@ def test_demo_two_nights_match_the_source(tmp_path: Path) -> None:
         with psycopg.connect(start_embedded_postgres(state)) as conn:
             live = conn.execute("SELECT count(*), sum(purchases_asin_count), count(brand) FROM sqp.asin_performance_data").fetchone()
             weekly = conn.execute("SELECT sum(purchases) FROM sqp.weekly_summary").fetchone()
-        from flows.demo import sqp_weeks
-
         import pyarrow as pa
         import pyarrow.compute as pc
+
+        from flows.demo import sqp_weeks
 
         source = pa.concat_tables([sqp_weeks(3, 10, [0, 1]), sqp_weeks(3, 10, [2], seed=8).slice(1), sqp_weeks(3, 10, [3])])
         assert live is not None and live[0] == report["next_day"]["source_rows"] == source.num_rows
