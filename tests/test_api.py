@@ -211,3 +211,30 @@ def test_cli_run_shows_results_and_exits_1_when_a_table_failed(env: Settings, pg
     assert failed.returncode == 1
     summary = json.loads(failed.stdout)
     assert summary["failed"] == [f"{env.schema_name}.bad"]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_trigger_goes_through_the_prefect_api_when_a_deployment_is_configured(settings: Settings,
+                                                                              pg: psycopg.Connection[Any]) -> None:
+    from prefect import get_client
+    from pydantic import SecretStr
+
+    from flows.daily_refresh import daily_refresh
+
+    apply_migrations(pg, settings.schema_name)
+    deployment_id = daily_refresh.to_deployment(name="api-trigger-test").apply()
+    client = TestClient(create_app(settings.model_copy(update={
+        "api_token": SecretStr(TOKEN), "trigger_deployment": "daily-refresh/api-trigger-test"})))
+    started = client.post("/trigger", json={"tables": ["a"], "dry_run": True},
+                          headers={"Authorization": f"Bearer {TOKEN}"})
+    assert started.status_code == 202 and started.json()["mode"] == "deployment"
+
+    async def read() -> Any:
+        async with get_client() as c:
+            return await c.read_flow_run(started.json()["flow_run_id"])
+
+    import asyncio
+
+    run = asyncio.run(read())
+    assert run.deployment_id == deployment_id
+    assert run.parameters["tables"] == ["a"] and run.parameters["dry_run"] is True
