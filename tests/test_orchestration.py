@@ -155,22 +155,22 @@ def test_a_timed_out_table_resumes_from_its_checkpoint(env: Settings, registry: 
     import tests.killable_refresh  # noqa: F401  (registers the slow transform)
 
     source = BigQuerySource.from_settings(env)
-    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(4000))
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(8000))
     register_table(pg, registry, "t", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "batch_size": 200,
                                        "transform": "slow_for_tests"})
-    monkeypatch.setenv("REFRESH_TABLE_TIMEOUT_SECONDS", "2")
+    monkeypatch.setenv("REFRESH_TABLE_TIMEOUT_SECONDS", "3")  # staging 40 batches x 0.15 s takes ~6 s
     first = summary_of(daily_refresh(tables=["t"], return_state=True))
     assert first["failed"] == [f"{registry}.t"]
     assert "timed out" in first["tables"][0]["error"].lower() or "timeout" in first["tables"][0]["error"].lower()
     staged = pg.execute(f'SELECT last_processed_row FROM "{registry}".refresh_checkpoints WHERE status = %s',
                         ("active",)).fetchone()
-    assert staged is not None and 0 < staged[0] < 4000
+    assert staged is not None and 0 < staged[0] < 8000
     assert pg.execute(f'SELECT count(*) FROM "{registry}".t').fetchone() == (0,)
 
     monkeypatch.setenv("REFRESH_TABLE_TIMEOUT_SECONDS", "600")
     second = summary_of(daily_refresh(tables=["t"], return_state=True))["tables"][0]
     assert second["status"] == "success" and second["resumed"] is True
-    assert second["rows_read"] == 4000 - staged[0] and second["rows_inserted"] == 4000
+    assert second["rows_read"] == 8000 - staged[0] and second["rows_inserted"] == 8000
     statuses = [r[0] for r in pg.execute(f'SELECT status FROM "{registry}".refresh_audit_log ORDER BY id')]
     assert statuses == ["failed", "success"]
 
