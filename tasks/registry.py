@@ -31,6 +31,7 @@ class RegistryEntry:
     watermark: str | None
     source_schema: list[dict[str, str]] | None
     params: dict[str, Any]
+    watermark_target: str | None = None
 
     @property
     def name(self) -> str:
@@ -47,6 +48,7 @@ def _row_to_entry(row: dict[str, Any]) -> RegistryEntry:
         priority=row["priority"] if row["priority"] is not None else 100,
         last_refresh_at=row["last_refresh_at"], next_refresh_at=row["next_refresh_at"],
         watermark=row["watermark"], source_schema=row["source_schema"], params=row["custom_sync_params"] or {},
+        watermark_target=row.get("watermark_target"),
     )
 
 

@@ -166,7 +166,9 @@ def plan_refresh(
     if spec.shadow:
         target_schema = settings.shadow_schema
     key = [by_source[k].target_name for k in spec.key]
-    full = full_refresh or spec.mode == "full" or entry.watermark is None
+    # A watermark kept for another target (shadow <-> live) says nothing about this one: read everything.
+    moved = entry.watermark_target is not None and entry.watermark_target != f"{target_schema}.{target_table}"
+    full = full_refresh or spec.mode == "full" or entry.watermark is None or moved
 
     with res.target.connect() as conn:
         existing = load.target_columns(conn, target_schema, target_table) or None
@@ -568,10 +570,10 @@ def _advance_watermark(conn: Any, plan: RefreshPlan, watermark: str | None) -> N
             b = extract.parse_watermark(watermark, plan.cursor_type)
             new = watermark if b > a else current
     conn.execute(
-        sql.SQL("UPDATE {} SET watermark = %s, source_schema = %s, last_refresh_at = now(),"
+        sql.SQL("UPDATE {} SET watermark = %s, watermark_target = %s, source_schema = %s, last_refresh_at = now(),"
                 " next_refresh_at = now() + make_interval(hours => refresh_frequency_hours) WHERE id = %s").format(
             ident(plan.registry_schema, "refresh_config")),
-        (new, Jsonb(plan.source_schema), plan.config_id),
+        (new, plan.target_label, Jsonb(plan.source_schema), plan.config_id),
     )
 
 

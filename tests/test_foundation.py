@@ -47,7 +47,7 @@ def test_migrations_apply_twice_and_build_the_catalog(pg: psycopg.Connection[Any
     second = apply_migrations(pg, schema)
     after = catalog(pg, schema)
 
-    assert first.applied == ["001_refresh_system.sql", "002_sync_state.sql", "003_alerts.sql"]
+    assert first.applied == ["001_refresh_system.sql", "002_sync_state.sql", "003_alerts.sql", "004_watermark_target.sql"]
     assert second.applied == [] and second.already_applied == first.applied
     assert before == after
     assert EXPECTED_TABLES <= after["tables"]
@@ -56,7 +56,7 @@ def test_migrations_apply_twice_and_build_the_catalog(pg: psycopg.Connection[Any
     assert {"expire_checkpoints", "purge_audit_log", "update_refresh_config_timestamp"} <= after["functions"]
     assert "update_refresh_config_timestamp" in after["triggers"]
     recorded = pg.execute(f'SELECT count(*) FROM "{schema}".schema_migrations').fetchone()
-    assert recorded == (3,)
+    assert recorded == (4,)
 
 
 def test_constraints_and_triggers_behave(pg: psycopg.Connection[Any], schema: str) -> None:

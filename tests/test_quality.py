@@ -132,8 +132,8 @@ def test_shadow_mode_leaves_live_untouched_and_compare_reports(setup: tuple[Reso
     import pyarrow as pa
 
     put_table(res.source, "sqp", SQP_SCHEMA, pa.Table.from_pylist(rows[:-1], schema=sqp_rows(1).schema))
-    register_table(pg, schema, "sqp", {**SPEC, "shadow": True, "mode": "full",
-                                       "delete_policy": {"max_delete_fraction": 1}})
+    register_table(pg, schema, "sqp", {**SPEC, "shadow": True,
+                                       "delete_policy": {"mode": "hard", "max_delete_fraction": 1}})
     shadow_run = refresh_table("sqp")
     assert shadow_run["target"] == f"{env.shadow_schema}.sqp"
     assert pg.execute(f'SELECT count(*), sum(impressions) FROM "{schema}".sqp').fetchone() == live_before
@@ -150,7 +150,10 @@ def test_shadow_mode_leaves_live_untouched_and_compare_reports(setup: tuple[Reso
     cut = subprocess.run([sys.executable, "-m", "flows.cli", "shadow", "cutover", "sqp"], cwd=ROOT, env=cli_env,
                          capture_output=True, text=True, timeout=120)
     assert cut.returncode == 0, cut.stderr
-    assert refresh_table("sqp", full_refresh=True)["target"] == f"{schema}.sqp"
+    # Cutover: no --full-refresh needed; the watermark belonged to the shadow table, so everything is read.
+    live_run = refresh_table("sqp")
+    assert live_run["target"] == f"{schema}.sqp" and live_run["full"] is True and live_run["rows_read"] == 199
+    assert (live_run["rows_updated"], live_run["rows_deleted"]) == (1, 1)
     assert pg.execute(f'SELECT count(*) FROM "{schema}".sqp').fetchone() == (199,)
 
 
