@@ -325,26 +325,26 @@ def shadow_compare(name: str, as_json: Annotated[bool, typer.Option("--json")] =
         raise typer.Exit(1)
 
 
-@shadow_app.command("cutover")
-def shadow_cutover(name: str) -> None:
-    """Switch the table to live: the next run publishes into the live table."""
+def _set_shadow(name: str, on: bool) -> str:
     from tasks.registry import update_table
 
     conn, settings = _conn()
     with conn:
-        update_table(conn, settings.schema_name, name, params={"shadow": False})
+        update_table(conn, settings.schema_name, name, params={"shadow": on})
+    return settings.shadow_schema
+
+
+@shadow_app.command("cutover")
+def shadow_cutover(name: str) -> None:
+    """Switch the table to live: the next run reads everything and publishes into the live table."""
+    _set_shadow(name, False)
     console.print(f"{name}: live (run it now to publish: bq-refresh run --table {name})")
 
 
 @shadow_app.command("enable")
 def shadow_enable(name: str) -> None:
     """Switch the table (back) to shadow mode: the rollback of a cutover. The live table is left as it is."""
-    from tasks.registry import update_table
-
-    conn, settings = _conn()
-    with conn:
-        update_table(conn, settings.schema_name, name, params={"shadow": True})
-    console.print(f"{name}: shadow mode (publishes into {settings.shadow_schema})")
+    console.print(f"{name}: shadow mode (publishes into {_set_shadow(name, True)})")
 
 
 @app.command()
