@@ -331,7 +331,7 @@ def _set_shadow(name: str, on: bool) -> str:
     conn, settings = _conn()
     with conn:
         update_table(conn, settings.schema_name, name, params={"shadow": on})
-    return settings.shadow_schema
+    return str(settings.shadow_schema)
 
 
 @shadow_app.command("cutover")
