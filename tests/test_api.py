@@ -127,6 +127,7 @@ def test_reads_can_require_the_token(settings: Settings, pg: psycopg.Connection[
 
 
 @pytest.mark.emulator
+@pytest.mark.once
 @pytest.mark.usefixtures("prefect_harness")
 def test_trigger_starts_a_run_whose_result_shows_in_history(api: TestClient, env: Settings,
                                                             pg: psycopg.Connection[Any]) -> None:
@@ -190,6 +191,7 @@ def test_operator_commands_end_to_end(settings: Settings, pg: psycopg.Connection
 
 
 @pytest.mark.emulator
+@pytest.mark.once
 @pytest.mark.usefixtures("prefect_harness")
 def test_cli_run_shows_results_and_exits_1_when_a_table_failed(env: Settings, pg: psycopg.Connection[Any],
                                                                tmp_path: Path) -> None:
@@ -213,6 +215,7 @@ def test_cli_run_shows_results_and_exits_1_when_a_table_failed(env: Settings, pg
     assert summary["failed"] == [f"{env.schema_name}.bad"]
 
 
+@pytest.mark.once
 @pytest.mark.usefixtures("prefect_harness")
 def test_trigger_goes_through_the_prefect_api_when_a_deployment_is_configured(settings: Settings,
                                                                               pg: psycopg.Connection[Any]) -> None:

@@ -28,6 +28,7 @@ def deployments() -> dict[str, dict[str, Any]]:
     return {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
 
 
+@pytest.mark.once
 def test_schedules_and_limits() -> None:
     d = deployments()
     assert d["daily-refresh"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
@@ -38,6 +39,7 @@ def test_schedules_and_limits() -> None:
     assert d["refresh-table-process"]["work_pool"]["name"] == "bq-refresh-process"
 
 
+@pytest.mark.once
 @pytest.mark.usefixtures("prefect_harness")
 def test_failure_automation_is_saved_with_a_webhook_block() -> None:
     from prefect.automations import Automation

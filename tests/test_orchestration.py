@@ -24,7 +24,8 @@ from tests.bqdata import put_table
 from tests.conftest import WebhookReceiver
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
 
-pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
+# Prefect behaviour, over the same SQL paths test_engine runs on every PostgreSQL: first pass only.
+pytestmark = [pytest.mark.emulator, pytest.mark.once, pytest.mark.usefixtures("prefect_harness")]
 SECRET = "test-webhook-secret-7f3a"
 FLAKY = {"left": 0}
 

@@ -7,6 +7,8 @@ import pytest
 from bq_refresh.errors import DependencyCycle, is_transient
 from tasks.planning import plan_waves
 
+pytestmark = pytest.mark.once  # pure logic: no database
+
 
 def test_waves_follow_dependencies_and_priority() -> None:
     tables = {"a": 100, "b": 90, "s1": 80, "s2": 85, "w": 10}
