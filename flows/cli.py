@@ -34,15 +34,20 @@ def _emit(data: Any, as_json: bool) -> bool:
     return as_json
 
 
+def _conn() -> Any:
+    from blocks import resolve_resources
+
+    settings = load_settings()
+    return resolve_resources(settings).target.connect(autocommit=True), settings
+
+
 @app.command()
 def init(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Create or upgrade the refresh system's schema (idempotent)."""
-    from blocks import resolve_resources
     from tasks.migrations import apply_migrations
 
-    settings = load_settings()
-    res = resolve_resources(settings)
-    with res.target.connect(autocommit=True) as conn:
+    conn, settings = _conn()
+    with conn:
         report = apply_migrations(conn, settings.schema_name)
     data = {
         "schema": settings.schema_name,
@@ -76,7 +81,6 @@ def tables_add(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Register (or update) a table; its sync parameters are validated first."""
-    from blocks import resolve_resources
     from tasks.registry import register_table
 
     spec: dict[str, Any] = json.loads(params) if params else {}
@@ -88,9 +92,8 @@ def tables_add(
     spec.setdefault("mode", mode)
     if lookback != "0":
         spec["lookback"] = lookback
-    settings = load_settings()
-    res = resolve_resources(settings)
-    with res.target.connect(autocommit=True) as conn:
+    conn, settings = _conn()
+    with conn:
         entry = register_table(conn, settings.schema_name, name, spec, priority=priority,
                                frequency_hours=frequency_hours, enabled=not disabled)
     if not _emit({"id": entry.id, "table": entry.name, "params": entry.params}, as_json):
@@ -102,12 +105,10 @@ def tables_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     """List registered tables."""
     from rich.table import Table
 
-    from blocks import resolve_resources
     from tasks.registry import list_entries
 
-    settings = load_settings()
-    res = resolve_resources(settings)
-    with res.target.connect(autocommit=True) as conn:
+    conn, settings = _conn()
+    with conn:
         entries = list_entries(conn, settings.schema_name)
     rows = [{"table": e.name, "enabled": e.is_enabled, "priority": e.priority, "frequency_hours": e.refresh_frequency_hours,
              "last_refresh_at": e.last_refresh_at, "next_refresh_at": e.next_refresh_at, "watermark": e.watermark,
@@ -119,13 +120,6 @@ def tables_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
         table.add_row(str(r["table"]), str(r["enabled"]), str(r["priority"]), str(r["mode"]), str(r["last_refresh_at"] or "-"),
                       str(r["next_refresh_at"] or "-"), str(r["watermark"] or "-"))
     console.print(table)
-
-
-def _conn() -> Any:
-    from blocks import resolve_resources
-
-    settings = load_settings()
-    return resolve_resources(settings).target.connect(autocommit=True), settings
 
 
 def _print_rows(rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> None:
@@ -530,13 +524,14 @@ def _demo_night(daily_refresh: Any, title: str, as_json: bool) -> dict[str, Any]
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, dict):
         raise summary if isinstance(summary, BaseException) else RefreshError(str(state.message))
+    from tasks.status import checks_passed
+
     conn, settings = _conn()
     with conn:
-        for r in summary["tables"]:
-            row = conn.execute(
-                f'SELECT count(*) FILTER (WHERE is_within_threshold), count(*) FROM "{settings.schema_name}".refresh_data_quality'  # noqa: S608
-                " WHERE audit_log_id = %s", (r.get("audit_id"),)).fetchone()
-            r["checks"] = f"{row[0]}/{row[1]}" if row else "-"
+        passed = checks_passed(conn, settings.schema_name, [r["audit_id"] for r in summary["tables"] if r.get("audit_id")])
+    for r in summary["tables"]:
+        done, run = passed.get(r.get("audit_id") or -1, (0, 0))
+        r["checks"] = f"{done}/{run}"
     if not as_json:
         out = Table("table", "status", "mode", "read", "inserted", "updated", "deleted", "ms", "checks passed", title=title)
         for r in summary["tables"]:

@@ -186,14 +186,13 @@ def prepare_demo(state_dir: Any, asins: int, queries: int, weeks: int, reset: bo
     load_source(source, "asin_performance_data", data)
     load_source(source, "daily_sqp_data", daily_rows(asins, weeks * 7))
     res = resolve_resources(settings)
-    s = sql.Identifier(settings.schema_name).as_string(None)
     with res.target.connect(autocommit=True) as conn:
         if reset:
             for name in (settings.schema_name, settings.staging_schema, settings.shadow_schema):
                 conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
         apply_migrations(conn, settings.schema_name)
         register_demo_tables(conn, settings.schema_name, source)
-    return {"rows": data.num_rows, "emulator": endpoints.rest_url, "schema": s}
+    return {"rows": data.num_rows, "emulator": endpoints.rest_url}
 
 
 def create_summaries(schema: str) -> None:

@@ -57,9 +57,13 @@ def create_target(conn: psycopg.Connection[Any], schema: str, table: str, column
     )
 
 
+def _staging_columns(columns: list[Column]) -> sql.Composed:
+    return sql.SQL(", ").join(sql.SQL("{} {}").format(ident(c.target_name), sql.SQL(c.staging_type)) for c in columns)
+
+
 def create_staging(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column]) -> None:
     """An UNLOGGED staging table of this run (JSON as text; a batch sequence for 'latest wins')."""
-    cols = sql.SQL(", ").join(sql.SQL("{} {}").format(ident(c.target_name), sql.SQL(c.staging_type)) for c in columns)
+    cols = _staging_columns(columns)
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
     conn.execute(
         sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} ({}, {} bigint NOT NULL)").format(
@@ -69,7 +73,7 @@ def create_staging(conn: psycopg.Connection[Any], schema: str, table: str, colum
 
 
 def create_key_table(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column]) -> None:
-    cols = sql.SQL(", ").join(sql.SQL("{} {}").format(ident(c.target_name), sql.SQL(c.staging_type)) for c in columns)
+    cols = _staging_columns(columns)
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(schema, table)))
     conn.execute(sql.SQL("CREATE UNLOGGED TABLE {} ({})").format(ident(schema, table), cols))
 

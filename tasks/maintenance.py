@@ -60,17 +60,13 @@ def discover_tables(conn: psycopg.Connection[Any], schema: str, source: BigQuery
     They need key and cursor settings before they can be enabled; the registry row holds the source.
     """
     client = source.get_bigquery_client()
-    known = {
-        str(r[0]) for r in conn.execute(
-            sql.SQL("SELECT custom_sync_params->>'source' FROM {}").format(ident(schema, "refresh_config"))).fetchall()
-        if r[0]
-    }
-    known_names = {str(r[0]) for r in conn.execute(sql.SQL("SELECT table_name FROM {}").format(
-        ident(schema, "refresh_config"))).fetchall()}
+    rows = conn.execute(sql.SQL("SELECT table_name, custom_sync_params->>'source' FROM {}").format(
+        ident(schema, "refresh_config"))).fetchall()
+    known = {str(r[0]) for r in rows} | {str(r[1]).split(".")[-1] for r in rows if r[1]}
     found = []
     for item in client.list_tables(source.dataset, retry=short_retry(source.timeout_s)):
         name = item.table_id
-        if name.startswith("_bqr_") or name in known_names or any(k.split(".")[-1] == name for k in known):
+        if name.startswith("_bqr_") or name in known:
             continue
         conn.execute(
             sql.SQL("INSERT INTO {} (table_schema, table_name, is_enabled, custom_sync_params, next_refresh_at)"

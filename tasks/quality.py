@@ -16,7 +16,7 @@ from blocks.resources import Resources
 from bq_refresh.errors import QualityCheckFailed
 from tasks.extract import bq_ident, short_retry
 from tasks.spec import QualityConfig
-from tasks.sqlnames import ident, idents
+from tasks.sqlnames import ident, idents, quote_ident
 from tasks.typemap import Column
 
 MOD = 2**64
@@ -78,16 +78,13 @@ def source_count(res: Resources, source_ref: str, restriction: str, snapshot: st
 
 def staged_checksum(res: Resources, staging_schema: str, staging_table: str, columns: list[Column], names: list[str]) -> int:
     """Read the staging table back as Arrow, in batches, and checksum it."""
+    text = f"SELECT {', '.join(quote_ident(n) for n in names)} FROM {quote_ident(staging_schema)}.{quote_ident(staging_table)}"  # noqa: S608
     conn = res.target.connect_adbc()
     total = 0
     try:
         with conn.cursor() as cur:
-            query = sql.SQL("SELECT {} FROM {}").format(idents(names), ident(staging_schema, staging_table))
-            with res.target.connect() as pg:
-                text = query.as_string(pg)
             cur.execute(text)
-            reader = cur.fetch_record_batch()
-            for batch in reader:
+            for batch in cur.fetch_record_batch():
                 total = (total + checksum(batch, columns, names)) % MOD
     finally:
         conn.close()

@@ -181,6 +181,15 @@ def quality(conn: psycopg.Connection[Any], schema: str, *, table: str | None = N
         return list(cur.execute(query, [*params, limit]).fetchall())
 
 
+def checks_passed(conn: psycopg.Connection[Any], schema: str, audit_ids: list[int]) -> dict[int, tuple[int, int]]:
+    """audit id -> (checks passed, checks run)."""
+    rows = conn.execute(sql.SQL(
+        "SELECT audit_log_id, count(*) FILTER (WHERE is_within_threshold), count(*) FROM {}"
+        " WHERE audit_log_id = ANY(%s) GROUP BY audit_log_id").format(ident(schema, "refresh_data_quality")),
+        (audit_ids,)).fetchall()
+    return {int(r[0]): (int(r[1]), int(r[2])) for r in rows}
+
+
 def checkpoints(conn: psycopg.Connection[Any], schema: str, *, status: str | None = "active") -> list[dict[str, Any]]:
     query = sql.SQL(
         "SELECT id, table_schema || '.' || table_name AS table, status, last_processed_row AS rows_staged,"
