@@ -19,8 +19,8 @@ from bq_refresh.settings import Settings
 class BigQuerySource(Block):
     """Where the source data lives in BigQuery, and how to reach it.
 
-    With ``api_endpoint``/``storage_endpoint`` set (the local emulator) anonymous credentials are used;
-    otherwise the credentials come from ``gcp_credentials``, ``credentials_json`` or the environment's
+    With ``api_endpoint``/``storage_endpoint`` set (the local emulator) and no key given, anonymous
+    credentials are used; otherwise the credentials come from ``gcp_credentials``, ``credentials_json`` or the environment's
     default (GOOGLE_APPLICATION_CREDENTIALS).
     """
 
@@ -55,7 +55,7 @@ class BigQuerySource(Block):
         )
 
     def _credentials(self) -> Credentials | None:
-        if self.api_endpoint:
+        if self.api_endpoint and self.gcp_credentials is None and self.credentials_json is None:
             return AnonymousCredentials()  # type: ignore[no-untyped-call]
         if self.gcp_credentials is not None:
             return self.gcp_credentials.get_credentials_from_service_account()  # type: ignore[no-any-return]

@@ -7,6 +7,7 @@ from typing import cast
 
 from blocks.bigquery import BigQuerySource
 from blocks.postgres import PostgresTarget
+from bq_refresh.redact import register_secret, url_password
 from bq_refresh.settings import Settings
 
 
@@ -35,6 +36,8 @@ def resolve_resources(
         source = BigQuerySource.from_settings(settings)
     if target_block:
         target = cast(PostgresTarget, PostgresTarget.load(target_block))
+        register_secret(target.uri())
+        register_secret(url_password(target.uri()))
     elif settings.database_url is not None:
         target = PostgresTarget(url=settings.database_url)
     else:

@@ -90,3 +90,28 @@ def is_transient(exc: BaseException) -> bool:
     if "adbc" in type(exc).__module__ and ("OperationalError" in name or "IO" in str(exc)[:40]):
         return True
     return isinstance(exc, ConnectionError | TimeoutError)
+
+
+class TargetError(RefreshError):
+    """PostgreSQL refused an operation (permission denied, statement timeout, constraint)."""
+
+
+def name_failure(exc: BaseException, table: str) -> BaseException:
+    """An error raised by a library, re-said as a RefreshError that names the table and the system.
+
+    RefreshErrors and interruptions (KeyboardInterrupt, cancellation) are returned unchanged.
+    """
+    if isinstance(exc, RefreshError) or not isinstance(exc, Exception):
+        return exc
+    module = type(exc).__module__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if module.startswith(("psycopg", "adbc")):
+        cls: type[RefreshError] = TargetUnavailable if is_transient(exc) else TargetError
+        wrapped: RefreshError = cls(f"PostgreSQL: {text}", table=table, error_type=type(exc).__name__)
+    elif module.startswith(("google", "grpc")):
+        cls = SourceUnavailable if is_transient(exc) else SourceError
+        wrapped = cls(f"BigQuery: {text}", table=table, error_type=type(exc).__name__)
+    else:
+        wrapped = RefreshError(f"{type(exc).__name__}: {text}", table=table)
+    wrapped.__cause__ = exc
+    return wrapped

@@ -14,12 +14,14 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.resources import resolve_resources
+from bq_refresh.errors import DependencyCycle
+from bq_refresh.redact import redact
 from bq_refresh.settings import load_settings
 from flows.refresh_table import refresh_table, views_task
 from tasks.alerts import Alert, send_alert
 from tasks.artifacts import publish_markdown, publish_table_artifact
 from tasks.audit import finish_audit, start_audit
-from tasks.planning import plan_waves
+from tasks.planning import plan_waves, split_cycles
 from tasks.registry import due_entries, list_dependencies
 
 REFRESH_TABLE_DEPLOYMENT = "refresh-table/refresh-table"
@@ -80,14 +82,27 @@ def daily_refresh(
         entries = due_entries(conn, schema, names=tables, force=force)
         deps = [(d.parent, d.dependent, d.kind) for d in list_dependencies(conn, schema)]
     by_name = {e.name: e for e in entries}
-    waves = plan_waves_task({e.name: e.priority for e in entries}, deps)
+    # Tables caught in a dependency cycle fail (audit row, alert) and the others still run.
+    acyclic, cyclic = split_cycles({e.name: e.priority for e in entries}, deps)
+    results: dict[str, dict[str, Any]] = {}
+    run_id = str(current_flow_run.id) if current_flow_run.id else None
+    for name, message in cyclic.items():
+        e = by_name[name]
+        error = DependencyCycle(message, table=name)
+        with res.target.connect(autocommit=True) as conn:
+            audit_id = start_audit(conn, schema, config_id=e.id, table_schema=e.table_schema,
+                                   table_name=e.table_name, metadata={"flow_run_id": run_id})
+            finish_audit(conn, schema, audit_id, status="failed", error=error)
+            send_alert(settings, Alert("table_failed", "failed", name, str(error), run_id, None), conn)
+        results[name] = {"table": name, "status": "failed", "error": str(error)}
+        logger.error("%s", error)
+    waves = plan_waves_task(acyclic, [d for d in deps if d[0] in acyclic and d[1] in acyclic])
     hard_parents: dict[str, set[str]] = {}
     for parent, dependent, kind in deps:
         if kind == "hard":
             hard_parents.setdefault(dependent, set()).add(parent)
     logger.info("%d table(s) due, in %d wave(s): %s", len(entries), len(waves), waves)
 
-    results: dict[str, dict[str, Any]] = {}
     for wave in waves:
         runnable = []
         for name in wave:
@@ -97,7 +112,7 @@ def daily_refresh(
                 with res.target.connect(autocommit=True) as conn:
                     e = by_name[name]
                     audit_id = start_audit(conn, schema, config_id=e.id, table_schema=e.table_schema,
-                                           table_name=e.table_name, metadata={"flow_run_id": str(current_flow_run.id)})
+                                           table_name=e.table_name, metadata={"flow_run_id": run_id})
                     finish_audit(conn, schema, audit_id, status="skipped", metadata={"reason": reason})
                 results[name] = {"table": name, "status": "skipped", "reason": reason}
                 logger.warning("%s %s", name, reason)
@@ -116,14 +131,14 @@ def daily_refresh(
                     try:
                         results[name] = fut.result()
                     except BaseException as exc:  # noqa: BLE001 - one table's failure never stops the others
-                        results[name] = {"table": name, "status": "failed", "error": str(exc)[:2000]}
+                        results[name] = {"table": name, "status": "failed", "error": redact(str(exc))[:2000]}
                 else:
                     still.append((name, fut))
             active = still
             if active:
                 time.sleep(0.2)
 
-    ordered = [results[n] for wave in waves for n in wave]
+    ordered = [results[n] for n in cyclic] + [results[n] for wave in waves for n in wave]
     refreshed = [r for r in ordered if r["status"] in {"success", "warning"} and not r.get("shadow")]
     views: list[dict[str, Any]] = []
     if refreshed and not dry_run:
@@ -141,7 +156,6 @@ def daily_refresh(
               for r in ordered]
     publish_markdown("\n".join(lines), key="daily-refresh-report", title="daily refresh report")
     summary = {"tables": ordered, "failed": failed, "waves": waves, "views": views}
-    run_id = str(current_flow_run.id) if current_flow_run.id else None
     with res.target.connect(autocommit=True) as conn:
         counts = {"tables": len(ordered), "failed": len(failed),
                   "skipped": sum(1 for r in ordered if r["status"] == "skipped")}

@@ -5,18 +5,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import psycopg
 from prefect import Flow, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.runtime import flow_run as current_flow_run
 
 from blocks.resources import Resources, resolve_resources
-from bq_refresh.errors import AlreadyRunning, QualityCheckFailed, SchemaDriftError, is_transient
+from bq_refresh.errors import AlreadyRunning, QualityCheckFailed, SchemaDriftError, is_transient, name_failure
 from bq_refresh.settings import load_settings
 from tasks import sync
 from tasks.alerts import Alert, send_alert
 from tasks.artifacts import publish_table_artifact
-from tasks.audit import close_running_audit, finish_audit, last_status, start_audit
+from tasks.audit import close_interrupted_audits, close_running_audit, finish_audit, last_status, start_audit
 from tasks.locks import table_lock
 from tasks.registry import get_entry
 
@@ -67,6 +68,17 @@ def publish_task(plan: sync.RefreshPlan, dry_run: bool, audit_id: int) -> sync.P
 def _with_retries(t: Any, retries: int, delay_s: float) -> Any:
     delays = [delay_s * 2**i for i in range(retries)] if retries else 0
     return t.with_options(retries=retries, retry_delay_seconds=delays, retry_jitter_factor=0.5 if retries else None)
+
+
+def _rejected_message(plan: sync.RefreshPlan, manifest: sync.StageManifest, result: sync.PublishResult) -> str:
+    parts = []
+    if manifest.rows_quarantined:
+        parts.append(f"{manifest.rows_quarantined} row(s) with NULL in key column(s) {', '.join(plan.key)} quarantined"
+                     f" (table {plan.registry_schema}.refresh_quarantine)")
+    if result.duplicate_keys:
+        parts.append(f"{result.duplicate_keys} duplicate key row(s) on ({', '.join(plan.key)}) dropped"
+                     + (f", the latest {plan.cursor} kept" if plan.cursor else ""))
+    return f"{plan.table}: " + "; ".join(parts)
 
 
 def _flow_run_url(flow_run_id: str | None) -> str | None:
@@ -140,69 +152,96 @@ def refresh_table(
     schema = settings.schema_name
     run_id = str(current_flow_run.id) if current_flow_run.id else None
     started = time.monotonic()
-    with res.target.connect(autocommit=True) as audit_conn:
-        entry = get_entry(audit_conn, schema, table)
-        previous = last_status(audit_conn, schema, entry.table_schema, entry.table_name)
-        try:
-            lock = table_lock(res.target, entry.name, settings.lock_wait_s)
-            lock.__enter__()
-        except AlreadyRunning as exc:
-            audit_id = start_audit(audit_conn, schema, config_id=entry.id, table_schema=entry.table_schema,
+    # Audit writes open a short connection each: a run that lost its connections (PostgreSQL restarted)
+    # can still record its outcome once the server is back.
+    audit = res.target.connect
+    with audit(autocommit=True) as conn:
+        entry = get_entry(conn, schema, table)
+        previous = last_status(conn, schema, entry.table_schema, entry.table_name)
+    try:
+        lock = table_lock(res.target, entry.name, settings.lock_wait_s)
+        held = lock.__enter__()
+    except AlreadyRunning as exc:
+        with audit(autocommit=True) as conn:
+            audit_id = start_audit(conn, schema, config_id=entry.id, table_schema=entry.table_schema,
                                    table_name=entry.table_name, metadata={"flow_run_id": run_id})
-            finish_audit(audit_conn, schema, audit_id, status="skipped", error=exc)
-            logger.warning("%s", exc)
-            return {"table": entry.name, "status": "skipped", "reason": str(exc), "audit_id": audit_id}
-        try:
-            audit_id = start_audit(audit_conn, schema, config_id=entry.id, table_schema=entry.table_schema,
+            finish_audit(conn, schema, audit_id, status="skipped", error=exc)
+        logger.warning("%s", exc)
+        return {"table": entry.name, "status": "skipped", "reason": str(exc), "audit_id": audit_id}
+    try:
+        with audit(autocommit=True) as conn:
+            audit_id = start_audit(conn, schema, config_id=entry.id, table_schema=entry.table_schema,
                                    table_name=entry.table_name,
                                    metadata={"dry_run": dry_run, "full_refresh": full_refresh, "flow_run_id": run_id})
+            interrupted = close_interrupted_audits(conn, schema, entry.table_schema, entry.table_name, audit_id)
+        if interrupted:
+            logger.warning("%s: %d earlier run(s) had been interrupted; closed their audit rows", entry.name, interrupted)
+        try:
+            plan = _with_retries(plan_task, settings.retries, settings.retry_delay_s)(entry.name, full_refresh, batch_size)
+            held.ensure()
+            manifest = _with_retries(stage_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
+            held.ensure()
+            soft_failures = _with_retries(check_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
+            held.ensure()
+            result = _with_retries(publish_task, settings.retries, settings.retry_delay_s)(plan, dry_run, audit_id)
+            soft_failures += result.checks_failed_soft
+        except BaseException as exc:
+            named = name_failure(exc, entry.name)
             try:
-                plan = _with_retries(plan_task, settings.retries, settings.retry_delay_s)(entry.name, full_refresh, batch_size)
-                manifest = _with_retries(stage_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
-                soft_failures = _with_retries(check_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
-                result = _with_retries(publish_task, settings.retries, settings.retry_delay_s)(plan, dry_run, audit_id)
-                soft_failures += result.checks_failed_soft
-            except BaseException as exc:
-                finish_audit(audit_conn, schema, audit_id, status="failed", error=exc)
+                with audit(autocommit=True) as conn:
+                    finish_audit(conn, schema, audit_id, status="failed", error=named)
+            except psycopg.Error as audit_exc:  # the database is gone: the next run closes the row as interrupted
+                logger.warning("%s: could not record the failure in audit row %d: %s", entry.name, audit_id,
+                               type(audit_exc).__name__)
+            if named is exc:
                 raise
-            elapsed_ms = int((time.monotonic() - started) * 1000)
-            slow = elapsed_ms > settings.timeout_warning_ms
-            warn = manifest.rows_quarantined or result.duplicate_keys or slow or soft_failures
-            status = "warning" if warn else "success"
-            metadata = {
-                "mode": plan.mode, "full": plan.full, "dry_run": dry_run, "watermark_from": plan.watermark_from,
-                "watermark_to": result.watermark, "read_session": manifest.read_session, "batches": manifest.batches,
-                "resumed": plan.resumed, "resumed_from_rows": manifest.resumed_from_rows,
-                "session_recreated": manifest.session_recreated, "rows_unchanged": result.rows_unchanged,
-                "duplicate_keys": result.duplicate_keys, "rows_quarantined": manifest.rows_quarantined,
-                "drift": plan.drift, "target_created": plan.target_created, "slow": slow,
-                "checks_warned": soft_failures, "shadow": plan.shadow, "target": plan.target_label,
-                "indexes_rebuilt": result.indexes_rebuilt,
-            }
+            raise named from exc
+        elapsed_ms = int((time.monotonic() - started) * 1000)
+        slow = elapsed_ms > settings.timeout_warning_ms
+        warn = manifest.rows_quarantined or result.duplicate_keys or slow or soft_failures
+        status = "warning" if warn else "success"
+        metadata = {
+            "mode": plan.mode, "full": plan.full, "dry_run": dry_run, "watermark_from": plan.watermark_from,
+            "watermark_to": result.watermark, "read_session": manifest.read_session, "batches": manifest.batches,
+            "resumed": plan.resumed, "resumed_from_rows": manifest.resumed_from_rows,
+            "session_recreated": manifest.session_recreated, "rows_unchanged": result.rows_unchanged,
+            "duplicate_keys": result.duplicate_keys, "rows_quarantined": manifest.rows_quarantined,
+            "drift": plan.drift, "target_created": plan.target_created, "slow": slow,
+            "checks_warned": soft_failures, "shadow": plan.shadow, "target": plan.target_label,
+            "indexes_rebuilt": result.indexes_rebuilt, "interrupted_runs_closed": interrupted,
+            "lock_reacquired": held.reacquired,
+        }
+        with audit(autocommit=True) as conn:
             finish_audit(
-                audit_conn, schema, audit_id, status=status, rows_processed=manifest.rows_read,
+                conn, schema, audit_id, status=status, rows_processed=manifest.rows_read,
                 rows_inserted=result.rows_inserted, rows_updated=result.rows_updated, rows_deleted=result.rows_deleted,
                 bigquery_job_id=plan.bigquery_job_id or manifest.read_session, metadata=metadata,
             )
-        finally:
-            lock.__exit__(None, None, None)
-        summary: dict[str, Any] = {
-            "table": entry.name, "status": status, "audit_id": audit_id, "rows_read": manifest.rows_read,
-            "rows_inserted": result.rows_inserted, "rows_updated": result.rows_updated,
-            "rows_deleted": result.rows_deleted, "execution_time_ms": elapsed_ms, **metadata,
-        }
-        counts = {k: summary[k] for k in ("rows_read", "rows_inserted", "rows_updated", "rows_deleted")}
-        url = _flow_run_url(run_id)
+    finally:
+        lock.__exit__(None, None, None)
+    summary: dict[str, Any] = {
+        "table": entry.name, "status": status, "audit_id": audit_id, "rows_read": manifest.rows_read,
+        "rows_inserted": result.rows_inserted, "rows_updated": result.rows_updated,
+        "rows_deleted": result.rows_deleted, "execution_time_ms": elapsed_ms, **metadata,
+    }
+    counts = {k: summary[k] for k in ("rows_read", "rows_inserted", "rows_updated", "rows_deleted")}
+    url = _flow_run_url(run_id)
+    with audit(autocommit=True) as conn:
         if previous == "failed" and not dry_run:
-            send_alert(settings, Alert("recovered", status, entry.name, None, run_id, url, counts), audit_conn)
+            send_alert(settings, Alert("recovered", status, entry.name, None, run_id, url, counts), conn)
         if plan.drift:
             send_alert(settings, Alert("schema_drift", status, entry.name, None, run_id, url, counts,
-                                       {"drift": plan.drift}), audit_conn)
+                                       {"drift": plan.drift}), conn)
+        if manifest.rows_quarantined or result.duplicate_keys:
+            send_alert(settings, Alert("rows_rejected", status, entry.name, _rejected_message(plan, manifest, result),
+                                       run_id, url, counts, {"rows_quarantined": manifest.rows_quarantined,
+                                                             "duplicate_keys": result.duplicate_keys,
+                                                             "key": plan.key}), conn)
         if slow:
             logger.warning("%s took %d ms, over REFRESH_TIMEOUT_WARNING_MS=%d", entry.name, elapsed_ms,
                            settings.timeout_warning_ms)
             send_alert(settings, Alert("timeout_warning", status, entry.name, None, run_id, url, counts,
-                                       {"execution_time_ms": elapsed_ms}), audit_conn)
+                                       {"execution_time_ms": elapsed_ms}), conn)
     changed = result.rows_inserted + result.rows_updated + result.rows_deleted > 0
     if refresh_views and not dry_run and not plan.shadow:
         summary["views"] = views_task([plan.target_label] if changed else [], [plan.target_label])

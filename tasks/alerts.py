@@ -7,7 +7,7 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from bq_refresh.redact import redact
 from bq_refresh.settings import Settings
 from tasks.sqlnames import ident
 
@@ -64,7 +65,8 @@ class Delivery:
 
 
 def _post(url: str, body: bytes, headers: dict[str, str], attempts: int, timeout_s: float) -> Delivery:
-    channel = urlsplit(url).netloc or "webhook"
+    parts = urlsplit(url)  # the channel names the host only: a webhook URL's path or user info can be a secret
+    channel = (f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname) or "webhook"
     error = None
     for attempt in range(1, attempts + 1):
         try:
@@ -86,6 +88,8 @@ def send_alert(settings: Settings, alert: Alert, conn: psycopg.Connection[Any] |
 
     Never raises: an alert that cannot be delivered is recorded as undelivered and logged.
     """
+    if alert.error:
+        alert = replace(alert, error=redact(alert.error))
     body = alert.body()
     headers = {"Content-Type": "application/json", "User-Agent": "bq-refresh"}
     if settings.webhook_secret is not None:
@@ -97,7 +101,8 @@ def send_alert(settings: Settings, alert: Alert, conn: psycopg.Connection[Any] |
         deliveries.append(_notify_block(settings.notification_block, alert))
     for d in deliveries:
         if not d.delivered:
-            log.warning("alert %s to %s undelivered after %d attempt(s): %s", alert.event, d.channel, d.attempts, d.error)
+            log.warning("alert %s to %s undelivered after %d attempt(s): %s", alert.event, d.channel, d.attempts,
+                        redact(d.error or ""))
     if conn is not None and deliveries:
         try:
             record(conn, settings.schema_name, alert, deliveries)

@@ -11,6 +11,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from bq_refresh.errors import RefreshError
+from bq_refresh.redact import redact
 from tasks.sqlnames import ident
 
 
@@ -40,12 +41,12 @@ def start_audit(
 def error_details(exc: BaseException) -> dict[str, Any]:
     details: dict[str, Any] = {
         "type": type(exc).__name__,
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:],
+        "traceback": redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]),
     }
     if isinstance(exc, RefreshError):
         details["table"] = exc.table
         details["transient"] = exc.transient
-        details["context"] = exc.context
+        details["context"] = {k: redact(v) if isinstance(v, str) else v for k, v in exc.context.items()}
     return details
 
 
@@ -66,7 +67,7 @@ def finish_audit(
         ).format(ident(schema, "refresh_audit_log")),
         (
             status, rows_processed, rows_inserted, rows_updated, rows_deleted, round(peak_rss_mb(), 2),
-            bigquery_job_id, Jsonb(metadata or {}), None if error is None else str(error)[:4000],
+            bigquery_job_id, Jsonb(metadata or {}), None if error is None else redact(str(error))[:4000],
             None if error is None else Jsonb(error_details(error)), audit_id,
         ),
     )
@@ -91,7 +92,25 @@ def close_running_audit(conn: psycopg.Connection[Any], schema: str, flow_run_id:
                 " execution_time_ms = (extract(epoch FROM clock_timestamp() - refresh_started_at) * 1000)::int,"
                 " error_message = %s WHERE status = 'running' AND sync_metadata->>'flow_run_id' = %s").format(
             ident(schema, "refresh_audit_log")),
-        (message[:4000], flow_run_id),
+        (redact(message)[:4000], flow_run_id),
+    )
+    if not conn.autocommit:
+        conn.commit()
+    return cur.rowcount
+
+
+def close_interrupted_audits(conn: psycopg.Connection[Any], schema: str, table_schema: str, table_name: str,
+                             by_audit_id: int) -> int:
+    """Close the table's audit rows an earlier run left 'running' (killed with SIGKILL, or its database
+    connection lost before it could write its outcome). Called while holding the table's lock, so no
+    other run of the table is alive. Returns how many were closed."""
+    cur = conn.execute(
+        sql.SQL("UPDATE {} SET status = 'failed', refresh_completed_at = clock_timestamp(),"
+                " execution_time_ms = (extract(epoch FROM clock_timestamp() - refresh_started_at) * 1000)::int,"
+                " error_message = %s WHERE status = 'running' AND table_schema = %s AND table_name = %s"
+                " AND id < %s").format(ident(schema, "refresh_audit_log")),
+        (f"interrupted: the run ended without recording its outcome (process killed or database connection lost);"
+         f" run {by_audit_id} took over and resumed its checkpoint", table_schema, table_name, by_audit_id),
     )
     if not conn.autocommit:
         conn.commit()

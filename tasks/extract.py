@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import google.auth.exceptions
 import pyarrow as pa
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
@@ -83,12 +84,23 @@ def resolve_source(source: BigQuerySource, *, table: str, source_ref: str | None
         raise SourceError(f"source table {source_ref or 'of the query'} not found in BigQuery", table=table) from None
     except gexc.Forbidden as exc:
         raise SourceError(f"permission denied reading the source: {exc.message}", table=table) from None
+    except gexc.Unauthorized as exc:
+        raise SourceError(f"BigQuery rejected the credentials: {exc.message}", table=table) from None
+    except google.auth.exceptions.RefreshError as exc:
+        raise SourceError(f"BigQuery credentials rejected (token refresh failed: {_first_line(exc)})",
+                          table=table) from None
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        raise SourceError(f"no usable BigQuery credentials: {_first_line(exc)}", table=table) from None
     except gexc.BadRequest as exc:
         raise SourceError(f"BigQuery rejected the request: {exc.message}", table=table) from None
     except TRANSIENT as exc:
         raise SourceUnavailable(f"BigQuery unavailable: {type(exc).__name__}", table=table) from None
     except OSError as exc:
         raise SourceUnavailable(f"BigQuery unreachable: {exc}", table=table) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc.args[0] if exc.args else exc).splitlines()[0][:300]
 
 
 def bq_ident(name: str) -> str:
@@ -183,6 +195,10 @@ def create_session(
         raise SourceError(f"read session refused: {exc.message}", table=table_name) from None
     except gexc.NotFound:
         raise SourceError(f"source table {table.ref} not found", table=table_name) from None
+    except gexc.Forbidden as exc:
+        raise SourceError(f"permission denied reading {table.ref}: {exc.message}", table=table_name) from None
+    except gexc.Unauthorized as exc:
+        raise SourceError(f"BigQuery rejected the credentials: {exc.message}", table=table_name) from None
     except TRANSIENT as exc:
         raise SourceUnavailable(f"Storage Read API unavailable: {type(exc).__name__}", table=table_name) from None
     streams = [s.name for s in session.streams]

@@ -50,3 +50,42 @@ def _find_cycle(parents: dict[str, set[str]], remaining: set[str]) -> list[str]:
             return list(reversed(cycle))
         seen[node] = len(path)
         path.append(node)
+
+
+def split_cycles(
+    tables: dict[str, int], dependencies: list[tuple[str, str, str]]
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Set apart the tables that sit on a dependency cycle (or depend on one) so the rest can run.
+
+    Returns:
+        (tables free of cycles with their priorities, {table on or behind a cycle: message naming the cycle}).
+    """
+    parents: dict[str, set[str]] = {t: set() for t in tables}
+    for parent, dependent, _kind in dependencies:
+        if parent in tables and dependent in tables:
+            parents[dependent].add(parent)
+    placed: set[str] = set()
+    remaining = set(tables)
+    while True:
+        ready = {t for t in remaining if parents[t] <= placed}
+        if not ready:
+            break
+        placed |= ready
+        remaining -= ready
+    stuck: dict[str, str] = {}
+    for t in sorted(remaining):
+        cycle = _cycle_from(parents, remaining, t)
+        arrow = " -> ".join(cycle)
+        stuck[t] = f"dependency cycle: {arrow}" if t in cycle else f"depends on the dependency cycle {arrow}"
+    return {t: p for t, p in tables.items() if t in placed}, stuck
+
+
+def _cycle_from(parents: dict[str, set[str]], remaining: set[str], start: str) -> list[str]:
+    """Walk from ``start`` up its parents (every table left has one left) to the cycle it leads to."""
+    path, seen, node = [start], {start: 0}, start
+    while True:
+        node = sorted(p for p in parents[node] if p in remaining)[0]
+        if node in seen:
+            return list(reversed(path[seen[node]:] + [node]))
+        seen[node] = len(path)
+        path.append(node)

@@ -328,7 +328,8 @@ def stage_rows(res: Resources, plan: RefreshPlan, *, audit_id: int | None = None
                     counters["batches"] += 1 if merged.num_rows else 0
                     progress.update(plan.rows_already_staged + counters["read"])
                 if shaped.quarantined:
-                    log.warning("%s: %d row(s) with a NULL key quarantined", plan.table, len(shaped.quarantined))
+                    log.warning("%s: %d row(s) with NULL in key column(s) %s quarantined", plan.table,
+                                len(shaped.quarantined), ", ".join(plan.key))
 
             # Server batches are re-cut to exactly batch_size rows: memory and checkpoint granularity
             # follow the setting, not the server's batch size.
