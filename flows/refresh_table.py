@@ -12,7 +12,14 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.runtime import flow_run as current_flow_run
 
 from blocks.resources import Resources, resolve_resources
-from bq_refresh.errors import AlreadyRunning, QualityCheckFailed, SchemaDriftError, is_transient, name_failure
+from bq_refresh.errors import (
+    AlreadyRunning,
+    QualityCheckFailed,
+    RefreshError,
+    SchemaDriftError,
+    is_transient,
+    name_failure,
+)
 from bq_refresh.settings import load_settings
 from tasks import sync
 from tasks.alerts import Alert, send_alert
@@ -97,6 +104,8 @@ def _on_failure(flow: Flow[Any, Any], flow_run: FlowRun, state: State[Any]) -> N
             state.result()
         except BaseException as exc:  # noqa: BLE001
             error = exc
+        if isinstance(error, RefreshError) and error.table:
+            table = error.table  # the registry name, "schema.table"
         message = str(error) if error is not None else (state.message or state.type.value)
         event = "table_failed"
         if isinstance(error, SchemaDriftError):

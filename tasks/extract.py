@@ -94,9 +94,16 @@ def resolve_source(source: BigQuerySource, *, table: str, source_ref: str | None
     except gexc.BadRequest as exc:
         raise SourceError(f"BigQuery rejected the request: {exc.message}", table=table) from None
     except TRANSIENT as exc:
-        raise SourceUnavailable(f"BigQuery unavailable: {type(exc).__name__}", table=table) from None
+        raise SourceUnavailable(f"BigQuery unavailable: {_describe(exc)}", table=table) from None
     except OSError as exc:
         raise SourceUnavailable(f"BigQuery unreachable: {exc}", table=table) from None
+
+
+def _describe(exc: BaseException) -> str:
+    """'RetryError' alone says little: name the last error the retries saw, and the deadline."""
+    if isinstance(exc, gexc.RetryError) and exc.cause is not None:
+        return f"gave up retrying ({_first_line(exc)}); last error: {type(exc.cause).__name__}: {_first_line(exc.cause)}"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -200,7 +207,7 @@ def create_session(
     except gexc.Unauthorized as exc:
         raise SourceError(f"BigQuery rejected the credentials: {exc.message}", table=table_name) from None
     except TRANSIENT as exc:
-        raise SourceUnavailable(f"Storage Read API unavailable: {type(exc).__name__}", table=table_name) from None
+        raise SourceUnavailable(f"BigQuery Storage Read API unavailable: {_describe(exc)}", table=table_name) from None
     streams = [s.name for s in session.streams]
     return ReadSessionInfo(
         name=session.name,
@@ -250,7 +257,8 @@ def read_stream(
     except SESSION_GONE as exc:
         raise SessionExpired(f"read session gone: {type(exc).__name__}", table=table_name) from None
     except TRANSIENT as exc:
-        raise SourceUnavailable(f"Storage Read API failed mid-read: {type(exc).__name__}", table=table_name) from None
+        raise SourceUnavailable(f"BigQuery Storage Read API failed mid-read: {_describe(exc)}",
+                                table=table_name) from None
 
 
 class SessionExpired(SourceUnavailable):
