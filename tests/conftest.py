@@ -169,3 +169,57 @@ def webhook() -> Iterator[WebhookReceiver]:
     receiver = WebhookReceiver()
     yield receiver
     receiver.close()
+
+
+class TokenServer:
+    """A real local HTTP server in the role of Google's OAuth token endpoint, refusing every key
+    (invalid_grant), and a service-account key (a fresh RSA key) whose token_uri points at it."""
+
+    PRIVATE_KEY_ID = "bq-refresh-test-key-id-0b7e41"
+
+    def __init__(self) -> None:
+        import http.server
+        import json as _json
+        import threading
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.calls = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.calls += 1
+                body = _json.dumps({"error": "invalid_grant", "error_description": "Invalid JWT Signature."}).encode()
+                self.send_response(400)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.private_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()).decode()
+        self.key_json = _json.dumps({
+            "type": "service_account", "project_id": EMULATOR_PROJECT, "private_key_id": self.PRIVATE_KEY_ID,
+            "private_key": self.private_key, "client_email": "refresh@test-project.iam.gserviceaccount.com",
+            "client_id": "1", "token_uri": f"http://127.0.0.1:{self.server.server_address[1]}/token",
+        })
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def token_server() -> Iterator[TokenServer]:
+    server = TokenServer()
+    yield server
+    server.close()
