@@ -341,6 +341,16 @@ def shadow_enable(name: str) -> None:
     console.print(f"{name}: shadow mode (publishes into {_set_shadow(name, True)})")
 
 
+@app.command("role-sql")
+def role_sql(role: Annotated[str, typer.Option(help="Name of the login role the refresh runs as.")] = "bq_refresh") -> None:
+    """Print the least-privilege role script for the registered tables (run it as an administrator)."""
+    from tasks.roles import least_privilege_sql
+
+    settings = load_settings()
+    with _conn() as conn:
+        typer.echo(least_privilege_sql(conn, settings.schema_name, settings.staging_schema, role), nl=False)
+
+
 @app.command()
 def serve(host: Annotated[str, typer.Option()] = "127.0.0.1", port: Annotated[int, typer.Option()] = 8080) -> None:
     """Serve the HTTP API (health, status, history, metrics, config, trigger)."""

@@ -43,6 +43,13 @@ def has_unique_key(conn: psycopg.Connection[Any], schema: str, table: str, key: 
     return any(sorted(r[0]) == sorted(key) for r in rows)
 
 
+def ensure_schema(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Create ``schema`` only when missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even
+    when the schema exists, which a least-privilege role does not have."""
+    if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is None:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
+
+
 def create_target(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column], key: list[str]) -> None:
     """Create the live table from the contract's types, with a primary key on the key columns."""
     cols = sql.SQL(", ").join(
@@ -51,7 +58,7 @@ def create_target(conn: psycopg.Connection[Any], schema: str, table: str, column
         )
         for c in columns
     )
-    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
+    ensure_schema(conn, schema)
     conn.execute(
         sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(ident(schema, table), cols, idents(key))
     )
@@ -64,7 +71,7 @@ def _staging_columns(columns: list[Column]) -> sql.Composed:
 def create_staging(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column]) -> None:
     """An UNLOGGED staging table of this run (JSON as text; a batch sequence for 'latest wins')."""
     cols = _staging_columns(columns)
-    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
+    ensure_schema(conn, schema)
     conn.execute(
         sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} ({}, {} bigint NOT NULL)").format(
             ident(schema, table), cols, ident(SEQ_COLUMN)

@@ -483,7 +483,10 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
         # (measured: bench/index_rebuild.py). Same transaction: readers never see the table without them.
         rebuilt: list[tuple[str, str]] = []
         if not dry_run and staged >= res.settings.index_rebuild_min_rows:
-            empty = conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(target)).fetchone()
+            # Only the owner may drop and build indexes (a least-privilege role may just write the rows).
+            empty = conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {}) AND pg_has_role("
+                                         "(SELECT relowner FROM pg_class WHERE oid = %s::regclass), 'USAGE')").format(target),
+                                 (target.as_string(conn),)).fetchone()
             if empty and empty[0]:
                 rebuilt = load.secondary_indexes(conn, plan.target_schema, plan.target_table)
                 for name, _definition in rebuilt:

@@ -1,0 +1,239 @@
+"""Security: secrets never appear in logs, audit rows, alerts, artifacts, API answers or exception text;
+the refresh runs as a least-privilege role; tokens and signatures are compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from blocks import BigQuerySource
+from bq_refresh.redact import redact
+from bq_refresh.services import free_port
+from bq_refresh.settings import Settings
+from flows.daily_refresh import daily_refresh
+from flows.refresh_table import refresh_table
+from tasks.migrations import apply_migrations
+from tasks.registry import register_table
+from tasks.roles import least_privilege_sql
+from tests.bqdata import assert_same_rows, pg_rows, put_table, source_rows
+from tests.conftest import TokenServer, WebhookReceiver
+from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
+
+pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
+
+
+def as_user(uri: str, user: str, password: str | None = None) -> str:
+    parts = urlsplit(uri)
+    host = parts.hostname or "127.0.0.1"
+    auth = quote(user) + (":" + quote(password, safe="") if password else "")
+    netloc = f"{auth}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@pytest.fixture
+def login_role(pg: psycopg.Connection[Any]) -> Iterator[tuple[str, str]]:
+    """A login role with a password (the test servers trust local logins, so the password is only carried)."""
+    name, password = f"r_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}-Secret!"
+    pg.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(password)))
+    yield name, password
+    pg.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(name)))
+    pg.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def test_the_refresh_runs_as_a_least_privilege_role(
+    env: Settings, pg: psycopg.Connection[Any], pg_uri: str, login_role: tuple[str, str], webhook: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    schema, role = env.schema_name, login_role[0]
+    app = f"{schema}_app"
+    pg.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(app)))
+    try:
+        apply_migrations(pg, schema)  # the administrator's part
+        source = BigQuerySource.from_settings(env)
+        put_table(source, "sqp", SQP_SCHEMA, sqp_rows(300))
+        spec = {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at"}
+        register_table(pg, schema, f"{app}.fresh", spec)  # created by the role's first run
+        register_table(pg, schema, f"{app}.existing", spec)  # made by someone else, granted by the script
+        pg.execute(sql.SQL("CREATE TABLE {} (start_date date, asin text, search_query text, impressions bigint,"
+                           " click_share numeric(38,9), median_price numeric(38,9), updated_at timestamptz,"
+                           " PRIMARY KEY (start_date, asin, search_query))").format(sql.Identifier(app, "existing")))
+        pg.execute(sql.SQL("CREATE TABLE {} (secret text)").format(sql.Identifier(app, "private")))
+        pg.execute(sql.SQL("INSERT INTO {} VALUES ('untouchable')").format(sql.Identifier(app, "private")))
+
+        script = least_privilege_sql(pg, schema, env.staging_schema, role)
+        assert "SUPERUSER" not in script.replace("NOSUPERUSER", "") and "PASSWORD" not in script
+        assert '"private"' not in script
+        pg.execute(script.encode())
+        # Registered after the script ran: not granted, so the role is refused, clearly.
+        register_table(pg, schema, f"{app}.not_granted", spec)
+        pg.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(
+            sql.Identifier(app, "not_granted"), sql.Identifier(app, "existing")))
+
+        role_uri = as_user(pg_uri, role, login_role[1])
+        monkeypatch.setenv("BQ_REFRESH_DATABASE_URL", role_uri)
+        monkeypatch.setenv("REFRESH_WEBHOOK_URL", webhook.url)
+        with psycopg.connect(role_uri, autocommit=True) as mine:
+            assert mine.execute("SELECT rolsuper, rolcreaterole, rolcreatedb, rolbypassrls FROM pg_roles"
+                                " WHERE rolname = current_user").fetchone() == (False, False, False, False)
+
+        state = daily_refresh(force=True, return_state=True)
+        tables = {t["table"]: t for t in state.result(raise_on_failure=False)["tables"]}
+        for name in ("fresh", "existing"):
+            assert tables[f"{app}.{name}"]["status"] == "success", tables
+            assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{app}".{name}', "1"), SQP_KEY)
+        failed = tables[f"{app}.not_granted"]
+        assert failed["status"] == "failed" and "permission denied" in failed["error"] and "not_granted" in failed["error"]
+        row = pg.execute(f'SELECT status, error_message FROM "{schema}".refresh_audit_log WHERE table_name = %s',
+                         ("not_granted",)).fetchone()
+        assert row is not None and row[0] == "failed" and "permission denied" in row[1]
+        assert any(json.loads(r["body"])["table"] == f"{app}.not_granted" for r in webhook.received)
+        owner = pg.execute("SELECT tableowner FROM pg_tables WHERE schemaname = %s AND tablename = 'fresh'", (app,)).fetchone()
+        assert owner == (role,)
+
+        with psycopg.connect(role_uri, autocommit=True) as mine:
+            for statement in (sql.SQL("UPDATE {} SET secret = 'x'").format(sql.Identifier(app, "private")),
+                              sql.SQL("SELECT * FROM {}").format(sql.Identifier(app, "private")),
+                              sql.SQL("DROP TABLE {}").format(sql.Identifier(app, "existing")),
+                              sql.SQL("CREATE ROLE {}").format(sql.Identifier(role + "_x"))):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    mine.execute(statement)
+        assert pg.execute(sql.SQL("SELECT secret FROM {}").format(sql.Identifier(app, "private"))).fetchall() == [("untouchable",)]
+    finally:
+        pg.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(app)))
+
+
+def _prefect_texts() -> list[str]:
+    """Every log line and artifact the Prefect API holds for this session."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter
+
+    async def collect() -> list[str]:
+        async with get_client() as client:
+            logs = await client.read_logs(log_filter=LogFilter(), limit=200)
+            artifacts = await client.read_artifacts(limit=200)
+            return [log.message for log in logs] + [json.dumps(a.data, default=str) for a in artifacts]
+
+    import asyncio
+
+    return asyncio.run(collect())
+
+
+def test_secrets_never_leave_the_process(
+    env: Settings, pg: psycopg.Connection[Any], pg_uri: str, login_role: tuple[str, str], webhook: WebhookReceiver,
+    token_server: TokenServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from flows.api import create_app
+
+    caplog.set_level(logging.DEBUG)
+    schema = env.schema_name
+    role, password = login_role
+    pg.execute(sql.SQL("GRANT ALL ON DATABASE {} TO {}").format(
+        sql.Identifier(str(pg.execute("SELECT current_database()").fetchone()[0])), sql.Identifier(role)))  # type: ignore[index]
+    pg.execute(sql.SQL("ALTER ROLE {} SUPERUSER").format(sql.Identifier(role)))  # here only the password matters
+    webhook_secret, api_token = f"whsec-{uuid.uuid4().hex}", f"tok-{uuid.uuid4().hex}"
+    pem_middle = token_server.private_key.splitlines()[5]
+    secrets = {"database password": password, "webhook secret": webhook_secret, "API token": api_token,
+               "private key": pem_middle, "private key id": TokenServer.PRIVATE_KEY_ID}
+    monkeypatch.setenv("BQ_REFRESH_DATABASE_URL", as_user(pg_uri, role, password))
+    monkeypatch.setenv("REFRESH_WEBHOOK_URL", webhook.url)
+    monkeypatch.setenv("REFRESH_WEBHOOK_SECRET", webhook_secret)
+    monkeypatch.setenv("REFRESH_API_TOKEN", api_token)
+    monkeypatch.setenv("REFRESH_RETRY_DELAY_SECONDS", "0.1")
+    texts: list[str] = []
+
+    apply_migrations(pg, schema)
+    source = BigQuerySource.from_settings(env)
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(100))
+    register_table(pg, schema, "good", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at"})
+    register_table(pg, schema, "bad", {"source": "missing", "key": SQP_KEY, "cursor": "updated_at"})
+    state = daily_refresh(return_state=True)  # a success, a failure, alerts, artifacts
+    texts.append(json.dumps(state.result(raise_on_failure=False), default=str))
+
+    # The wrong service-account key: the official client's token exchange fails.
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS_JSON", token_server.key_json)
+    with pytest.raises(Exception) as credentials_failure:
+        refresh_table("good", full_refresh=True)
+    texts += [str(credentials_failure.value), repr(credentials_failure.value)]
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS_JSON")
+
+    # The database unreachable with the password in the URI.
+    monkeypatch.setenv("BQ_REFRESH_DATABASE_URL", f"postgresql://{role}:{quote(password, safe='')}@127.0.0.1:{free_port()}/x")
+    with pytest.raises(Exception) as db_failure:
+        refresh_table("good")
+    texts += [str(db_failure.value), repr(db_failure.value)]
+    monkeypatch.setenv("BQ_REFRESH_DATABASE_URL", as_user(pg_uri, role, password))
+
+    # The API: answers, and a wrong token is refused without being echoed.
+    api = TestClient(create_app())
+    auth = {"Authorization": f"Bearer {api_token}"}
+    for path in ("/health", "/status", "/history", "/metrics", "/metrics/prometheus", "/config"):
+        texts.append(api.get(path, headers=auth).text)
+    refused = api.put("/config", json={"table": "good", "priority": 5}, headers={"Authorization": f"Bearer {api_token}x"})
+    assert refused.status_code == 401
+    texts.append(refused.text)
+
+    for table in ("refresh_audit_log", "refresh_alerts", "refresh_checkpoints", "refresh_quarantine",
+                  "refresh_config", "data_quality_checks"):
+        if pg.execute("SELECT to_regclass(%s)", (f'"{schema}".{table}',)).fetchone() != (None,):
+            texts += [r[0] for r in pg.execute(f'SELECT t::text FROM "{schema}".{table} t').fetchall()]
+    texts += [r["body"].decode() + json.dumps(r["headers"]) for r in webhook.received]
+    texts += [record.getMessage() + (record.exc_text or "") for record in caplog.records]
+    texts += _prefect_texts()
+
+    assert len(webhook.received) >= 2 and any("credentials rejected" in t for t in texts)
+    everything = "\n".join(texts)
+    leaks = [what for what, value in secrets.items() if value in everything]
+    assert not leaks, f"secrets found in the output: {leaks}"
+
+
+def test_redaction_masks_uri_passwords_keys_and_known_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REFRESH_API_TOKEN", "tok-abcdef123456")
+    text = ('connect postgresql://app:p%40ss-w0rd@db:5432/x failed; token tok-abcdef123456; '
+            '{"private_key": "-----BEGIN PRIVATE KEY-----\\nMIIEv...\\n-----END PRIVATE KEY-----\\n"}')
+    out = redact(text)
+    assert "p%40ss-w0rd" not in out and "tok-abcdef123456" not in out and "MIIEv" not in out
+    assert "postgresql://app:***@db:5432/x" in out
+
+
+def test_tokens_and_signatures_are_compared_in_constant_time(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The API's bearer check and the webhook signature check go through hmac.compare_digest."""
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    import flows.api
+    import tasks.alerts
+
+    calls: list[tuple[Any, Any]] = []
+    real = hmac.compare_digest
+
+    def spy(a: Any, b: Any) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(flows.api.hmac, "compare_digest", spy)
+    api = TestClient(create_app_with_token(settings.model_copy(update={"api_token": SecretStr("t0ken-value")})))
+    assert api.put("/config", json={}, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert calls and calls[-1][1] == b"Bearer t0ken-value"
+    body = b'{"event": "x"}'
+    good = tasks.alerts.sign(body, "s3cret")
+    assert tasks.alerts.verify(body, "s3cret", good) and not tasks.alerts.verify(body, "s3cret", good[:-1] + "0")
+    assert len(calls) >= 3
+
+
+def create_app_with_token(settings: Settings) -> Any:
+    from flows.api import create_app
+
+    return create_app(settings)
