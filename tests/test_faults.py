@@ -93,6 +93,7 @@ def assert_failed_cleanly(pg: psycopg.Connection[Any], schema: str, before: list
     assert any(a["event"] == "table_failed" and a["table"] == f"{schema}.sqp" and a["error"] for a in alerts), alerts
 
 
+@pytest.mark.once  # BigQuery-side faults: the PostgreSQL side is the same SQL on every server version
 @pytest.mark.parametrize("fault", ["down", "http500", "http503", "slow"])
 def test_bigquery_faults_leave_the_table_as_it_was_and_the_next_run_completes(
     fault: str, env: Settings, pg: psycopg.Connection[Any], proxy: FaultProxy, webhook: WebhookReceiver,
@@ -129,6 +130,7 @@ def test_bigquery_faults_leave_the_table_as_it_was_and_the_next_run_completes(
     no_duplicate_keys(pg, schema)
 
 
+@pytest.mark.once
 def test_a_flaky_bigquery_is_retried_within_the_run(
     env: Settings, pg: psycopg.Connection[Any], proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -127,6 +127,7 @@ def _prefect_texts() -> list[str]:
     return asyncio.run(collect())
 
 
+@pytest.mark.once
 def test_secrets_never_leave_the_process(
     env: Settings, pg: psycopg.Connection[Any], pg_uri: str, login_role: tuple[str, str], webhook: WebhookReceiver,
     token_server: TokenServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
@@ -197,6 +198,7 @@ def test_secrets_never_leave_the_process(
     assert not leaks, f"secrets found in the output: {leaks}"
 
 
+@pytest.mark.once
 def test_redaction_masks_uri_passwords_keys_and_known_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REFRESH_API_TOKEN", "tok-abcdef123456")
     text = ('connect postgresql://app:p%40ss-w0rd@db:5432/x failed; token tok-abcdef123456; '
@@ -206,6 +208,7 @@ def test_redaction_masks_uri_passwords_keys_and_known_values(monkeypatch: pytest
     assert "postgresql://app:***@db:5432/x" in out
 
 
+@pytest.mark.once
 def test_tokens_and_signatures_are_compared_in_constant_time(
     settings: Settings, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
