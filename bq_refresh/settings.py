@@ -65,6 +65,10 @@ class Settings(BaseSettings):
         description="Loads of at least this many rows into an EMPTY table drop and rebuild its secondary indexes "
                     "(bench/index_rebuild.py: 1M rows 11.3 s -> 8.7 s).",
     )
+    index_build_memory_mb: int = Field(
+        default=256, ge=64, validation_alias="REFRESH_INDEX_BUILD_MEMORY_MB",
+        description="maintenance_work_mem of the transaction that builds a target's indexes after a direct load.",
+    )
     health_grace_hours: float = Field(default=2.0, ge=0, validation_alias="REFRESH_HEALTH_GRACE_HOURS")
     api_read_requires_token: bool = Field(default=False, validation_alias="REFRESH_API_READ_REQUIRES_TOKEN")
     trigger_deployment: str | None = Field(

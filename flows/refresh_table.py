@@ -43,11 +43,11 @@ def _retry_transient(task: Any, task_run: Any, state: State[Any]) -> bool:
 
 
 @task(name="plan", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
-def plan_task(table: str, full_refresh: bool, batch_size: int | None) -> sync.RefreshPlan:
+def plan_task(table: str, full_refresh: bool, batch_size: int | None, dry_run: bool = False) -> sync.RefreshPlan:
     res = _resources()
     with res.target.connect() as conn:
         entry = get_entry(conn, res.settings.schema_name, table)
-    return sync.plan_refresh(res, entry, full_refresh=full_refresh, batch_size=batch_size)
+    return sync.plan_refresh(res, entry, full_refresh=full_refresh, batch_size=batch_size, dry_run=dry_run)
 
 
 @task(name="stage", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
@@ -186,14 +186,19 @@ def refresh_table(
         if interrupted:
             logger.warning("%s: %d earlier run(s) had been interrupted; closed their audit rows", entry.name, interrupted)
         try:
-            plan = _with_retries(plan_task, settings.retries, settings.retry_delay_s)(entry.name, full_refresh, batch_size)
+            plan = _with_retries(plan_task, settings.retries, settings.retry_delay_s)(entry.name, full_refresh,
+                                                                                       batch_size, dry_run)
             held.ensure()
             manifest = _with_retries(stage_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
             held.ensure()
-            soft_failures = _with_retries(check_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
-            held.ensure()
-            result = _with_retries(publish_task, settings.retries, settings.retry_delay_s)(plan, dry_run, audit_id)
-            soft_failures += result.checks_failed_soft
+            if manifest.published is not None:  # a direct initial load checked and published as it loaded
+                result = manifest.published
+                soft_failures = list(result.checks_failed_soft)
+            else:
+                soft_failures = _with_retries(check_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
+                held.ensure()
+                result = _with_retries(publish_task, settings.retries, settings.retry_delay_s)(plan, dry_run, audit_id)
+                soft_failures += result.checks_failed_soft
         except BaseException as exc:
             named = name_failure(exc, entry.name)
             try:
@@ -218,6 +223,7 @@ def refresh_table(
             "drift": plan.drift, "target_created": plan.target_created, "slow": slow,
             "checks_warned": soft_failures, "shadow": plan.shadow, "target": plan.target_label,
             "indexes_rebuilt": result.indexes_rebuilt, "interrupted_runs_closed": interrupted,
+            "direct_load": manifest.published is not None, "rows_skipped_unchanged": manifest.rows_unchanged,
             "lock_reacquired": held.reacquired,
         }
         with audit(autocommit=True) as conn:

@@ -11,6 +11,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from bq_refresh.errors import ConfigError
+from tasks.fastpath import HASH_COLUMN
 from tasks.sqlnames import ident, idents, quote_ident
 from tasks.typemap import Column
 
@@ -50,14 +51,19 @@ def ensure_schema(conn: psycopg.Connection[Any], schema: str) -> None:
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
 
 
-def create_target(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column], key: list[str]) -> None:
-    """Create the live table from the contract's types, with a primary key on the key columns."""
-    cols = sql.SQL(", ").join(
+def create_target(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column], key: list[str],
+                  *, row_hash: bool = False) -> None:
+    """Create the live table from the contract's types, with a primary key on the key columns (and the
+    row-hash column when the table keeps one)."""
+    parts = [
         sql.SQL("{} {}{}").format(
             ident(c.target_name), sql.SQL(c.pg_type), sql.SQL(" NOT NULL" if c.target_name in key else "")
         )
         for c in columns
-    )
+    ]
+    if row_hash:
+        parts.append(sql.SQL("{} bigint").format(ident(HASH_COLUMN)))
+    cols = sql.SQL(", ").join(parts)
     ensure_schema(conn, schema)
     conn.execute(
         sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(ident(schema, table), cols, idents(key))
@@ -68,10 +74,24 @@ def _staging_columns(columns: list[Column]) -> sql.Composed:
     return sql.SQL(", ").join(sql.SQL("{} {}").format(ident(c.target_name), sql.SQL(c.staging_type)) for c in columns)
 
 
-def create_staging(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column]) -> None:
-    """An UNLOGGED staging table of this run (JSON as text; a batch sequence for 'latest wins')."""
+def create_staging(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column], *,
+                   row_hash: bool = False, same: tuple[str, str | None] | None = None) -> None:
+    """An UNLOGGED staging table of this run (JSON as text; a batch sequence for 'latest wins').
+
+    Args:
+        row_hash: staged rows carry their row hash.
+        same: (table, window column type or None): also a table for the hashes (and windows) of rows
+            found unchanged, which are not staged.
+    """
     cols = _staging_columns(columns)
+    if row_hash:
+        cols = sql.SQL("{}, {} bigint").format(cols, ident(HASH_COLUMN))
     ensure_schema(conn, schema)
+    if same is not None:
+        same_table, window_type = same
+        extra = sql.SQL(", w {}").format(sql.SQL(window_type)) if window_type else sql.SQL("")
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(schema, same_table)))
+        conn.execute(sql.SQL("CREATE UNLOGGED TABLE {} (h bigint NOT NULL{})").format(ident(schema, same_table), extra))
     conn.execute(
         sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} ({}, {} bigint NOT NULL)").format(
             ident(schema, table), cols, ident(SEQ_COLUMN)
@@ -111,10 +131,13 @@ class BatchLoad:
     table_name: str
     audit_id: int | None
     checksum: int = 0
+    same_table: str | None = None
 
 
-def ingest_batch(adbc_conn: Any, batch: pa.RecordBatch, load: BatchLoad, quarantined: list[dict[str, Any]]) -> None:
-    """COPY one batch into staging and move its checkpoint, in ONE transaction.
+def ingest_batch(adbc_conn: Any, batch: pa.RecordBatch, load: BatchLoad, quarantined: list[dict[str, Any]],
+                 same: pa.Table | None = None) -> None:
+    """COPY one batch into staging (and the hashes of its unchanged rows) and move its checkpoint, in ONE
+    transaction.
 
     A crash before commit loses both (the rerun re-reads the batch); after commit keeps both.
     """
@@ -124,6 +147,11 @@ def ingest_batch(adbc_conn: Any, batch: pa.RecordBatch, load: BatchLoad, quarant
             seq = pa.array([load.seq] * batch.num_rows, pa.int64())
             data = pa.Table.from_batches([batch.append_column(SEQ_COLUMN, seq)])
             cur.adbc_ingest(load.staging_table, data, mode="append", db_schema_name=load.staging_schema)
+    unchanged = 0
+    if same is not None and same.num_rows and load.same_table:
+        unchanged = same.num_rows
+        with adbc_conn.cursor() as cur:  # a fresh cursor: db_schema_name sticks to a reused one
+            cur.adbc_ingest(load.same_table, same, mode="append", db_schema_name=load.staging_schema)
     with adbc_conn.cursor() as cur:
         cur.execute(
             f"UPDATE {reg}.refresh_checkpoints SET"  # noqa: S608
@@ -131,12 +159,13 @@ def ingest_batch(adbc_conn: Any, batch: pa.RecordBatch, load: BatchLoad, quarant
             "   ARRAY['done', $2::text], to_jsonb($4::boolean))"
             " || jsonb_build_object('checksum', ((coalesce((checkpoint_data->>'checksum')::numeric, 0) + $6::numeric)"
             "      % 18446744073709551616)::text,"
-            "    'quarantined', coalesce((checkpoint_data->>'quarantined')::bigint, 0) + $7::bigint),"
+            "    'quarantined', coalesce((checkpoint_data->>'quarantined')::bigint, 0) + $7::bigint,"
+            "    'unchanged', coalesce((checkpoint_data->>'unchanged')::bigint, 0) + $8::bigint),"
             " last_processed_row = coalesce(last_processed_row, 0) + $5::bigint,"
             " expires_at = greatest(expires_at, now() + interval '1 hour')"
             " WHERE id = $1::int AND status = 'active'",
             parameters=(load.checkpoint_id, load.stream, load.offset_after, load.stream_done, batch.num_rows,
-                        str(load.checksum), len(quarantined)),
+                        str(load.checksum), len(quarantined), unchanged),
         )
         for row in quarantined:
             cur.execute(
@@ -156,6 +185,7 @@ class PublishSQL:
     columns: list[Column]
     key: list[str]
     cursor: str | None
+    extra: tuple[str, ...] = ()  # columns of the same type in staging and target (the row hash)
 
     def typed_select(self, alias: str = "s") -> sql.Composed:
         parts = []
@@ -164,6 +194,7 @@ class PublishSQL:
             if c.pg_type != c.staging_type:
                 col = sql.SQL("{}::{}").format(col, sql.SQL(c.pg_type))
             parts.append(col)
+        parts += [sql.SQL("{}.{}").format(sql.Identifier(alias), ident(n)) for n in self.extra]
         return sql.SQL(", ").join(parts)
 
     def deduped(self) -> sql.Composed:
@@ -188,7 +219,7 @@ class PublishSQL:
         Args:
             revive_column: a soft-delete column to clear when a deleted key comes back.
         """
-        names = [c.target_name for c in self.columns]
+        names = [c.target_name for c in self.columns] + list(self.extra)
         non_key = [n for n in names if n not in self.key]
         if non_key or revive_column:
             sets = [sql.SQL("{} = EXCLUDED.{}").format(ident(n), ident(n)) for n in non_key]

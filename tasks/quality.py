@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -76,10 +77,12 @@ def source_count(res: Resources, source_ref: str, restriction: str, snapshot: st
     return int(rows[0][0])
 
 
-def staged_checksum(res: Resources, staging_schema: str, staging_table: str, columns: list[Column], names: list[str]) -> int:
-    """Read the staging table back as Arrow, in batches, and checksum it."""
+def staged_checksum(res: Resources, staging_schema: str, staging_table: str, columns: list[Column], names: list[str],
+                    adbc_conn: Any = None) -> int:
+    """Read the staging table back as Arrow, in batches, and checksum it (on ``adbc_conn``'s open
+    transaction when given: a direct load checks its own uncommitted rows)."""
     text = f"SELECT {', '.join(quote_ident(n) for n in names)} FROM {quote_ident(staging_schema)}.{quote_ident(staging_table)}"  # noqa: S608
-    conn = res.target.connect_adbc()
+    conn = adbc_conn or res.target.connect_adbc()
     total = 0
     try:
         with conn.cursor() as cur:
@@ -87,7 +90,8 @@ def staged_checksum(res: Resources, staging_schema: str, staging_table: str, col
             for batch in cur.fetch_record_batch():
                 total = (total + checksum(batch, columns, names)) % MOD
     finally:
-        conn.close()
+        if adbc_conn is None:
+            conn.close()
     return total
 
 
@@ -95,22 +99,25 @@ def staged_checks(
     res: Resources, *, table: str, target_schema: str, target_table: str, staging_schema: str, staging_table: str,
     columns: list[Column], key: list[str], critical: list[str], config: QualityConfig, source_ref: str,
     restriction: str, snapshot: str | None, stage_state: dict[str, Any], previous_rows: int | None,
+    conn: Any = None, adbc_conn: Any = None,
 ) -> list[CheckResult]:
-    """Run every configured check on the staged rows."""
+    """Run every configured check on the staged rows (on ``conn``/``adbc_conn`` when given: the open
+    transaction of a direct load, whose "staging" is the target itself)."""
     hard = set(config.hard)
     staging = ident(staging_schema, staging_table)
     results: list[CheckResult] = []
-    with res.target.connect(autocommit=True) as conn:
+    with (nullcontext(conn) if conn is not None else res.target.connect(autocommit=True)) as conn:
         staged_row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(staging)).fetchone()
         staged = int(staged_row[0]) if staged_row else 0
-        read = staged + int(stage_state.get("quarantined", 0))
+        read = staged + int(stage_state.get("quarantined", 0)) + int(stage_state.get("unchanged", 0))
         if config.row_count:
             expected = source_count(res, source_ref, restriction, snapshot)
             results.append(CheckResult("row_count", read, expected, ok=read == expected, hard="row_count" in hard,
-                                       detail=f"rows read {read} (staged {staged}), source {expected}"))
+                                       detail=f"rows read {read} (staged {staged}, unchanged"
+                                              f" {int(stage_state.get('unchanged', 0))}), source {expected}"))
         if config.checksum:
             names = checksum_names(columns, key, critical)
-            got = staged_checksum(res, staging_schema, staging_table, columns, names)
+            got = staged_checksum(res, staging_schema, staging_table, columns, names, adbc_conn)
             want = int(stage_state.get("checksum", 0)) % MOD
             results.append(CheckResult("checksum", float(got), float(want), ok=got == want, hard="checksum" in hard,
                                        detail=f"fields {', '.join(names)}"))

@@ -6,10 +6,13 @@ import base64
 import hashlib
 import logging
 import threading
+import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pyarrow as pa
 from psycopg import sql
 from psycopg.types.json import Jsonb
@@ -17,8 +20,9 @@ from pydantic import BaseModel
 
 from blocks.resources import Resources
 from bq_refresh.errors import ConfigError, QualityCheckFailed, SchemaDriftError, SourceError
-from tasks import extract, load, quality
+from tasks import extract, fastpath, load, quality
 from tasks.artifacts import Progress
+from tasks.fastpath import HASH_COLUMN, LocalSource
 from tasks.registry import RegistryEntry
 from tasks.spec import QualityConfig, TableSpec
 from tasks.sqlnames import ident, idents
@@ -68,6 +72,14 @@ class RefreshPlan(BaseModel):
     checks: QualityConfig = QualityConfig()
     shadow: bool = False
     audit_id: int | None = None
+    row_hash: bool = False  # the target keeps _bqr_row_hash
+    hash_skip: bool = False  # rows whose hash the target holds are not staged
+    direct: bool = False  # initial load straight into the empty target
+    local: bool = False  # batches handed over in-process (tasks.fastpath.LocalSource)
+
+    @property
+    def same_table(self) -> str:
+        return self.staging_table + "_same"
 
     @property
     def target_label(self) -> str:
@@ -142,6 +154,7 @@ def _drift(
 
 def plan_refresh(
     res: Resources, entry: RegistryEntry, *, full_refresh: bool = False, batch_size: int | None = None,
+    dry_run: bool = False, local: LocalSource | None = None,
 ) -> RefreshPlan:
     """Resolve the source, check drift, prepare target and staging, and open or resume the read.
 
@@ -151,7 +164,12 @@ def plan_refresh(
     settings = res.settings
     spec = entry.spec()
     table = entry.name
-    source = extract.resolve_source(res.source, table=table, source_ref=spec.source, query=spec.query)
+    if local is not None:
+        source = extract.SourceTable(local.ref, [extract.SourceField(f.name, arrow_to_bq(f.type, f.name, table),
+                                                                     "NULLABLE" if f.nullable else "REQUIRED")
+                                                 for f in local.schema])
+    else:
+        source = extract.resolve_source(res.source, table=table, source_ref=spec.source, query=spec.query)
     columns = _columns(spec, source, table)
     by_source = {c.source_name: c for c in columns}
     cursor_col = by_source[spec.cursor] if spec.cursor else None
@@ -174,13 +192,16 @@ def plan_refresh(
         existing = load.target_columns(conn, target_schema, target_table) or None
         drift, to_add = _drift(entry, spec, source, columns, existing)
         created = False
+        row_hash = spec.row_hash
         if existing is None:
-            load.create_target(conn, target_schema, target_table, columns, key)
+            load.create_target(conn, target_schema, target_table, columns, key, row_hash=row_hash)
             created = True
         else:
             load.check_target_shape(conn, target_schema, target_table, key, table)
             if to_add:
                 load.add_columns(conn, target_schema, target_table, to_add)
+            if row_hash and HASH_COLUMN not in existing:
+                row_hash = _add_hash_column(conn, target_schema, target_table, table)
         if spec.delete_policy.mode == "soft":
             conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} timestamptz").format(
                 ident(target_schema, target_table), ident(spec.delete_policy.soft_delete_column)))
@@ -195,8 +216,15 @@ def plan_refresh(
                     " AND table_schema = %s AND table_name = %s AND status = 'active'").format(ckpt_table),
             (FUNCTION_NAME, entry.table_schema, entry.table_name),
         ).fetchone()
+        has_rows = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(
+            ident(target_schema, target_table))).fetchone()
+        empty = not (has_rows and has_rows[0])
+        direct = (spec.direct_initial_load and empty and not dry_run
+                  and all(c.staging_type == c.pg_type for c in columns))
+        hash_skip = row_hash and not empty and not full_refresh
         fingerprint = hashlib.sha1(repr((columns, key, full, spec.mode, entry.watermark, spec.lookback, target_schema,
-                                         spec.checks, spec.critical_fields)).encode()).hexdigest()
+                                         spec.checks, spec.critical_fields, row_hash, direct, hash_skip,
+                                         local is not None)).encode()).hexdigest()
         if active is not None and (active[1].get("fingerprint") != fingerprint
                                    or not load.table_exists(conn, staging_schema, stage_table)):
             conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE id = %s").format(ckpt_table), (active[0],))
@@ -216,13 +244,23 @@ def plan_refresh(
             if floor is not None:
                 restriction = f"{extract.bq_ident(cursor_col.source_name)} > {extract.bq_literal(floor, cursor_col.bq_type)}"
         snapshot = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
-        session = extract.create_session(
-            res.source, source, selected_fields=[c.source_name for c in columns if not c.derived],
-            row_restriction=restriction,
-            snapshot_time=snapshot, max_streams=spec.streams, table_name=table,
-        )
+        selected = [c.source_name for c in columns if not c.derived]
+        if local is not None:
+            session = extract.ReadSessionInfo(
+                name=f"local-{uuid.uuid4().hex[:12]}", streams=list(local.streams),
+                arrow_schema=local.schema.serialize().to_pybytes(), snapshot_time=snapshot.isoformat(),
+                row_restriction="", selected_fields=selected, offsets={k: 0 for k in local.streams},
+                estimated_rows=local.estimated_rows,
+            )
+        else:
+            session = extract.create_session(
+                res.source, source, selected_fields=selected, row_restriction=restriction,
+                snapshot_time=snapshot, max_streams=spec.streams, table_name=table,
+            )
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(staging_schema, stage_table)))
-        load.create_staging(conn, staging_schema, stage_table, columns)
+        window_pg = by_source[spec.window_column].pg_type if spec.window_column else None
+        load.create_staging(conn, staging_schema, stage_table, columns, row_hash=row_hash,
+                            same=(stage_table + "_same", window_pg if spec.mode == "window" else None) if hash_skip else None)
         plan_fields: dict[str, Any] = dict(
             table=table, config_id=entry.id, registry_schema=settings.schema_name, target_schema=target_schema,
             target_table=target_table, staging_schema=staging_schema, staging_table=stage_table,
@@ -237,6 +275,7 @@ def plan_refresh(
             reconcile_keys=spec.delete_policy.mode != "none" and spec.mode == "incremental" and not full,
             frequency_hours=entry.refresh_frequency_hours,
             critical_fields=[spec.target_name(c) for c in spec.critical_fields], checks=spec.checks, shadow=spec.shadow,
+            row_hash=row_hash, hash_skip=hash_skip, direct=direct, local=local is not None,
         )
         session_data = _session_dict(session)
         plan_json = RefreshPlan(**plan_fields, checkpoint_id=0, resumed=False, rows_already_staged=0,
@@ -266,6 +305,49 @@ def _session_dict(session: extract.ReadSessionInfo) -> dict[str, Any]:
     }
 
 
+def _add_hash_column(conn: Any, schema: str, table: str, label: str) -> bool:
+    """Give an existing target its row-hash column (owner only); False when that is not allowed."""
+    conn.execute("SAVEPOINT bqr_hash")
+    try:
+        conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} bigint").format(
+            ident(schema, table), ident(HASH_COLUMN)))
+        conn.execute("RELEASE SAVEPOINT bqr_hash")
+        return True
+    except psycopg.errors.InsufficientPrivilege:
+        conn.execute("ROLLBACK TO SAVEPOINT bqr_hash")
+        log.info("%s: not the owner of %s.%s; unchanged rows are compared in PostgreSQL instead", label, schema, table)
+        return False
+
+
+ARROW_TO_BQ = [(pa.types.is_boolean, "BOOL"), (pa.types.is_integer, "INT64"), (pa.types.is_floating, "FLOAT64"),
+               (pa.types.is_decimal, "NUMERIC"), (pa.types.is_date, "DATE"), (pa.types.is_string, "STRING"),
+               (pa.types.is_large_string, "STRING"), (pa.types.is_binary, "BYTES")]
+
+
+def arrow_to_bq(t: pa.DataType, name: str, table: str) -> str:
+    """The BigQuery type an in-process Arrow column stands for."""
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMP" if t.tz else "DATETIME"
+    for test, bq in ARROW_TO_BQ:
+        if test(t):
+            return bq
+    raise SourceError(f"column {name!r}: Arrow type {t} has no BigQuery counterpart here", table=table)
+
+
+class PublishResult(BaseModel):
+    """What publishing changed (or, in a dry run, would change)."""
+
+    rows_inserted: int
+    rows_updated: int
+    rows_unchanged: int
+    rows_deleted: int
+    duplicate_keys: int
+    watermark: str | None
+    dry_run: bool
+    checks_failed_soft: list[str] = []
+    indexes_rebuilt: list[str] = []
+
+
 class StageManifest(BaseModel):
     """What staging read and kept."""
 
@@ -276,16 +358,65 @@ class StageManifest(BaseModel):
     session_recreated: int
     resumed_from_rows: int
     read_session: str
+    rows_unchanged: int = 0
+    published: PublishResult | None = None  # a direct initial load publishes while it stages
 
 
-def stage_rows(res: Resources, plan: RefreshPlan, *, audit_id: int | None = None) -> StageManifest:
+def _reader(res: Resources, plan: RefreshPlan, local: LocalSource | None) -> Any:
+    """stream, offset, schema -> (batch, offset after) pairs: BigQuery's Storage Read API, or in-process batches."""
+    if local is not None:
+        def read_local(stream: str, offset: int, arrow_schema: pa.Schema) -> Iterator[tuple[pa.RecordBatch, int]]:
+            at = offset
+            for batch in local.streams[stream](offset):
+                at += batch.num_rows
+                yield batch, at
+        return read_local
+    client_holder: dict[int, Any] = {}
+
+    def read_bq(stream: str, offset: int, arrow_schema: pa.Schema) -> Iterator[tuple[pa.RecordBatch, int]]:
+        client = client_holder.setdefault(threading.get_ident(), res.source.get_read_client())
+        return extract.read_stream(client, stream, offset, arrow_schema, table_name=plan.table,
+                                   server_offsets=res.source.honours_read_offset)
+    return read_bq
+
+
+def _target_hashes(res: Resources, plan: RefreshPlan) -> fastpath.HashSet:
+    """The row hashes the target holds for the rows this read can meet again."""
+    where = []
+    with res.target.connect() as conn:
+        if plan.delete_mode == "soft":
+            where.append(sql.SQL("{} IS NULL").format(ident(plan.soft_delete_column)).as_string(conn))
+        if plan.watermark_from is not None and plan.cursor and not plan.full:
+            cursor_type = next(c.pg_type for c in plan.columns if c.target_name == plan.cursor)
+            # Unchanged rows are re-read only when their cursor is inside the read window; so is the target's copy.
+            where.append(sql.SQL("{} > {}::{}").format(ident(plan.cursor), sql.Literal(plan.watermark_from),
+                                                       sql.SQL(cursor_type)).as_string(conn))
+    adbc_conn = res.target.connect_adbc()
+    try:
+        return fastpath.load_target_hashes(adbc_conn, plan.target_schema, plan.target_table, " AND ".join(where))
+    finally:
+        adbc_conn.close()
+
+
+def stage_rows(
+    res: Resources, plan: RefreshPlan, *, audit_id: int | None = None, local: LocalSource | None = None,
+) -> StageManifest:
     """Read every stream from its checkpointed offset and COPY batches into staging.
 
     Each batch and its checkpoint commit together. Streams are read in parallel, one ADBC
-    connection each; memory is bounded by ``batch_size`` rows per stream.
+    connection each; memory is bounded by ``batch_size`` rows per stream. Rows whose hash the
+    target already holds are not staged (only their hash, for delete detection). An empty target
+    is loaded directly instead (``plan.direct``), published in the same transaction.
     """
     transform = get_transform(plan.transform, plan.table) if plan.transform else None
-    counters = {"read": 0, "staged": 0, "quarantined": 0, "batches": 0}
+    read = _reader(res, plan, local)
+    if plan.direct:
+        try:
+            return _load_direct(res, plan, read, transform, audit_id)
+        except fastpath.DirectLoadAbandoned as exc:
+            log.warning("%s: direct load abandoned (%s); staging instead", plan.table, exc)
+    hashset = _target_hashes(res, plan) if plan.hash_skip else None
+    counters = {"read": 0, "staged": 0, "quarantined": 0, "batches": 0, "unchanged": 0}
     lock = threading.Lock()
     recreated = 0
     session = dict(plan.session)
@@ -302,7 +433,6 @@ def stage_rows(res: Resources, plan: RefreshPlan, *, audit_id: int | None = None
     check_names = quality.checksum_names(plan.columns, plan.key, plan.critical_fields)
 
     def run_stream(stream: str, arrow_schema: pa.Schema, stream_index: int) -> None:
-        client = res.source.get_read_client()
         adbc_conn = res.target.connect_adbc()
         seq = seq_base + stream_index * 1_000_000_000 + offsets.get(stream, 0)
         try:
@@ -316,14 +446,17 @@ def stage_rows(res: Resources, plan: RefreshPlan, *, audit_id: int | None = None
                                cursor=plan.cursor, transform=transform)
                 seq += 1
                 committed += merged.num_rows
-                digest = quality.checksum(shaped.rows, plan.columns, check_names) if plan.checks.checksum else 0
-                load.ingest_batch(adbc_conn, shaped.rows, load.BatchLoad(
+                rows, same = _split_unchanged(plan, shaped.rows, hashset)
+                digest = quality.checksum(rows, plan.columns, check_names) if plan.checks.checksum else 0
+                load.ingest_batch(adbc_conn, rows, load.BatchLoad(
                     plan.staging_schema, plan.staging_table, plan.registry_schema, plan.checkpoint_id, stream,
                     committed, last, seq, plan.table.split(".")[0], plan.table.split(".", 1)[1], audit_id, digest,
-                ), shaped.quarantined)
+                    plan.same_table if plan.hash_skip else None,
+                ), shaped.quarantined, same)
                 with lock:
                     counters["read"] += merged.num_rows
-                    counters["staged"] += shaped.rows.num_rows
+                    counters["staged"] += rows.num_rows
+                    counters["unchanged"] += same.num_rows if same is not None else 0
                     counters["quarantined"] += len(shaped.quarantined)
                     counters["batches"] += 1 if merged.num_rows else 0
                     progress.update(plan.rows_already_staged + counters["read"])
@@ -334,8 +467,7 @@ def stage_rows(res: Resources, plan: RefreshPlan, *, audit_id: int | None = None
             # Server batches are re-cut to exactly batch_size rows: memory and checkpoint granularity
             # follow the setting, not the server's batch size.
             pending = pa.Table.from_batches([], arrow_schema)
-            for batch, _ in extract.read_stream(client, stream, committed, arrow_schema, table_name=plan.table,
-                                                server_offsets=res.source.honours_read_offset):
+            for batch, _ in read(stream, committed, arrow_schema):
                 pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
                 while pending.num_rows >= plan.batch_size:
                     flush(pending.slice(0, plan.batch_size), False)
@@ -368,8 +500,28 @@ def stage_rows(res: Resources, plan: RefreshPlan, *, audit_id: int | None = None
     return StageManifest(
         rows_read=counters["read"], rows_staged=counters["staged"], rows_quarantined=counters["quarantined"],
         batches=counters["batches"], session_recreated=recreated, resumed_from_rows=plan.rows_already_staged,
-        read_session=str(session["name"]),
+        read_session=str(session["name"]), rows_unchanged=counters["unchanged"],
     )
+
+
+def _split_unchanged(
+    plan: RefreshPlan, rows: pa.RecordBatch, hashset: fastpath.HashSet | None,
+) -> tuple[pa.RecordBatch, pa.Table | None]:
+    """(rows to stage, with their hash; hashes [and windows] of the rows the target already holds)."""
+    if not plan.row_hash:
+        return rows, None
+    hashes = fastpath.row_hashes(rows, plan.columns)
+    same = None
+    if hashset is not None and rows.num_rows:
+        mask = hashset.contains(hashes)
+        if mask.any():
+            hit, keep = pa.array(mask), pa.array(~mask)
+            cols: dict[str, pa.Array] = {"h": hashes.filter(hit)}
+            if plan.mode == "window" and plan.window_column:
+                cols["w"] = rows.column(plan.window_column).filter(hit)
+            same = pa.table(cols)
+            rows, hashes = rows.filter(keep), hashes.filter(keep)
+    return rows.append_column(HASH_COLUMN, hashes), same
 
 
 def _recreate_session(
@@ -386,11 +538,13 @@ def _recreate_session(
     new = _session_dict(info)
     with res.target.connect() as conn:
         conn.execute(sql.SQL("TRUNCATE {}").format(ident(plan.staging_schema, plan.staging_table)))
+        if plan.hash_skip:
+            conn.execute(sql.SQL("TRUNCATE {}").format(ident(plan.staging_schema, plan.same_table)))
         conn.execute(
             sql.SQL("UPDATE {} SET checkpoint_data = checkpoint_data || %s, last_processed_row = 0 WHERE id = %s").format(
                 ident(plan.registry_schema, "refresh_checkpoints")),
             (Jsonb({"session": new, "offsets": info.offsets, "done": {}, "seq_base": seq_base, "checksum": "0",
-                    "quarantined": 0}), plan.checkpoint_id),
+                    "quarantined": 0, "unchanged": 0}), plan.checkpoint_id),
         )
         conn.commit()
     return new, dict(info.offsets), {}, seq_base
@@ -448,20 +602,6 @@ def check_staged(res: Resources, plan: RefreshPlan, *, audit_id: int | None) -> 
     return results
 
 
-class PublishResult(BaseModel):
-    """What publishing changed (or, in a dry run, would change)."""
-
-    rows_inserted: int
-    rows_updated: int
-    rows_unchanged: int
-    rows_deleted: int
-    duplicate_keys: int
-    watermark: str | None
-    dry_run: bool
-    checks_failed_soft: list[str] = []
-    indexes_rebuilt: list[str] = []
-
-
 def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_id: int | None = None) -> PublishResult:
     """Publish the staged rows into the live table in ONE transaction (or roll back a dry run).
 
@@ -470,7 +610,8 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
     """
     target = ident(plan.target_schema, plan.target_table)
     staging = ident(plan.staging_schema, plan.staging_table)
-    p = load.PublishSQL(target, staging, plan.columns, plan.key, plan.cursor)
+    p = load.PublishSQL(target, staging, plan.columns, plan.key, plan.cursor, (HASH_COLUMN,) if plan.row_hash else ())
+    same = ident(plan.staging_schema, plan.same_table)
     soft = plan.soft_delete_column if plan.delete_mode == "soft" else None
     with res.target.connect() as conn:
         conn.execute("SET LOCAL lock_timeout = '60s'")
@@ -497,8 +638,10 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
 
         delete_scope: sql.Composable | None = None
         if plan.mode == "window" and plan.window_column:
-            delete_scope = sql.SQL("t.{} IN (SELECT DISTINCT {} FROM {})").format(
-                ident(plan.window_column), ident(plan.window_column), staging)
+            windows = sql.SQL("SELECT {} FROM {}").format(ident(plan.window_column), staging)
+            if plan.hash_skip:  # a restated window may hold unchanged rows only
+                windows = sql.SQL("{} UNION SELECT w FROM {}").format(windows, same)
+            delete_scope = sql.SQL("t.{} IN ({})").format(ident(plan.window_column), windows)
             source_keys = staging
         elif plan.full and (plan.mode == "full" or plan.delete_mode != "none"):
             delete_scope, source_keys = sql.SQL("true"), staging
@@ -508,6 +651,9 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
         if delete_scope is not None and (plan.delete_mode != "none" or plan.mode in {"window", "full"}):
             gone = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(
                 delete_scope, source_keys, p.key_match("s", "t"))
+            if plan.hash_skip and source_keys is staging:  # rows read but not staged: unchanged, still there
+                gone = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} u WHERE u.h = t.{})").format(
+                    gone, same, ident(HASH_COLUMN))
             total_row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target)).fetchone()
             total = int(total_row[0]) if total_row else 0
             if soft:
@@ -539,8 +685,11 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
         if plan.cursor:
             wm = conn.execute(sql.SQL("SELECT max({})::text FROM {}").format(ident(plan.cursor), staging)).fetchone()
             watermark = wm[0] if wm else None
+        unchanged_row = conn.execute(sql.SQL("SELECT (checkpoint_data->>'unchanged')::bigint FROM {} WHERE id = %s").format(
+            ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,)).fetchone()
+        skipped = int(unchanged_row[0] or 0) if unchanged_row else 0
         result = PublishResult(
-            rows_inserted=inserted, rows_updated=updated, rows_unchanged=distinct - inserted - updated,
+            rows_inserted=inserted, rows_updated=updated, rows_unchanged=distinct - inserted - updated + skipped,
             rows_deleted=deleted, duplicate_keys=staged - distinct, watermark=watermark, dry_run=dry_run,
             checks_failed_soft=[r.name for r in post if not r.ok and not r.hard],
             indexes_rebuilt=[name for name, _ in rebuilt],
@@ -551,8 +700,8 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
         _advance_watermark(conn, plan, watermark)
         conn.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s WHERE id = %s").format(
             ident(plan.registry_schema, "refresh_checkpoints")), (staged, plan.checkpoint_id))
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(staging))
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, plan.staging_table + "_keys")))
+        for leftover in (staging, ident(plan.staging_schema, plan.staging_table + "_keys"), same):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(leftover))
         conn.commit()
     return result
 
@@ -586,6 +735,135 @@ def discard_staging(res: Resources, plan: RefreshPlan, reason: str) -> None:
     with res.target.connect() as conn:
         conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE id = %s").format(
             ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,))
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, plan.staging_table)))
+        for leftover in (plan.staging_table, plan.staging_table + "_keys", plan.same_table):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, leftover)))
         conn.commit()
     log.info("%s: staging discarded (%s)", plan.table, reason)
+
+
+def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, audit_id: int | None) -> StageManifest:
+    """The initial load of an EMPTY target: COPY straight into it with its indexes dropped, check, build the
+    indexes, advance the watermark and close the checkpoint, all in ONE transaction. Readers see an empty
+    table until the commit, then every row; views, grants and row-level security are never touched.
+
+    Streams are read and shaped in parallel threads and copied through one connection (one transaction),
+    in a single COPY. A crash leaves the table empty; the rerun loads it again from the start.
+
+    Raises:
+        fastpath.DirectLoadAbandoned: the target got rows meanwhile or the source repeats a key (rolled
+            back; the caller stages instead, which keeps the latest row of a repeated key).
+        QualityCheckFailed: a hard check failed (rolled back, nothing published).
+    """
+    target = ident(plan.target_schema, plan.target_table)
+    check_names = quality.checksum_names(plan.columns, plan.key, plan.critical_fields)
+    arrow_schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.session["arrow_schema"])))
+    counters = {"read": 0, "loaded": 0, "quarantined": 0, "batches": 0, "checksum": 0}
+    lock = threading.Lock()
+    quarantined: list[dict[str, Any]] = []
+    progress = Progress(plan.table, int(plan.session.get("estimated_rows") or 0))
+    out_schema = pa.schema([pa.field(c.target_name, c.arrow_type) for c in plan.columns]
+                           + ([pa.field(HASH_COLUMN, pa.int64())] if plan.row_hash else []))
+
+    def producer(stream: str) -> Any:
+        def produce(put: Any) -> None:
+            pending: list[pa.RecordBatch] = []
+            size = 0
+
+            def flush() -> None:
+                nonlocal pending, size
+                if not pending:
+                    return
+                merged = pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+                pending, size = [], 0
+                shaped = shape(conform(merged, plan.columns), columns=plan.columns, key=plan.key,
+                               cursor=plan.cursor, transform=transform)
+                rows, _ = _split_unchanged(plan, shaped.rows, None)
+                digest = quality.checksum(rows, plan.columns, check_names) if plan.checks.checksum else 0
+                with lock:
+                    counters["read"] += merged.num_rows
+                    counters["loaded"] += rows.num_rows
+                    counters["quarantined"] += len(shaped.quarantined)
+                    counters["batches"] += 1
+                    counters["checksum"] = (counters["checksum"] + digest) % quality.MOD
+                    quarantined.extend(shaped.quarantined)
+                    progress.update(counters["read"])
+                put(rows.select(out_schema.names))
+
+            for batch, _ in read(stream, 0, arrow_schema):
+                pending.append(batch)
+                size += batch.num_rows
+                if size >= plan.batch_size:
+                    flush()
+            flush()
+        return produce
+
+    adbc_conn = res.target.connect_adbc()
+    quoting = res.target.connect(autocommit=True)
+    session = fastpath.AdbcSession(adbc_conn, quoting)
+    try:
+        session.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(
+            sql.Literal(f"{res.settings.index_build_memory_mb}MB")))
+        session.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(target))
+        has_rows = session.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(target)).fetchone()
+        if has_rows and has_rows[0]:
+            raise fastpath.DirectLoadAbandoned("the target is no longer empty", table=plan.table)
+        dropped = fastpath.drop_indexes(session, plan.target_schema, plan.target_table,
+                                        fastpath.table_indexes(session, plan.target_schema, plan.target_table))
+        batches = fastpath.pipelined([producer(s) for s in plan.session["streams"]])
+        reader = pa.RecordBatchReader.from_batches(out_schema, batches)
+        with adbc_conn.cursor() as cur:  # one COPY for the whole load
+            cur.adbc_ingest(plan.target_table, reader, mode="append", db_schema_name=plan.target_schema)
+        for row in quarantined:
+            session.execute(sql.SQL("INSERT INTO {} (audit_log_id, table_schema, table_name, reason, row_data)"
+                                    " VALUES (%s, %s, %s, 'NULL in a key column', %s)").format(
+                ident(plan.registry_schema, "refresh_quarantine")),
+                (audit_id, plan.table.split(".")[0], plan.table.split(".", 1)[1], Jsonb(row)))
+        results = quality.staged_checks(
+            res, table=plan.table, target_schema=plan.target_schema, target_table=plan.target_table,
+            staging_schema=plan.target_schema, staging_table=plan.target_table, columns=plan.columns, key=plan.key,
+            critical=plan.critical_fields, config=plan.checks, source_ref=plan.source_ref,
+            restriction=str(plan.session.get("row_restriction") or ""), snapshot=plan.session.get("snapshot_time"),
+            stage_state={"checksum": str(counters["checksum"]), "quarantined": counters["quarantined"]},
+            previous_rows=None, conn=session, adbc_conn=adbc_conn,
+        )
+        with res.target.connect(autocommit=True) as audit_conn:
+            quality.record(audit_conn, plan.registry_schema, audit_id, results)
+        if any(r.hard and not r.ok for r in results):
+            adbc_conn.rollback()
+            discard_staging(res, plan, "failed quality check")
+            quality.raise_on_hard_failures(plan.table, results)
+        try:
+            fastpath.rebuild_indexes(session, plan.target_schema, plan.target_table, dropped)
+        except Exception as exc:
+            if "23505" in str(exc) or "duplicate key" in str(exc) or "could not create unique index" in str(exc):
+                raise fastpath.DirectLoadAbandoned("the source repeats a key", table=plan.table) from None
+            raise
+        watermark = None
+        if plan.cursor:
+            wm = session.execute(sql.SQL("SELECT max({})::text FROM {}").format(ident(plan.cursor), target)).fetchone()
+            watermark = wm[0] if wm else None
+        _advance_watermark(session, plan, watermark)
+        session.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s WHERE id = %s").format(
+            ident(plan.registry_schema, "refresh_checkpoints")), (counters["loaded"], plan.checkpoint_id))
+        for leftover in (plan.staging_table, plan.staging_table + "_keys", plan.same_table):
+            session.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, leftover)))
+        adbc_conn.commit()
+    except BaseException:
+        try:
+            adbc_conn.rollback()
+        except Exception:  # noqa: BLE001 - the connection may be gone; the transaction dies with it
+            pass
+        raise
+    finally:
+        adbc_conn.close()
+        quoting.close()
+    published = PublishResult(
+        rows_inserted=counters["loaded"], rows_updated=0, rows_unchanged=0, rows_deleted=0, duplicate_keys=0,
+        watermark=watermark, dry_run=False, checks_failed_soft=[r.name for r in results if not r.ok and not r.hard],
+        indexes_rebuilt=[n for n, _ in dropped.constraints + dropped.indexes],
+    )
+    return StageManifest(
+        rows_read=counters["read"], rows_staged=counters["loaded"], rows_quarantined=counters["quarantined"],
+        batches=counters["batches"], session_recreated=0, resumed_from_rows=0, read_session=str(plan.session["name"]),
+        published=published,
+    )

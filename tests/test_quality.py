@@ -200,7 +200,7 @@ def test_a_bulk_load_into_an_empty_table_rebuilds_its_secondary_indexes(
     pg.execute(f'CREATE INDEX sqp_by_asin ON "{schema}".sqp (asin, start_date)')
     pg.execute(f'CREATE VIEW "{schema}".sqp_v AS SELECT asin FROM "{schema}".sqp')
     monkeypatch.setenv("REFRESH_INDEX_REBUILD_MIN_ROWS", "100")
-    register_table(pg, schema, "sqp", SPEC)
+    register_table(pg, schema, "sqp", {**SPEC, "direct_initial_load": False})  # the staged path's own rebuild
     first = refresh_table("sqp")
     assert first["indexes_rebuilt"] == ["sqp_by_asin"] and first["rows_inserted"] == 200
     assert pg.execute("SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND indexname = 'sqp_by_asin'",

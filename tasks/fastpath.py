@@ -1,0 +1,232 @@
+"""The fast paths: a row hash per row (unchanged rows never reach PostgreSQL) and the initial load
+straight into an empty target with its indexes built afterwards, all-or-nothing in one transaction.
+
+Measured by bench/run.py (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import psycopg
+import pyarrow as pa
+from psycopg import sql
+
+from bq_refresh.errors import RefreshError
+from tasks.sqlnames import ident, quote_ident
+from tasks.typemap import Column
+
+log = logging.getLogger(__name__)
+HASH_COLUMN = "_bqr_row_hash"
+HASH_SEED = 0x6271722D72656672  # fixed, so equal rows hash equal in every run
+
+
+def row_hashes(rows: pa.RecordBatch, columns: list[Column]) -> pa.Array:
+    """A 64-bit hash of each row's published values (key included), as int64 for a bigint column.
+
+    Equal rows give equal hashes in every run of the same Polars version; a new version may hash
+    differently, which makes every row look changed once (rewritten, never skipped wrongly).
+    """
+    if rows.num_rows == 0:
+        return pa.array([], pa.int64())
+    arrays = []
+    for c in columns:
+        arr = rows.column(c.target_name)
+        arrays.append(arr.cast(c.arrow_type) if arr.type != c.arrow_type else arr)
+    frame = pl.from_arrow(pa.table(arrays, names=[c.target_name for c in columns]))
+    assert isinstance(frame, pl.DataFrame)
+    hashed = frame.hash_rows(seed=HASH_SEED).to_numpy().view(np.int64)
+    return pa.array(hashed, pa.int64())
+
+
+class HashSet:
+    """The target's row hashes, held as one sorted int64 array (8 bytes a row) for membership tests."""
+
+    def __init__(self, values: np.ndarray[Any, Any]) -> None:
+        self.values = np.unique(values)
+
+    def __len__(self) -> int:
+        return int(self.values.size)
+
+    def contains(self, hashes: pa.Array) -> np.ndarray[Any, Any]:
+        h = hashes.to_numpy(zero_copy_only=False)
+        if not self.values.size:
+            return np.zeros(h.shape, dtype=bool)
+        pos = np.searchsorted(self.values, h)
+        pos[pos >= self.values.size] = 0
+        return np.asarray(self.values[pos] == h)
+
+
+def load_target_hashes(adbc_conn: Any, schema: str, table: str, where: str = "") -> HashSet:
+    """Read the target's stored row hashes (optionally restricted) in Arrow batches."""
+    text = (f"SELECT {quote_ident(HASH_COLUMN)} FROM {quote_ident(schema)}.{quote_ident(table)}"  # noqa: S608
+            f" WHERE {quote_ident(HASH_COLUMN)} IS NOT NULL" + (f" AND {where}" if where else ""))
+    parts = []
+    with adbc_conn.cursor() as cur:
+        cur.execute(text)
+        for batch in cur.fetch_record_batch():
+            parts.append(batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
+    adbc_conn.rollback()
+    return HashSet(np.concatenate(parts) if parts else np.empty(0, np.int64))
+
+
+@dataclass
+class LocalSource:
+    """Arrow batches handed over in-process instead of a BigQuery read session (benchmarks, imports).
+
+    ``streams`` maps a stream name to a function that yields the stream's batches starting at a row offset.
+    """
+
+    schema: pa.Schema
+    streams: dict[str, Callable[[int], Iterator[pa.RecordBatch]]]
+    ref: str = "local.arrow.batches"
+    estimated_rows: int = 0
+
+
+class AdbcSession:
+    """psycopg-style ``execute`` inside an ADBC connection's open transaction.
+
+    Statements and parameters are rendered client-side by psycopg (proper quoting), then run on the ADBC
+    connection, so DDL, checks and bookkeeping share the COPY's transaction.
+    """
+
+    def __init__(self, adbc_conn: Any, quoting: psycopg.Connection[Any]) -> None:
+        self.adbc = adbc_conn
+        self.quoting = quoting
+        self.autocommit = False
+
+    def execute(self, query: Any, params: Any = None) -> Any:
+        text = psycopg.ClientCursor(self.quoting).mogrify(query, params)
+        cur = self.adbc.cursor()
+        cur.execute(text)
+        return _Result(cur)
+
+    def commit(self) -> None:
+        self.adbc.commit()
+
+    def rollback(self) -> None:
+        self.adbc.rollback()
+
+
+class _Result:
+    def __init__(self, cur: Any) -> None:
+        self.cur = cur
+
+    def fetchone(self) -> Any:
+        try:
+            row = self.cur.fetchone()
+        except Exception:  # noqa: BLE001 - a statement without a result set
+            row = None
+        self.cur.close()
+        return row
+
+    def fetchall(self) -> list[Any]:
+        try:
+            rows = list(self.cur.fetchall())
+        except Exception:  # noqa: BLE001
+            rows = []
+        self.cur.close()
+        return rows
+
+
+@dataclass
+class TableIndexes:
+    """The indexes (and primary key / unique constraints) of a table, to drop and build again."""
+
+    constraints: list[tuple[str, str]] = field(default_factory=list)  # (name, definition)
+    indexes: list[tuple[str, str]] = field(default_factory=list)  # (name, CREATE INDEX ...)
+
+
+def table_indexes(conn: Any, schema: str, table: str) -> TableIndexes:
+    regclass = f"{quote_ident(schema)}.{quote_ident(table)}"
+    cons = conn.execute(
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = to_regclass(%s)"
+        " AND contype IN ('p', 'u') ORDER BY contype, conname", (regclass,)).fetchall()
+    idx = conn.execute(
+        "SELECT i.relname, pg_get_indexdef(i.oid) FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
+        " WHERE x.indrelid = to_regclass(%s)"
+        " AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid) ORDER BY 1", (regclass,)).fetchall()
+    return TableIndexes([(str(a), str(b)) for a, b in cons], [(str(a), str(b)) for a, b in idx])
+
+
+class DirectLoadAbandoned(RefreshError):
+    """The direct load could not finish (the target got rows, or the source repeats a key); the caller
+    stages instead. Nothing of the direct attempt is kept."""
+
+    transient = True
+
+
+def drop_indexes(session: AdbcSession, schema: str, table: str, found: TableIndexes) -> TableIndexes:
+    """Drop what can be dropped; keep constraints something depends on (a foreign key, a view)."""
+    dropped = TableIndexes()
+    for name, definition in found.constraints:
+        session.execute("SAVEPOINT bqr_drop")
+        try:
+            session.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(ident(schema, table), ident(name)))
+            dropped.constraints.append((name, definition))
+            session.execute("RELEASE SAVEPOINT bqr_drop")
+        except Exception as exc:  # noqa: BLE001 - a dependent object: keep this constraint
+            session.execute("ROLLBACK TO SAVEPOINT bqr_drop")
+            log.info("%s.%s: keeping constraint %s during the load (%s)", schema, table, name, str(exc).splitlines()[0])
+    for name, definition in found.indexes:
+        session.execute(sql.SQL("DROP INDEX {}").format(ident(schema, name)))
+        dropped.indexes.append((name, definition))
+    return dropped
+
+
+def rebuild_indexes(session: AdbcSession, schema: str, table: str, dropped: TableIndexes) -> None:
+    for name, definition in dropped.constraints:
+        session.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} ").format(ident(schema, table), ident(name))
+                        + sql.SQL(definition))  # pg_get_constraintdef output: quoted by PostgreSQL itself
+    for _name, definition in dropped.indexes:
+        session.execute(sql.SQL(definition))  # pg_get_indexdef output
+
+
+def pipelined(producers: list[Callable[[Callable[[Any], None]], None]], depth: int = 4) -> Iterator[Any]:
+    """Run each producer in its own thread; yield what they put, in arrival order; re-raise their errors.
+
+    Memory is bounded by ``depth`` items in flight.
+    """
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                q.put(("item", item), timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        raise RuntimeError("consumer stopped")
+
+    def run(producer: Callable[[Callable[[Any], None]], None]) -> None:
+        try:
+            producer(put)
+            q.put(("done", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(("error", exc))
+
+    threads = [threading.Thread(target=run, args=(p,), daemon=True) for p in producers]
+    for t in threads:
+        t.start()
+    left = len(threads)
+    try:
+        while left:
+            kind, item = q.get()
+            if kind == "item":
+                yield item
+            elif kind == "done":
+                left -= 1
+            else:
+                raise item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=5)
