@@ -50,7 +50,7 @@ class HashSet:
     """The target's row hashes, held as one sorted int64 array (8 bytes a row) for membership tests."""
 
     def __init__(self, values: np.ndarray[Any, Any]) -> None:
-        self.values = np.unique(values)
+        self.values = np.sort(values)  # sorted, for searchsorted (np.unique is 15x slower here and not needed)
 
     def __len__(self) -> int:
         return int(self.values.size)
@@ -230,3 +230,33 @@ def pipelined(producers: list[Callable[[Callable[[Any], None]], None]], depth: i
         stop.set()
         for t in threads:
             t.join(timeout=5)
+
+
+def sampled(hashes: pa.Array, sample: int) -> int:
+    """How many rows fall in the verification sample: those whose hash is 0 modulo ``sample`` (a power of 2)."""
+    if sample <= 1:
+        return len(hashes)
+    h = hashes.to_numpy(zero_copy_only=False)
+    return int(np.count_nonzero((h & (sample - 1)) == 0))
+
+
+def verify_rows(adbc_conn: Any, schema: str, table: str, columns: list[Column], sample: int) -> tuple[int, int]:
+    """Read back the sampled rows with their stored hash, recompute each row's hash from the values PostgreSQL
+    holds, and return (rows read back, rows whose values hash to their stored hash).
+
+    Every value of every sampled row is checked; the sample is chosen by the hash itself (deterministic, the
+    same in-process and in PostgreSQL), so a systematic conversion error shows in thousands of rows.
+    """
+    names = ", ".join(quote_ident(c.target_name) for c in columns)
+    where = f" WHERE ({quote_ident(HASH_COLUMN)} & {sample - 1}) = 0" if sample > 1 else ""
+    text = (f"SELECT {names}, {quote_ident(HASH_COLUMN)} FROM {quote_ident(schema)}.{quote_ident(table)}{where}")  # noqa: S608
+    seen = good = 0
+    with adbc_conn.cursor() as cur:
+        cur.execute(text)
+        for batch in cur.fetch_record_batch():
+            stored = batch.column(len(columns)).to_numpy(zero_copy_only=False)
+            values = pa.RecordBatch.from_arrays(batch.columns[: len(columns)], names=[c.target_name for c in columns])
+            again = row_hashes(values, columns).to_numpy(zero_copy_only=False)
+            seen += batch.num_rows
+            good += int(np.count_nonzero(again == stored))
+    return seen, good

@@ -32,6 +32,7 @@ from tasks.typemap import CURSOR_TYPES, Column, conform
 log = logging.getLogger(__name__)
 FUNCTION_NAME = "refresh_table"
 MAX_SESSION_RECREATIONS = 3
+DIRECT_BATCH_ROWS = 50_000  # a direct load has no per-batch checkpoint: larger batches, less overhead per row
 
 
 class RefreshPlan(BaseModel):
@@ -73,6 +74,7 @@ class RefreshPlan(BaseModel):
     shadow: bool = False
     audit_id: int | None = None
     row_hash: bool = False  # the target keeps _bqr_row_hash
+    verify_sample: int = 1  # with row hashes: 1 row in verify_sample is read back and verified value by value
     hash_skip: bool = False  # rows whose hash the target holds are not staged
     direct: bool = False  # initial load straight into the empty target
     local: bool = False  # batches handed over in-process (tasks.fastpath.LocalSource)
@@ -237,7 +239,7 @@ def plan_refresh(
 
         watermark_from = None
         restriction = ""
-        if not full and cursor_col is not None:
+        if not full and cursor_col is not None and local is None:  # in-process batches are read whole
             wm = extract.parse_watermark(entry.watermark, cursor_col.bq_type)
             floor = extract.watermark_floor(wm, cursor_col.bq_type, spec.lookback_amount())
             watermark_from = None if floor is None else str(floor)
@@ -276,6 +278,8 @@ def plan_refresh(
             frequency_hours=entry.refresh_frequency_hours,
             critical_fields=[spec.target_name(c) for c in spec.critical_fields], checks=spec.checks, shadow=spec.shadow,
             row_hash=row_hash, hash_skip=hash_skip, direct=direct, local=local is not None,
+            verify_sample=(res.settings.verify_sample if (session.estimated_rows or 0) >= res.settings.verify_sample_min_rows
+                           else 1) if row_hash else 1,
         )
         session_data = _session_dict(session)
         plan_json = RefreshPlan(**plan_fields, checkpoint_id=0, resumed=False, rows_already_staged=0,
@@ -447,7 +451,7 @@ def stage_rows(
                 seq += 1
                 committed += merged.num_rows
                 rows, same = _split_unchanged(plan, shaped.rows, hashset)
-                digest = quality.checksum(rows, plan.columns, check_names) if plan.checks.checksum else 0
+                digest = _digest(plan, rows, check_names)
                 load.ingest_batch(adbc_conn, rows, load.BatchLoad(
                     plan.staging_schema, plan.staging_table, plan.registry_schema, plan.checkpoint_id, stream,
                     committed, last, seq, plan.table.split(".")[0], plan.table.split(".", 1)[1], audit_id, digest,
@@ -502,6 +506,16 @@ def stage_rows(
         batches=counters["batches"], session_recreated=recreated, resumed_from_rows=plan.rows_already_staged,
         read_session=str(session["name"]), rows_unchanged=counters["unchanged"],
     )
+
+
+def _digest(plan: RefreshPlan, rows: pa.RecordBatch, check_names: list[str]) -> int:
+    """What the checksum check expects: with row hashes, the number of rows in the verification sample;
+    otherwise the order-independent checksum of the rows."""
+    if not plan.checks.checksum:
+        return 0
+    if plan.row_hash:
+        return fastpath.sampled(rows.column(HASH_COLUMN), plan.verify_sample)
+    return quality.checksum(rows, plan.columns, check_names)
 
 
 def _split_unchanged(
@@ -592,7 +606,8 @@ def check_staged(res: Resources, plan: RefreshPlan, *, audit_id: int | None) -> 
         staging_schema=plan.staging_schema, staging_table=plan.staging_table, columns=plan.columns, key=plan.key,
         critical=plan.critical_fields, config=plan.checks, source_ref=plan.source_ref,
         restriction=str(plan.session.get("row_restriction") or ""), snapshot=plan.session.get("snapshot_time"),
-        stage_state=state, previous_rows=int(prev[0]) if prev and prev[0] is not None else None,
+        stage_state={**state, "verify_sample": plan.verify_sample if plan.row_hash else None},
+        previous_rows=int(prev[0]) if prev and prev[0] is not None else None,
     )
     with res.target.connect(autocommit=True) as conn:
         quality.record(conn, plan.registry_schema, audit_id, results)
@@ -647,15 +662,23 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
             delete_scope, source_keys = sql.SQL("true"), staging
         elif plan.reconcile_keys:
             delete_scope, source_keys = sql.SQL("true"), ident(plan.staging_schema, plan.staging_table + "_keys")
+        unchanged_row = conn.execute(sql.SQL("SELECT (checkpoint_data->>'unchanged')::bigint FROM {} WHERE id = %s").format(
+            ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,)).fetchone()
+        skipped = int(unchanged_row[0] or 0) if unchanged_row else 0
         deleted = 0
+        if (delete_scope is not None and plan.hash_skip and source_keys is staging and not soft
+                and (plan.mode != "window" or plan.window_column in plan.key)):
+            # Every target row in scope accounted for by a source row (unchanged by hash, or a staged key that
+            # was there already): nothing to delete, and the anti-join over the whole scope is not needed.
+            in_scope = conn.execute(sql.SQL("SELECT count(*) FROM {} t WHERE {}").format(target, delete_scope)).fetchone()
+            if in_scope is not None and int(in_scope[0]) == skipped + distinct - inserted:
+                delete_scope = None
         if delete_scope is not None and (plan.delete_mode != "none" or plan.mode in {"window", "full"}):
             gone = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(
                 delete_scope, source_keys, p.key_match("s", "t"))
             if plan.hash_skip and source_keys is staging:  # rows read but not staged: unchanged, still there
                 gone = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} u WHERE u.h = t.{})").format(
                     gone, same, ident(HASH_COLUMN))
-            total_row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target)).fetchone()
-            total = int(total_row[0]) if total_row else 0
             if soft:
                 row = conn.execute(sql.SQL("WITH d AS (UPDATE {} t SET {} = now() WHERE {} AND t.{} IS NULL RETURNING 1)"
                                            " SELECT count(*) FROM d").format(target, ident(soft), gone, ident(soft))).fetchone()
@@ -663,6 +686,10 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
                 row = conn.execute(sql.SQL("WITH d AS (DELETE FROM {} t WHERE {} RETURNING 1) SELECT count(*) FROM d").format(
                     target, gone)).fetchone()
             deleted = int(row[0]) if row else 0
+            total = 0
+            if deleted:  # the guard's denominator, counted only when it is needed
+                total_row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target)).fetchone()
+                total = int(total_row[0]) + (0 if soft else deleted) if total_row else 0
             before = max(total - inserted, 0)
             if before > 0 and deleted > plan.max_delete_fraction * before and plan.mode != "window":
                 conn.rollback()
@@ -685,9 +712,6 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
         if plan.cursor:
             wm = conn.execute(sql.SQL("SELECT max({})::text FROM {}").format(ident(plan.cursor), staging)).fetchone()
             watermark = wm[0] if wm else None
-        unchanged_row = conn.execute(sql.SQL("SELECT (checkpoint_data->>'unchanged')::bigint FROM {} WHERE id = %s").format(
-            ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,)).fetchone()
-        skipped = int(unchanged_row[0] or 0) if unchanged_row else 0
         result = PublishResult(
             rows_inserted=inserted, rows_updated=updated, rows_unchanged=distinct - inserted - updated + skipped,
             rows_deleted=deleted, duplicate_keys=staged - distinct, watermark=watermark, dry_run=dry_run,
@@ -778,7 +802,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
                 shaped = shape(conform(merged, plan.columns), columns=plan.columns, key=plan.key,
                                cursor=plan.cursor, transform=transform)
                 rows, _ = _split_unchanged(plan, shaped.rows, None)
-                digest = quality.checksum(rows, plan.columns, check_names) if plan.checks.checksum else 0
+                digest = _digest(plan, rows, check_names)
                 with lock:
                     counters["read"] += merged.num_rows
                     counters["loaded"] += rows.num_rows
@@ -792,7 +816,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
             for batch, _ in read(stream, 0, arrow_schema):
                 pending.append(batch)
                 size += batch.num_rows
-                if size >= plan.batch_size:
+                if size >= max(plan.batch_size, DIRECT_BATCH_ROWS):
                     flush()
             flush()
         return produce
@@ -823,7 +847,8 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
             staging_schema=plan.target_schema, staging_table=plan.target_table, columns=plan.columns, key=plan.key,
             critical=plan.critical_fields, config=plan.checks, source_ref=plan.source_ref,
             restriction=str(plan.session.get("row_restriction") or ""), snapshot=plan.session.get("snapshot_time"),
-            stage_state={"checksum": str(counters["checksum"]), "quarantined": counters["quarantined"]},
+            stage_state={"checksum": str(counters["checksum"]), "quarantined": counters["quarantined"],
+                         "verify_sample": plan.verify_sample if plan.row_hash else None},
             previous_rows=None, conn=session, adbc_conn=adbc_conn,
         )
         with res.target.connect(autocommit=True) as audit_conn:
