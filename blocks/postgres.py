@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import adbc_driver_postgresql.dbapi as adbc
 import psycopg
@@ -39,5 +40,8 @@ class PostgresTarget(Block):
         return psycopg.connect(self.uri(), autocommit=autocommit, application_name=self.application_name)
 
     def connect_adbc(self) -> adbc.Connection:
-        """Open an ADBC connection for bulk COPY (autocommit off)."""
-        return adbc.connect(self.uri())
+        """Open an ADBC connection for bulk COPY (autocommit off), named like the others in pg_stat_activity."""
+        uri = self.uri()
+        if uri.startswith(("postgresql://", "postgres://")) and "application_name=" not in uri:
+            uri += ("&" if "?" in uri else "?") + "application_name=" + quote(self.application_name)
+        return adbc.connect(uri)

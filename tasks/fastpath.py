@@ -189,8 +189,10 @@ def rebuild_indexes(session: AdbcSession, schema: str, table: str, dropped: Tabl
         session.execute(sql.SQL(definition))  # pg_get_indexdef output
 
 
-def pipelined(producers: list[Callable[[Callable[[Any], None]], None]], depth: int = 4) -> Iterator[Any]:
-    """Run each producer in its own thread; yield what they put, in arrival order; re-raise their errors.
+def pipelined(producers: list[Callable[[Callable[[Any], None]], None]], depth: int = 4,
+              errors: list[BaseException] | None = None) -> Iterator[Any]:
+    """Run each producer in its own thread; yield what they put, in arrival order; re-raise their errors
+    (also appended to ``errors``: a consumer in C, like a COPY pulling batches, re-says them in its own words).
 
     Memory is bounded by ``depth`` items in flight.
     """
@@ -226,6 +228,10 @@ def pipelined(producers: list[Callable[[Callable[[Any], None]], None]], depth: i
                 left -= 1
             else:
                 raise item
+    except BaseException as exc:  # a producer's error, or this thread interrupted (a flow timeout, a cancel)
+        if errors is not None:
+            errors.append(exc)
+        raise
     finally:
         stop.set()
         for t in threads:

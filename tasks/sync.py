@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import threading
 import uuid
@@ -32,7 +33,6 @@ from tasks.typemap import CURSOR_TYPES, Column, conform
 log = logging.getLogger(__name__)
 FUNCTION_NAME = "refresh_table"
 MAX_SESSION_RECREATIONS = 3
-DIRECT_BATCH_ROWS = 50_000  # a direct load has no per-batch checkpoint: larger batches, less overhead per row
 
 
 class RefreshPlan(BaseModel):
@@ -218,10 +218,12 @@ def plan_refresh(
                     " AND table_schema = %s AND table_name = %s AND status = 'active'").format(ckpt_table),
             (FUNCTION_NAME, entry.table_schema, entry.table_name),
         ).fetchone()
-        has_rows = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(
-            ident(target_schema, target_table))).fetchone()
+        has_rows = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {}), pg_has_role((SELECT relowner FROM pg_class"
+                                        " WHERE oid = %s::regclass), 'USAGE')").format(ident(target_schema, target_table)),
+                                (ident(target_schema, target_table).as_string(conn),)).fetchone()
         empty = not (has_rows and has_rows[0])
-        direct = (spec.direct_initial_load and empty and not dry_run
+        owner = bool(has_rows and has_rows[1])  # only the owner may drop and build the indexes
+        direct = (spec.direct_initial_load and empty and owner and not dry_run
                   and all(c.staging_type == c.pg_type for c in columns))
         hash_skip = row_hash and not empty and not full_refresh
         fingerprint = hashlib.sha1(repr((columns, key, full, spec.mode, entry.watermark, spec.lookback, target_schema,
@@ -814,10 +816,13 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
                 put(rows.select(out_schema.names))
 
             for batch, _ in read(stream, 0, arrow_schema):
-                pending.append(batch)
-                size += batch.num_rows
-                if size >= max(plan.batch_size, DIRECT_BATCH_ROWS):
-                    flush()
+                while batch.num_rows:  # re-cut to exactly batch_size rows, as staging does
+                    take = batch.slice(0, plan.batch_size - size)
+                    pending.append(take)
+                    size += take.num_rows
+                    batch = batch.slice(take.num_rows)
+                    if size >= plan.batch_size:
+                        flush()
             flush()
         return produce
 
@@ -833,15 +838,22 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
             raise fastpath.DirectLoadAbandoned("the target is no longer empty", table=plan.table)
         dropped = fastpath.drop_indexes(session, plan.target_schema, plan.target_table,
                                         fastpath.table_indexes(session, plan.target_schema, plan.target_table))
-        batches = fastpath.pipelined([producer(s) for s in plan.session["streams"]])
+        failures: list[BaseException] = []
+        batches = fastpath.pipelined([producer(s) for s in plan.session["streams"]], depth=2, errors=failures)
         reader = pa.RecordBatchReader.from_batches(out_schema, batches)
-        with adbc_conn.cursor() as cur:  # one COPY for the whole load
-            cur.adbc_ingest(plan.target_table, reader, mode="append", db_schema_name=plan.target_schema)
+        try:
+            with adbc_conn.cursor() as cur:  # one COPY for the whole load
+                cur.adbc_ingest(plan.target_table, reader, mode="append", db_schema_name=plan.target_schema)
+        except BaseException:
+            if failures:  # a producer's own error (bad data, source down) or a cancellation, not the COPY's
+                raise failures[0] from None  # rewording of it (which would look like a transient IO error)
+            raise
         for row in quarantined:
             session.execute(sql.SQL("INSERT INTO {} (audit_log_id, table_schema, table_name, reason, row_data)"
                                     " VALUES (%s, %s, %s, 'NULL in a key column', %s)").format(
                 ident(plan.registry_schema, "refresh_quarantine")),
-                (audit_id, plan.table.split(".")[0], plan.table.split(".", 1)[1], Jsonb(row)))
+                (audit_id, plan.table.split(".")[0], plan.table.split(".", 1)[1],
+                 Jsonb(row, dumps=lambda v: json.dumps(v, default=str))))
         results = quality.staged_checks(
             res, table=plan.table, target_schema=plan.target_schema, target_table=plan.target_table,
             staging_schema=plan.target_schema, staging_table=plan.target_table, columns=plan.columns, key=plan.key,
@@ -851,6 +863,11 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
                          "verify_sample": plan.verify_sample if plan.row_hash else None},
             previous_rows=None, conn=session, adbc_conn=adbc_conn,
         )
+        present = session.execute(sql.SQL("SELECT count(*) FROM {}").format(target)).fetchone()
+        present_rows = int(present[0]) if present else -1
+        results.append(quality.CheckResult("published_count", present_rows, counters["loaded"],
+                                           ok=present_rows == counters["loaded"], hard="published_count" in plan.checks.hard,
+                                           detail="rows loaded present in the live table"))
         with res.target.connect(autocommit=True) as audit_conn:
             quality.record(audit_conn, plan.registry_schema, audit_id, results)
         if any(r.hard and not r.ok for r in results):

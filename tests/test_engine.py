@@ -139,7 +139,7 @@ def test_every_type_round_trips_exactly(source: BigQuerySource, registry: str, p
     assert types == {
         "id": "bigint", "i": "bigint", "f": "double precision", "n": "numeric", "b": "boolean", "s": "text",
         "by": "bytea", "d": "date", "dt": "timestamp without time zone", "ts": "timestamp with time zone",
-        "tm": "time without time zone", "j": "jsonb", "arr": "ARRAY", "sarr": "ARRAY",
+        "tm": "time without time zone", "j": "jsonb", "arr": "ARRAY", "sarr": "ARRAY", "_bqr_row_hash": "bigint",
     }
     precision = pg.execute(
         "SELECT numeric_precision, numeric_scale FROM information_schema.columns"

@@ -142,3 +142,25 @@ def test_a_direct_load_failing_its_checks_leaves_the_target_empty_with_its_index
     indexes = {r[0] for r in pg.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s AND tablename = 'sqp'", (s,))}
     assert indexes == {"sqp_pkey", "sqp_by_asin"}
     assert pg.execute(f'SELECT watermark FROM "{s}".refresh_config').fetchone() == (None,)
+
+
+@pytest.mark.once
+def test_a_timeout_during_a_direct_load_fails_the_table_and_leaves_it_empty(
+    env: Settings, pg: psycopg.Connection[Any], source: BigQuerySource, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The flow's timeout interrupts the COPY's batch supplier: the cancellation is not mistaken for a
+    transient COPY error (and retried into a success after the deadline)."""
+    import tests.killable_refresh  # noqa: F401  (registers the slow transform)
+    from flows.daily_refresh import daily_refresh
+
+    s = env.schema_name
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(8000))
+    register_table(pg, s, "t", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "batch_size": 200,
+                                "transform": "slow_for_tests"})
+    monkeypatch.setenv("REFRESH_TABLE_TIMEOUT_SECONDS", "2")  # 40 batches x 0.15 s take ~6 s
+    state = daily_refresh(tables=["t"], return_state=True)
+    summary = state.result(raise_on_failure=False)
+    assert summary["failed"] == [f"{s}.t"], summary
+    assert pg.execute(f'SELECT count(*) FROM "{s}".t').fetchone() == (0,)
+    monkeypatch.setenv("REFRESH_TABLE_TIMEOUT_SECONDS", "120")
+    assert refresh_table("t")["rows_inserted"] == 8000

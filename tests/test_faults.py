@@ -243,7 +243,8 @@ def test_postgres_restarted_mid_run_the_run_resumes_and_ends_exact(
     total = 5000
     put_table(source, "sqp", SQP_SCHEMA, sqp_rows(total))
     register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
-                                       "batch_size": 250, "transform": "slow_for_tests"})
+                                       "batch_size": 250, "transform": "slow_for_tests",
+                                       "direct_initial_load": False})  # the staged, checkpointed path
     child = start_child({"REFRESH_RETRIES": "4", "REFRESH_RETRY_DELAY_SECONDS": "1"})
     wait_until(lambda: staged_rows(pg, schema) >= 1000, child, "1000 rows staged")
     pg.close()
@@ -313,7 +314,8 @@ def test_the_emulator_stopping_mid_read_fails_the_run_cleanly_and_the_next_run_r
         apply_migrations(pg, schema)
         put_table(source, "sqp", SQP_SCHEMA, sqp_rows(4000))
         register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
-                                           "batch_size": 250, "transform": "slow_for_tests"})
+                                           "batch_size": 250, "transform": "slow_for_tests",
+                                       "direct_initial_load": False})  # the staged, checkpointed path
         child = start_child({"REFRESH_RETRIES": "1", "REFRESH_RETRY_DELAY_SECONDS": "0.2",
                              "BIGQUERY_TIMEOUT_SECONDS": "3", "REFRESH_WEBHOOK_URL": webhook.url})
         wait_until(lambda: staged_rows(pg, schema) >= 500, child, "500 rows staged")
@@ -341,3 +343,43 @@ def test_the_emulator_stopping_mid_read_fails_the_run_cleanly_and_the_next_run_r
         assert audit_rows(pg, schema)[-1][1] == "success"
     finally:
         stop_emulator(state)
+
+
+def test_sigkill_during_a_direct_initial_load_leaves_the_table_empty_with_its_indexes(
+    env: Settings, pg: psycopg.Connection[Any],
+) -> None:
+    """The direct path is one transaction: killed inside its COPY, the table is as it was (empty, key and
+    index in place), and the rerun loads everything."""
+    schema = env.schema_name
+    apply_migrations(pg, schema)
+    source = BigQuerySource.from_settings(env)
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(40_000))
+    pg.execute(f'CREATE TABLE "{schema}".sqp (start_date date, asin text, search_query text, impressions bigint,'
+               " click_share numeric(38,9), median_price numeric(38,9), updated_at timestamptz,"
+               " PRIMARY KEY (start_date, asin, search_query))")
+    pg.execute(f'CREATE INDEX sqp_by_asin ON "{schema}".sqp (asin, start_date)')
+    register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "batch_size": 2000,
+                                       "transform": "slow_for_tests"})  # 20 batches x 0.15 s inside the COPY
+    child = start_child()
+
+    def copying() -> bool:
+        row = pg.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'bq-refresh'"
+                         " AND query ILIKE 'COPY%%' AND query ILIKE %s", (f"%{schema}%",)).fetchone()
+        return bool(row and row[0])
+
+    wait_until(copying, child, "the direct COPY to start")
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    deadline = time.monotonic() + 30
+    while pg.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'bq-refresh'").fetchone() != (0,):
+        assert time.monotonic() < deadline, "the killed run's sessions did not end"
+        time.sleep(0.1)
+    assert live(pg, schema) == []
+    indexes = {r[0] for r in pg.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s AND tablename = 'sqp'",
+                                        (schema,))}
+    assert indexes == {"sqp_pkey", "sqp_by_asin"}
+
+    rerun = refresh_table("sqp")
+    assert rerun["status"] == "success" and rerun["direct_load"] is True and rerun["rows_inserted"] == 40_000
+    assert rerun["interrupted_runs_closed"] == 1
+    assert_same_rows(source_rows(source, "sqp"), live(pg, schema), SQP_KEY)

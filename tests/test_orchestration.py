@@ -158,7 +158,7 @@ def test_a_timed_out_table_resumes_from_its_checkpoint(env: Settings, registry: 
     source = BigQuerySource.from_settings(env)
     put_table(source, "sqp", SQP_SCHEMA, sqp_rows(8000))
     register_table(pg, registry, "t", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "batch_size": 200,
-                                       "transform": "slow_for_tests"})
+                                       "transform": "slow_for_tests", "direct_initial_load": False})
     monkeypatch.setenv("REFRESH_TABLE_TIMEOUT_SECONDS", "3")  # staging 40 batches x 0.15 s takes ~6 s
     first = summary_of(daily_refresh(tables=["t"], return_state=True))
     assert first["failed"] == [f"{registry}.t"]

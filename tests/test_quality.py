@@ -57,7 +57,7 @@ def test_a_changed_or_missing_staged_row_is_caught_and_nothing_published(
     setup: tuple[Resources, str], pg: psycopg.Connection[Any], tamper: str, failing: set[str]
 ) -> None:
     res, schema = setup
-    register_table(pg, schema, "sqp", SPEC)
+    register_table(pg, schema, "sqp", {**SPEC, "direct_initial_load": False})  # tampers with the staging table
     plan = staged_plan(res, pg, schema, "sqp")
     pg.execute(tamper.format(staging=f'"{plan.staging_schema}"."{plan.staging_table}"'))
     with pytest.raises(QualityCheckFailed, match="nothing published") as err:

@@ -51,7 +51,8 @@ def test_sigkill_during_load_then_rerun_resumes(env: Settings, pg: psycopg.Conne
     total = 6000
     put_table(source, "sqp", SQP_SCHEMA, sqp_rows(total))
     register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
-                                       "batch_size": 250, "transform": "slow_for_tests"})
+                                       "batch_size": 250, "transform": "slow_for_tests",
+                                       "direct_initial_load": False})  # the staged, checkpointed path
 
     kill_mid_load(pg, schema, at_rows=1000)
 
@@ -94,7 +95,8 @@ def test_an_expired_read_session_is_recreated_and_the_run_completes(
         apply_migrations(pg, schema)
         put_table(source, "sqp", SQP_SCHEMA, sqp_rows(4000))
         register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
-                                           "batch_size": 250, "transform": "slow_for_tests"})
+                                           "batch_size": 250, "transform": "slow_for_tests",
+                                       "direct_initial_load": False})  # the staged, checkpointed path
         kill_mid_load(pg, schema, at_rows=500)
         stop_emulator(state)
         start_emulator(state, EMULATOR_PROJECT, persistent=True, reuse=False, **ports)
