@@ -112,7 +112,7 @@ def bq_refresh(db: str, schema: str, table: str, path: Path, phase: str, streams
         entry = get_entry(conn, reg, f"{schema}.{table}")
         audit_id = start_audit(conn, reg, config_id=entry.id, table_schema=schema, table_name=table)
     local = LocalSource(pq.ParquetFile(path).schema_arrow,
-                        {f"part{p}": (lambda offset, p=p: _skip(read(path, part=p, parts=streams), offset))
+                        {f"part{p}": (lambda offset, p=p: _skip(read(path, 8192, part=p, parts=streams), offset))
                          for p in range(streams)},
                         estimated_rows=pq.ParquetFile(path).metadata.num_rows)
     plan = sync.plan_refresh(res, entry, local=local)

@@ -87,7 +87,10 @@ def render(results: dict[str, Any], out: Path) -> None:
                   f"bq-refresh initial load of 10,000,000 rows: {big.get('seconds', 0):.1f} s,"
                   f" peak RSS {big.get('rss_mb', 0):.0f} MB (1M rows: {one.get('peak_rss_mb', '-')} MB)."
                   if "seconds" in big else f"10M run failed: {big.get('error')}"]
-    if "extraction" in extra:
+    if "extraction" in extra and "error" in extra["extraction"]:
+        lines += ["", "## Extraction through the emulator's Storage Read API", "",
+                  f"Failed in this run: {extra['extraction']['error'][-400:]}"]
+    elif "extraction" in extra:
         e = extra["extraction"]
         lines += ["", "## Extraction through the emulator's Storage Read API", "",
                   f"{e['rows']:,} rows loaded into the emulator (bqemulator, DuckDB inside) in {e['emulator_load_seconds']} s, then"
