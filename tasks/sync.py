@@ -612,12 +612,20 @@ def check_staged(res: Resources, plan: RefreshPlan, *, audit_id: int | None) -> 
         stage_state={**state, "verify_sample": plan.verify_sample if plan.row_hash else None},
         previous_rows=int(prev[0]) if prev and prev[0] is not None else None,
     )
-    with res.target.connect(autocommit=True) as conn:
-        quality.record(conn, plan.registry_schema, audit_id, results)
-    if any(r.hard and not r.ok for r in results):
-        discard_staging(res, plan, "failed quality check")
-        quality.raise_on_hard_failures(plan.table, results)
+    _record_and_gate(res, plan, audit_id, results, lambda: None, "failed quality check")
     return results
+
+
+def _record_and_gate(res: Resources, plan: RefreshPlan, audit_id: int | None, results: list[quality.CheckResult],
+                     rollback: Any, reason: str) -> None:
+    """Record every check result (committed apart, so a failed run keeps them); on a hard failure roll the
+    run's transaction back, discard its staging and raise QualityCheckFailed."""
+    with res.target.connect(autocommit=True) as audit_conn:
+        quality.record(audit_conn, plan.registry_schema, audit_id, results)
+    if any(r.hard and not r.ok for r in results):
+        rollback()
+        discard_staging(res, plan, reason)
+        quality.raise_on_hard_failures(plan.table, results)
 
 
 def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_id: int | None = None) -> PublishResult:
@@ -704,12 +712,7 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
             conn.execute(definition.encode())  # pg_get_indexdef output: quoted by PostgreSQL itself
         post = quality.published_checks(conn, target=target, staging=staging, key=plan.key,
                                         distinct_staged=distinct, config=plan.checks)
-        with res.target.connect(autocommit=True) as audit_conn:
-            quality.record(audit_conn, plan.registry_schema, audit_id, post)
-        if any(r.hard and not r.ok for r in post):
-            conn.rollback()
-            discard_staging(res, plan, "failed quality check after publish")
-            quality.raise_on_hard_failures(plan.table, post)
+        _record_and_gate(res, plan, audit_id, post, conn.rollback, "failed quality check after publish")
 
         watermark = None
         if plan.cursor:
@@ -873,12 +876,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
         results.append(quality.CheckResult("published_count", present_rows, counters["loaded"],
                                            ok=present_rows == counters["loaded"], hard="published_count" in plan.checks.hard,
                                            detail="rows loaded present in the live table"))
-        with res.target.connect(autocommit=True) as audit_conn:
-            quality.record(audit_conn, plan.registry_schema, audit_id, results)
-        if any(r.hard and not r.ok for r in results):
-            adbc_conn.rollback()
-            discard_staging(res, plan, "failed quality check")
-            quality.raise_on_hard_failures(plan.table, results)
+        _record_and_gate(res, plan, audit_id, results, adbc_conn.rollback, "failed quality check")
         try:
             fastpath.rebuild_indexes(session, plan.target_schema, plan.target_table, dropped)
         except Exception as exc:

@@ -85,3 +85,11 @@ def assert_same_rows(expected: list[dict[str, Any]], actual: list[dict[str, Any]
     for k in e:
         for col, value in e[k].items():
             assert a[k].get(col) == value, f"key {k} column {col}: expected {value!r}, got {a[k].get(col)!r}"
+
+
+def create_sqp_target(conn: psycopg.Connection[Any], schema: str) -> None:
+    """A target made by someone else before the first refresh: the SQP test columns, key and an index."""
+    conn.execute(f'CREATE TABLE "{schema}".sqp (start_date date, asin text, search_query text, impressions bigint,'
+                 " click_share numeric(38,9), median_price numeric(38,9), updated_at timestamptz,"
+                 " PRIMARY KEY (start_date, asin, search_query))")
+    conn.execute(f'CREATE INDEX sqp_by_asin ON "{schema}".sqp (asin, start_date)')

@@ -17,7 +17,7 @@ from bq_refresh.settings import Settings
 from flows.refresh_table import refresh_table
 from tasks.migrations import apply_migrations
 from tasks.registry import register_table
-from tests.bqdata import assert_same_rows, pg_rows, put_table, source_rows
+from tests.bqdata import assert_same_rows, create_sqp_target, pg_rows, put_table, source_rows
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, T0, sqp_rows
 
 pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
@@ -40,10 +40,7 @@ def test_an_empty_target_is_loaded_directly_and_keeps_views_grants_policies_and_
 ) -> None:
     s = env.schema_name
     put_table(source, "sqp", SQP_SCHEMA, sqp_rows(3000))
-    pg.execute(f'CREATE TABLE "{s}".sqp (start_date date, asin text, search_query text, impressions bigint,'
-               " click_share numeric(38,9), median_price numeric(38,9), updated_at timestamptz,"
-               " PRIMARY KEY (start_date, asin, search_query))")
-    pg.execute(f'CREATE INDEX sqp_by_asin ON "{s}".sqp (asin, start_date)')
+    create_sqp_target(pg, s)
     pg.execute(f'CREATE VIEW "{s}".sqp_v AS SELECT asin, impressions FROM "{s}".sqp')
     pg.execute(f'ALTER TABLE "{s}".sqp ENABLE ROW LEVEL SECURITY')
     pg.execute(f'CREATE POLICY only_b0 ON "{s}".sqp USING (asin LIKE $$B0%$$)')
@@ -130,10 +127,7 @@ def test_a_direct_load_failing_its_checks_leaves_the_target_empty_with_its_index
 ) -> None:
     s = env.schema_name
     put_table(source, "sqp", SQP_SCHEMA, sqp_rows(500))
-    pg.execute(f'CREATE TABLE "{s}".sqp (start_date date, asin text, search_query text, impressions bigint,'
-               " click_share numeric(38,9), median_price numeric(38,9), updated_at timestamptz,"
-               " PRIMARY KEY (start_date, asin, search_query))")
-    pg.execute(f'CREATE INDEX sqp_by_asin ON "{s}".sqp (asin, start_date)')
+    create_sqp_target(pg, s)
     register_table(pg, s, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
                                   "checks": {"ranges": {"impressions": [0, 1200]}, "hard": ["range"]}})
     with pytest.raises(QualityCheckFailed, match="range:impressions"):

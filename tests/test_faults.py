@@ -33,7 +33,7 @@ from bq_refresh.settings import Settings
 from flows.refresh_table import refresh_table
 from tasks.migrations import apply_migrations
 from tasks.registry import register_table
-from tests.bqdata import assert_same_rows, pg_rows, put_table, source_rows
+from tests.bqdata import assert_same_rows, create_sqp_target, pg_rows, put_table, source_rows
 from tests.conftest import ROOT, WebhookReceiver
 from tests.faultproxy import FaultProxy
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, T0, sqp_rows
@@ -354,10 +354,7 @@ def test_sigkill_during_a_direct_initial_load_leaves_the_table_empty_with_its_in
     apply_migrations(pg, schema)
     source = BigQuerySource.from_settings(env)
     put_table(source, "sqp", SQP_SCHEMA, sqp_rows(40_000))
-    pg.execute(f'CREATE TABLE "{schema}".sqp (start_date date, asin text, search_query text, impressions bigint,'
-               " click_share numeric(38,9), median_price numeric(38,9), updated_at timestamptz,"
-               " PRIMARY KEY (start_date, asin, search_query))")
-    pg.execute(f'CREATE INDEX sqp_by_asin ON "{schema}".sqp (asin, start_date)')
+    create_sqp_target(pg, schema)
     register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "batch_size": 2000,
                                        "transform": "slow_for_tests"})  # 20 batches x 0.15 s inside the COPY
     child = start_child()
