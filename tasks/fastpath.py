@@ -100,19 +100,12 @@ class AdbcSession:
     def __init__(self, adbc_conn: Any, quoting: psycopg.Connection[Any]) -> None:
         self.adbc = adbc_conn
         self.quoting = quoting
-        self.autocommit = False
 
     def execute(self, query: Any, params: Any = None) -> Any:
         text = psycopg.ClientCursor(self.quoting).mogrify(query, params)
         cur = self.adbc.cursor()
         cur.execute(text)
         return _Result(cur)
-
-    def commit(self) -> None:
-        self.adbc.commit()
-
-    def rollback(self) -> None:
-        self.adbc.rollback()
 
 
 class _Result:

@@ -223,3 +223,33 @@ def token_server() -> Iterator[TokenServer]:
     server = TokenServer()
     yield server
     server.close()
+
+
+class OwnEmulator:
+    """A BigQuery emulator of one test (persistent data, fixed ports), so the test may kill and restart it;
+    the test's environment points at it and its dataset exists."""
+
+    def __init__(self, state: Path, dataset: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        from bq_refresh.services import free_port
+
+        self.state = state
+        self.ports = {"rest_port": free_port(), "grpc_port": free_port()}
+        self.endpoints = self.start()
+        monkeypatch.setenv("BIGQUERY_API_ENDPOINT", self.endpoints.rest_url)
+        monkeypatch.setenv("BIGQUERY_STORAGE_ENDPOINT", self.endpoints.grpc_target)
+        self.source = BigQuerySource(project_id=EMULATOR_PROJECT, dataset=dataset, api_endpoint=self.endpoints.rest_url,
+                                     storage_endpoint=self.endpoints.grpc_target)
+        self.source.get_bigquery_client().create_dataset(dataset, exists_ok=True)
+
+    def start(self) -> EmulatorEndpoints:
+        return start_emulator(self.state, EMULATOR_PROJECT, persistent=True, reuse=False, **self.ports)
+
+    def stop(self) -> None:
+        stop_emulator(self.state)
+
+
+@pytest.fixture
+def own_emulator(env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[OwnEmulator]:
+    emu = OwnEmulator(tmp_path / "emu", env.bigquery_dataset, monkeypatch)
+    yield emu
+    emu.stop()

@@ -34,7 +34,7 @@ from flows.refresh_table import refresh_table
 from tasks.migrations import apply_migrations
 from tasks.registry import register_table
 from tests.bqdata import assert_same_rows, create_sqp_target, pg_rows, put_table, source_rows
-from tests.conftest import ROOT, WebhookReceiver
+from tests.conftest import ROOT, OwnEmulator, WebhookReceiver
 from tests.faultproxy import FaultProxy
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, T0, sqp_rows
 
@@ -296,53 +296,39 @@ def test_a_statement_timeout_fails_the_publish_cleanly_and_the_next_run_publishe
 
 @pytest.mark.slow
 def test_the_emulator_stopping_mid_read_fails_the_run_cleanly_and_the_next_run_resumes(
-    env: Settings, pg: psycopg.Connection[Any], tmp_path: Path, webhook: WebhookReceiver, monkeypatch: pytest.MonkeyPatch,
+    env: Settings, pg: psycopg.Connection[Any], own_emulator: OwnEmulator, webhook: WebhookReceiver,
 ) -> None:
-    from bq_refresh.services import start_emulator, stop_emulator
-    from tests.conftest import EMULATOR_PROJECT
-
-    state = tmp_path / "emu"
-    ports = {"rest_port": free_port(), "grpc_port": free_port()}
-    endpoints = start_emulator(state, EMULATOR_PROJECT, persistent=True, reuse=False, **ports)
-    try:
-        monkeypatch.setenv("BIGQUERY_API_ENDPOINT", endpoints.rest_url)
-        monkeypatch.setenv("BIGQUERY_STORAGE_ENDPOINT", endpoints.grpc_target)
-        source = BigQuerySource(project_id=EMULATOR_PROJECT, dataset=env.bigquery_dataset,
-                                api_endpoint=endpoints.rest_url, storage_endpoint=endpoints.grpc_target)
-        source.get_bigquery_client().create_dataset(env.bigquery_dataset, exists_ok=True)
-        schema = env.schema_name
-        apply_migrations(pg, schema)
-        put_table(source, "sqp", SQP_SCHEMA, sqp_rows(4000))
-        register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
-                                           "batch_size": 250, "transform": "slow_for_tests",
+    source = own_emulator.source
+    schema = env.schema_name
+    apply_migrations(pg, schema)
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(4000))
+    register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
+                                       "batch_size": 250, "transform": "slow_for_tests",
                                        "direct_initial_load": False})  # the staged, checkpointed path
-        child = start_child({"REFRESH_RETRIES": "1", "REFRESH_RETRY_DELAY_SECONDS": "0.2",
-                             "BIGQUERY_TIMEOUT_SECONDS": "3", "REFRESH_WEBHOOK_URL": webhook.url})
-        wait_until(lambda: staged_rows(pg, schema) >= 500, child, "500 rows staged")
-        os.kill(endpoints.pid, signal.SIGKILL)  # the emulator dies mid-read, its read sessions with it
-        stop_emulator(state)
-        assert child.wait(timeout=120) != 0
-        assert pg.execute(f'SELECT count(*) FROM "{schema}".sqp').fetchone() == (0,)
-        last = audit_rows(pg, schema)[-1]
-        assert last[1] == "failed" and f"{schema}.sqp" in last[2], last
-        assert "table_failed" in webhook.events()
-        kept = staged_rows(pg, schema)
-        assert kept >= 500
+    child = start_child({"REFRESH_RETRIES": "1", "REFRESH_RETRY_DELAY_SECONDS": "0.2",
+                         "BIGQUERY_TIMEOUT_SECONDS": "3", "REFRESH_WEBHOOK_URL": webhook.url})
+    wait_until(lambda: staged_rows(pg, schema) >= 500, child, "500 rows staged")
+    os.kill(own_emulator.endpoints.pid, signal.SIGKILL)  # the emulator dies mid-read, its read sessions with it
+    own_emulator.stop()
+    assert child.wait(timeout=120) != 0
+    assert pg.execute(f'SELECT count(*) FROM "{schema}".sqp').fetchone() == (0,)
+    last = audit_rows(pg, schema)[-1]
+    assert last[1] == "failed" and f"{schema}.sqp" in last[2], last
+    assert "table_failed" in webhook.events()
+    kept = staged_rows(pg, schema)
+    assert kept >= 500
 
-        start_emulator(state, EMULATOR_PROJECT, persistent=True, reuse=False, **ports)
-        rerun = refresh_table("sqp")
-        # The old read session died with the emulator: a new one at the same snapshot, staging restarted.
-        assert rerun["status"] == "success" and rerun["resumed"] is True, rerun
-        # Either the client had not received every row when the emulator died (the session died with it:
-        # a new one at the same snapshot, staging restarted; tests/test_resume.py forces this path), or it
-        # had (the emulator answers a stream in one go, so here it usually has: the run failed at its count
-        # check against the source, and the rerun publishes the staged rows): both end exact.
-        assert rerun["session_recreated"] == 1 or rerun["rows_read"] == 0, rerun
-        assert rerun["rows_inserted"] == 4000 and rerun["duplicate_keys"] == 0
-        assert_same_rows(source_rows(source, "sqp"), live(pg, schema), SQP_KEY)
-        assert audit_rows(pg, schema)[-1][1] == "success"
-    finally:
-        stop_emulator(state)
+    own_emulator.start()
+    rerun = refresh_table("sqp")
+    assert rerun["status"] == "success" and rerun["resumed"] is True, rerun
+    # Either the client had not received every row when the emulator died (the session died with it:
+    # a new one at the same snapshot, staging restarted; tests/test_resume.py forces this path), or it
+    # had (the emulator answers a stream in one go, so here it usually has: the run failed at its count
+    # check against the source, and the rerun publishes the staged rows): both end exact.
+    assert rerun["session_recreated"] == 1 or rerun["rows_read"] == 0, rerun
+    assert rerun["rows_inserted"] == 4000 and rerun["duplicate_keys"] == 0
+    assert_same_rows(source_rows(source, "sqp"), live(pg, schema), SQP_KEY)
+    assert audit_rows(pg, schema)[-1][1] == "success"
 
 
 def test_sigkill_during_a_direct_initial_load_leaves_the_table_empty_with_its_indexes(

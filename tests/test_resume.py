@@ -19,7 +19,7 @@ from flows.refresh_table import refresh_table
 from tasks.migrations import apply_migrations
 from tasks.registry import register_table
 from tests.bqdata import assert_same_rows, pg_rows, put_table, source_rows
-from tests.conftest import ROOT
+from tests.conftest import ROOT, OwnEmulator
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -75,35 +75,22 @@ def test_sigkill_during_load_then_rerun_resumes(env: Settings, pg: psycopg.Conne
 
 
 def test_an_expired_read_session_is_recreated_and_the_run_completes(
-    env: Settings, pg: psycopg.Connection[Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    env: Settings, pg: psycopg.Connection[Any], own_emulator: OwnEmulator,
 ) -> None:
     """Kill mid-load, restart the emulator (its read sessions die with it), rerun: a new session at the
     same snapshot is opened, staging restarts, and the table ends exact."""
-    from bq_refresh.services import free_port, start_emulator, stop_emulator
-    from tests.conftest import EMULATOR_PROJECT
-
-    state = tmp_path / "emu"
-    ports = {"rest_port": free_port(), "grpc_port": free_port()}
-    endpoints = start_emulator(state, EMULATOR_PROJECT, persistent=True, reuse=False, **ports)
-    try:
-        monkeypatch.setenv("BIGQUERY_API_ENDPOINT", endpoints.rest_url)
-        monkeypatch.setenv("BIGQUERY_STORAGE_ENDPOINT", endpoints.grpc_target)
-        source = BigQuerySource(project_id=EMULATOR_PROJECT, dataset=env.bigquery_dataset,
-                                api_endpoint=endpoints.rest_url, storage_endpoint=endpoints.grpc_target)
-        source.get_bigquery_client().create_dataset(env.bigquery_dataset, exists_ok=True)
-        schema = env.schema_name
-        apply_migrations(pg, schema)
-        put_table(source, "sqp", SQP_SCHEMA, sqp_rows(4000))
-        register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
-                                           "batch_size": 250, "transform": "slow_for_tests",
+    source = own_emulator.source
+    schema = env.schema_name
+    apply_migrations(pg, schema)
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(4000))
+    register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
+                                       "batch_size": 250, "transform": "slow_for_tests",
                                        "direct_initial_load": False})  # the staged, checkpointed path
-        kill_mid_load(pg, schema, at_rows=500)
-        stop_emulator(state)
-        start_emulator(state, EMULATOR_PROJECT, persistent=True, reuse=False, **ports)
+    kill_mid_load(pg, schema, at_rows=500)
+    own_emulator.stop()
+    own_emulator.start()
 
-        rerun = refresh_table("sqp")
-        assert rerun["resumed"] is True and rerun["session_recreated"] == 1
-        assert rerun["rows_inserted"] == 4000 and rerun["duplicate_keys"] == 0
-        assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{schema}".sqp', "1"), SQP_KEY)
-    finally:
-        stop_emulator(state)
+    rerun = refresh_table("sqp")
+    assert rerun["resumed"] is True and rerun["session_recreated"] == 1
+    assert rerun["rows_inserted"] == 4000 and rerun["duplicate_keys"] == 0
+    assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{schema}".sqp', "1"), SQP_KEY)
