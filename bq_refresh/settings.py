@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import time
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
@@ -76,6 +77,15 @@ class Settings(BaseSettings):
     )
     verify_sample_min_rows: int = Field(default=200_000, ge=0, validation_alias="REFRESH_VERIFY_SAMPLE_MIN_ROWS",
                                         description="Smaller reads are verified whole.")
+    schedule_anchor: time = Field(
+        default=time(2, 0), validation_alias="REFRESH_SCHEDULE_ANCHOR",
+        description="UTC time of day the nightly schedule starts (HH:MM); a table's due slots are counted from it "
+                    "(a daily table refreshed at any time of a day is due at the next day's anchor).",
+    )
+    due_tolerance_minutes: float = Field(
+        default=15.0, ge=0, validation_alias="REFRESH_DUE_TOLERANCE_MINUTES",
+        description="A run that starts up to this much before a table's slot still refreshes it.",
+    )
     health_grace_hours: float = Field(default=2.0, ge=0, validation_alias="REFRESH_HEALTH_GRACE_HOURS")
     api_read_requires_token: bool = Field(default=False, validation_alias="REFRESH_API_READ_REQUIRES_TOKEN")
     trigger_deployment: str | None = Field(

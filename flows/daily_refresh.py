@@ -79,7 +79,8 @@ def daily_refresh(
     res = resolve_resources(settings)
     schema = settings.schema_name
     with res.target.connect(autocommit=True) as conn:
-        entries = due_entries(conn, schema, names=tables, force=force)
+        entries = due_entries(conn, schema, names=tables, force=force,
+                              tolerance=timedelta(minutes=settings.due_tolerance_minutes))
         deps = [(d.parent, d.dependent, d.kind) for d in list_dependencies(conn, schema)]
     by_name = {e.name: e for e in entries}
     # Tables caught in a dependency cycle fail (audit row, alert) and the others still run.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import psycopg
@@ -146,10 +146,44 @@ def list_dependencies(conn: psycopg.Connection[Any], schema: str) -> list[Depend
     return [Dependency(r[0], r[1], r[2] or "hard") for r in rows]
 
 
+def last_slot(at: datetime, frequency_hours: int, anchor: time) -> datetime:
+    """The schedule slot a refresh at ``at`` belongs to: the latest point at or before ``at`` of the grid
+    that starts each day at ``anchor`` (UTC) and steps by the frequency (by whole days from 24 hours up).
+
+    A run of the 02:00 schedule that publishes at 02:01:35 or at 04:10 belongs to the 02:00 slot; so does
+    a manual run at 14:00 (for a daily table).
+    """
+    at = at.astimezone(UTC)
+    day_anchor = datetime.combine(at.date(), anchor, tzinfo=UTC)
+    if day_anchor > at:
+        day_anchor -= timedelta(days=1)
+    if frequency_hours >= 24:
+        return day_anchor
+    step = timedelta(hours=frequency_hours)
+    return day_anchor + step * ((at - day_anchor) // step)
+
+
+def next_due(at: datetime, frequency_hours: int, anchor: time) -> datetime:
+    """When a table refreshed at ``at`` is due again: its slot plus its frequency. A daily table is due at
+    the next night's anchor whatever the previous run's duration or start; a weekly one on the same weekday."""
+    return last_slot(at, frequency_hours, anchor) + timedelta(hours=frequency_hours)
+
+
+def is_due(entry: RegistryEntry, now: datetime, tolerance: timedelta) -> bool:
+    """Due when its next slot has come (a run that starts up to ``tolerance`` early counts)."""
+    return entry.next_refresh_at is None or entry.next_refresh_at <= now + tolerance
+
+
 def due_entries(
-    conn: psycopg.Connection[Any], schema: str, *, names: list[str] | None = None, force: bool = False
+    conn: psycopg.Connection[Any], schema: str, *, names: list[str] | None = None, force: bool = False,
+    now: datetime | None = None, tolerance: timedelta = timedelta(minutes=15),
 ) -> list[RegistryEntry]:
-    """The tables a run should refresh: the named ones, else the enabled ones that are due (or all, forced)."""
+    """The tables a run should refresh: the named ones, else the enabled ones that are due (or all, forced).
+
+    Args:
+        now: the run's reference time (default: the database's clock).
+        tolerance: a run that starts this much before a table's slot still refreshes it.
+    """
     entries = list_entries(conn, schema)
     if names:
         wanted = {".".join(split_qualified(n, schema)) for n in names}
@@ -157,9 +191,21 @@ def due_entries(
         if unknown:
             raise ConfigError(f"not registered: {', '.join(sorted(unknown))}")
         return [e for e in entries if e.name in wanted]
-    now = conn.execute("SELECT now()").fetchone()
+    if now is None:
+        row = conn.execute("SELECT now()").fetchone()
+        assert row is not None
+        now = row[0]
     assert now is not None
-    return [e for e in entries if e.is_enabled and (force or e.next_refresh_at is None or e.next_refresh_at <= now[0])]
+    return [e for e in entries if e.is_enabled and (force or is_due(e, now, tolerance))]
+
+
+def mark_refreshed(conn: psycopg.Connection[Any], schema: str, config_id: int, at: datetime, anchor: time) -> None:
+    """Record a publish at ``at`` (in the caller's transaction): last refresh, and the next slot it is due."""
+    row = conn.execute(sql.SQL("SELECT refresh_frequency_hours FROM {} WHERE id = %s").format(
+        ident(schema, "refresh_config")), (config_id,)).fetchone()
+    frequency = int(row[0] or 24) if row else 24
+    conn.execute(sql.SQL("UPDATE {} SET last_refresh_at = %s, next_refresh_at = %s WHERE id = %s").format(
+        ident(schema, "refresh_config")), (at, next_due(at, frequency, anchor), config_id))
 
 
 def update_table(

@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import psycopg
@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from blocks.resources import Resources
 from bq_refresh.errors import ConfigError, QualityCheckFailed, SchemaDriftError, SourceError
-from tasks import extract, fastpath, load, quality
+from tasks import extract, fastpath, load, quality, registry
 from tasks.artifacts import Progress
 from tasks.fastpath import HASH_COLUMN, LocalSource
 from tasks.registry import RegistryEntry
@@ -727,7 +727,7 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
         if dry_run:
             conn.rollback()
             return result
-        _advance_watermark(conn, plan, watermark)
+        _advance_watermark(conn, plan, watermark, res.settings.schedule_anchor)
         conn.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s WHERE id = %s").format(
             ident(plan.registry_schema, "refresh_checkpoints")), (staged, plan.checkpoint_id))
         for leftover in (staging, ident(plan.staging_schema, plan.staging_table + "_keys"), same):
@@ -736,7 +736,7 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
     return result
 
 
-def _advance_watermark(conn: Any, plan: RefreshPlan, watermark: str | None) -> None:
+def _advance_watermark(conn: Any, plan: RefreshPlan, watermark: str | None, anchor: time) -> None:
     """Move the watermark forward only (a full reload may set it afresh), with the registry's times."""
     current_row = conn.execute(
         sql.SQL("SELECT watermark FROM {} WHERE id = %s").format(ident(plan.registry_schema, "refresh_config")),
@@ -753,11 +753,13 @@ def _advance_watermark(conn: Any, plan: RefreshPlan, watermark: str | None) -> N
             b = extract.parse_watermark(watermark, plan.cursor_type)
             new = watermark if b > a else current
     conn.execute(
-        sql.SQL("UPDATE {} SET watermark = %s, watermark_target = %s, source_schema = %s, last_refresh_at = now(),"
-                " next_refresh_at = now() + make_interval(hours => refresh_frequency_hours) WHERE id = %s").format(
+        sql.SQL("UPDATE {} SET watermark = %s, watermark_target = %s, source_schema = %s WHERE id = %s").format(
             ident(plan.registry_schema, "refresh_config")),
         (new, plan.target_label, Jsonb(plan.source_schema), plan.config_id),
     )
+    now = conn.execute("SELECT now()").fetchone()
+    assert now is not None
+    registry.mark_refreshed(conn, plan.registry_schema, plan.config_id, now[0], anchor)
 
 
 def discard_staging(res: Resources, plan: RefreshPlan, reason: str) -> None:
@@ -887,7 +889,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
         if plan.cursor:
             wm = session.execute(sql.SQL("SELECT max({})::text FROM {}").format(ident(plan.cursor), target)).fetchone()
             watermark = wm[0] if wm else None
-        _advance_watermark(session, plan, watermark)
+        _advance_watermark(session, plan, watermark, res.settings.schedule_anchor)
         session.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s WHERE id = %s").format(
             ident(plan.registry_schema, "refresh_checkpoints")), (counters["loaded"], plan.checkpoint_id))
         for leftover in (plan.staging_table, plan.staging_table + "_keys", plan.same_table):
