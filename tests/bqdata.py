@@ -1,4 +1,4 @@
-"""Test helpers: put Arrow data into the BigQuery emulator, read PostgreSQL back, compare."""
+"""Test helpers: put Arrow data into the BigQuery emulator, read both sides back, compare (tests/comparator.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from google.api_core.retry import Retry
 from google.cloud import bigquery
 
 from blocks import BigQuerySource
+from tests.comparator import assert_same_rows as assert_same_rows  # the strict comparator, re-exported
 
 SHORT = Retry(timeout=20)
 
@@ -67,24 +68,6 @@ def norm(value: Any) -> Any:
     if isinstance(value, memoryview):
         return bytes(value)
     return value
-
-
-def assert_same_rows(expected: list[dict[str, Any]], actual: list[dict[str, Any]], key: list[str]) -> None:
-    """Compare row sets by key, value by value (Decimal scale ignored, nothing else)."""
-    def index(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
-        out: dict[tuple[Any, ...], dict[str, Any]] = {}
-        for r in rows:
-            k = tuple(r[c] for c in key)
-            assert k not in out, f"duplicate key {k}"
-            out[k] = {c: norm(v) for c, v in r.items()}
-        return out
-
-    e, a = index(expected), index(actual)
-    missing, extra = set(e) - set(a), set(a) - set(e)
-    assert not missing and not extra, f"missing keys {sorted(missing)[:5]}, extra keys {sorted(extra)[:5]}"
-    for k in e:
-        for col, value in e[k].items():
-            assert a[k].get(col) == value, f"key {k} column {col}: expected {value!r}, got {a[k].get(col)!r}"
 
 
 def create_sqp_target(conn: psycopg.Connection[Any], schema: str) -> None:
