@@ -9,10 +9,11 @@ import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, quote_plus, urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from prefect import flow, get_run_logger
 from psycopg import sql
 
 from blocks import BigQuerySource
@@ -41,8 +42,9 @@ def as_user(uri: str, user: str, password: str | None = None) -> str:
 
 @pytest.fixture
 def login_role(pg: psycopg.Connection[Any]) -> Iterator[tuple[str, str]]:
-    """A login role with a password (the test servers trust local logins, so the password is only carried)."""
-    name, password = f"r_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}-Secret!"
+    """A login role with a password (the test servers trust local logins, so the password is only carried).
+    The password changes under percent-encoding ('@', '/', '%', ':', ' ', '+'), as a URI carries it."""
+    name, password = f"r_{uuid.uuid4().hex[:8]}", f"p@ss/w0rd %{uuid.uuid4().hex}:+Secret!"
     pg.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(password)))
     yield name, password
     pg.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(name)))
@@ -111,16 +113,72 @@ def test_the_refresh_runs_as_a_least_privilege_role(
         pg.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(app)))
 
 
-def _prefect_texts() -> list[str]:
-    """Every log line and artifact the Prefect API holds for this session."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter
+def encodings(value: str) -> dict[str, str]:
+    """A secret as text can carry it: raw, and percent-encoded as in a URI's path, user info or a form."""
+    return {"raw": value, "quote": quote(value), "quote safe=''": quote(value, safe=""), "quote_plus": quote_plus(value)}
 
-    async def collect() -> list[str]:
+
+# Every table the product writes in its schema; the test fails if one is missing (a renamed table must not
+# silently drop out of the search).
+PRODUCT_TABLES = ("refresh_config", "refresh_audit_log", "refresh_dependencies", "refresh_data_quality",
+                  "refresh_checkpoints", "refresh_quarantine", "refresh_alerts", "materialized_view_refresh_status",
+                  "schema_migrations")
+
+
+@flow(name="secrets-scan-canary")
+def canary_flow(text: str) -> None:
+    """Logs a value the scan must find: proof that it reads this test's runs' logs and matches encodings."""
+    get_run_logger().info("canary %s", quote(text, safe=""))
+
+
+def _table_texts(pg: psycopg.Connection[Any], schema: str, staging: str) -> list[str]:
+    """Every row of every table in the schema and its staging schema, as text; the product's tables must exist."""
+    tables = pg.execute("SELECT schemaname, tablename FROM pg_tables WHERE schemaname IN (%s, %s)",
+                        (schema, staging)).fetchall()
+    missing = set(PRODUCT_TABLES) - {t for s, t in tables if s == schema}
+    assert not missing, f"tables the scan means to search do not exist in {schema}: {sorted(missing)}"
+    texts: list[str] = []
+    for table in tables:
+        texts += [r[0] for r in pg.execute(sql.SQL("SELECT t::text FROM {} t").format(sql.Identifier(*table)))]
+    return texts
+
+
+def _prefect_texts(tag: str) -> tuple[int, list[str]]:
+    """Every log line and artifact of the flow runs tagged ``tag`` (this test's runs and their subflows),
+    read page by page until exhausted; returns the number of runs and the texts. Fails if a run has no log
+    in the API (then its logs were never searched)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterTags,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.logging.handlers import APILogHandler
+
+    async def paged(read: Any) -> list[Any]:
+        out: list[Any] = []
+        while page := await read(offset=len(out), limit=200):
+            out += page
+        return out
+
+    async def collect() -> tuple[int, list[str]]:
+        await APILogHandler.aflush()  # the logs still queued in this process
         async with get_client() as client:
-            logs = await client.read_logs(log_filter=LogFilter(), limit=200)
-            artifacts = await client.read_artifacts(limit=200)
-            return [log.message for log in logs] + [json.dumps(a.data, default=str) for a in artifacts]
+            runs = await paged(lambda **page: client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])), **page))
+            ids = [r.id for r in runs]
+            logs = await paged(lambda **page: client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)), sort=LogSort.TIMESTAMP_DESC, **page))
+            artifacts = await paged(lambda **page: client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)), **page))
+        logged = {log.flow_run_id for log in logs}
+        silent = [r.name for r in runs if r.id not in logged]
+        assert not silent, f"flow runs without logs in the Prefect API: {silent}"
+        return len(runs), [log.message for log in logs] + [json.dumps(a.data, default=str) for a in artifacts]
 
     import asyncio
 
@@ -133,6 +191,7 @@ def test_secrets_never_leave_the_process(
     token_server: TokenServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     from fastapi.testclient import TestClient
+    from prefect import tags
 
     from flows.api import create_app
 
@@ -152,27 +211,31 @@ def test_secrets_never_leave_the_process(
     monkeypatch.setenv("REFRESH_API_TOKEN", api_token)
     monkeypatch.setenv("REFRESH_RETRY_DELAY_SECONDS", "0.1")
     texts: list[str] = []
+    run_tag = f"secrets-scan-{uuid.uuid4().hex}"  # finds this test's flow runs (and subflows) in the Prefect API
 
     apply_migrations(pg, schema)
     source = BigQuerySource.from_settings(env)
     put_table(source, "sqp", SQP_SCHEMA, sqp_rows(100))
     register_table(pg, schema, "good", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at"})
     register_table(pg, schema, "bad", {"source": "missing", "key": SQP_KEY, "cursor": "updated_at"})
-    state = daily_refresh(return_state=True)  # a success, a failure, alerts, artifacts
-    texts.append(json.dumps(state.result(raise_on_failure=False), default=str))
+    with tags(run_tag):
+        state = daily_refresh(return_state=True)  # a success, a failure, alerts, artifacts
+        texts.append(json.dumps(state.result(raise_on_failure=False), default=str))
 
-    # The wrong service-account key: the official client's token exchange fails.
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS_JSON", token_server.key_json)
-    with pytest.raises(Exception) as credentials_failure:
-        refresh_table("good", full_refresh=True)
-    texts += [str(credentials_failure.value), repr(credentials_failure.value)]
-    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS_JSON")
+        # The wrong service-account key: the official client's token exchange fails.
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS_JSON", token_server.key_json)
+        with pytest.raises(Exception) as credentials_failure:
+            refresh_table("good", full_refresh=True)
+        texts += [str(credentials_failure.value), repr(credentials_failure.value)]
+        monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS_JSON")
 
-    # The database unreachable with the password in the URI.
-    monkeypatch.setenv("BQ_REFRESH_DATABASE_URL", f"postgresql://{role}:{quote(password, safe='')}@127.0.0.1:{free_port()}/x")
-    with pytest.raises(Exception) as db_failure:
-        refresh_table("good")
-    texts += [str(db_failure.value), repr(db_failure.value)]
+        # The database unreachable with the password in the URI.
+        monkeypatch.setenv("BQ_REFRESH_DATABASE_URL", f"postgresql://{role}:{quote(password, safe='')}@127.0.0.1:{free_port()}/x")
+        with pytest.raises(Exception) as db_failure:
+            refresh_table("good")
+        texts += [str(db_failure.value), repr(db_failure.value)]
+        canary = f"canary @/% {uuid.uuid4().hex}"
+        canary_flow(canary)
     monkeypatch.setenv("BQ_REFRESH_DATABASE_URL", as_user(pg_uri, role, password))
 
     # The API: answers, and a wrong token is refused without being echoed.
@@ -184,17 +247,21 @@ def test_secrets_never_leave_the_process(
     assert refused.status_code == 401
     texts.append(refused.text)
 
-    for table in ("refresh_audit_log", "refresh_alerts", "refresh_checkpoints", "refresh_quarantine",
-                  "refresh_config", "data_quality_checks"):
-        if pg.execute("SELECT to_regclass(%s)", (f'"{schema}".{table}',)).fetchone() != (None,):
-            texts += [r[0] for r in pg.execute(f'SELECT t::text FROM "{schema}".{table} t').fetchall()]
+    texts += _table_texts(pg, schema, env.staging_schema)
     texts += [r["body"].decode() + json.dumps(r["headers"]) for r in webhook.received]
     texts += [record.getMessage() + (record.exc_text or "") for record in caplog.records]
-    texts += _prefect_texts()
+    runs, prefect_texts = _prefect_texts(run_tag)
+    texts += prefect_texts
 
+    # The daily run, its two subflows, the two failing runs and the canary; what they logged was read.
+    assert runs >= 6, runs
+    assert [how for how, form in encodings(canary).items() if form in "\n".join(prefect_texts)] == ["quote safe=''"]
     assert len(webhook.received) >= 2 and any("credentials rejected" in t for t in texts)
+    assert any("credentials rejected" in t for t in prefect_texts) and any("missing" in t for t in prefect_texts)
     everything = "\n".join(texts)
-    leaks = [what for what, value in secrets.items() if value in everything]
+    assert quote(password, safe="") != password != quote_plus(password)  # the encoded forms are searched too
+    leaks = [f"{what} ({how})" for what, value in secrets.items() for how, form in encodings(value).items()
+             if form in everything]
     assert not leaks, f"secrets found in the output: {leaks}"
 
 
