@@ -51,6 +51,11 @@ class QualityCheckFailed(RefreshError):
     """A hard data-quality check failed; nothing was published."""
 
 
+class StagingLost(RefreshError):
+    """The staging of a run no longer holds what its checkpoint records (PostgreSQL's crash recovery empties
+    UNLOGGED tables); nothing was published and the next run starts over."""
+
+
 class AlreadyRunning(RefreshError):
     """Another refresh of the same table holds its lock."""
 

@@ -419,6 +419,8 @@ def run(
     full_refresh: Annotated[bool, typer.Option("--full-refresh", help="Re-read everything and replace.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Everything except publishing; report what would change.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Refresh enabled tables even if not due.")] = False,
+    allow_deletes: Annotated[bool, typer.Option("--allow-deletes", help="Window mode: delete more vanished periods "
+                                                "than max_vanished_periods in this run.")] = False,
     max_concurrency: Annotated[int, typer.Option(help="Tables refreshed at the same time.")] = 4,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -429,7 +431,7 @@ def run(
 
     def start() -> Any:
         return daily_refresh(tables=table or None, full_refresh=full_refresh, dry_run=dry_run, force=force,
-                             max_concurrency=max_concurrency, return_state=True)
+                             allow_deletes=allow_deletes, max_concurrency=max_concurrency, return_state=True)
 
     state: Any = start() if as_json else _run_with_progress(start)
     summary = state.result(raise_on_failure=False)

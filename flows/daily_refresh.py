@@ -34,19 +34,22 @@ def plan_waves_task(tables: dict[str, int], dependencies: list[tuple[str, str, s
 
 
 @task(name="refresh", cache_policy=NO_CACHE)
-def run_table(table: str, full_refresh: bool, dry_run: bool, deployment: str | None, timeout_s: float) -> dict[str, Any]:
+def run_table(table: str, full_refresh: bool, dry_run: bool, deployment: str | None, timeout_s: float,
+              allow_deletes: bool = False) -> dict[str, Any]:
     """Run one table's subflow here, or as a flow run of the refresh-table deployment (scale-out)."""
     if deployment:
         from prefect.deployments import run_deployment
 
         run = run_deployment(deployment, timeout=timeout_s, as_subflow=True,
                              parameters={"table": table, "full_refresh": full_refresh, "dry_run": dry_run,
+                                         "allow_deletes": allow_deletes,
                                          "refresh_views": False})
         state = run.state  # type: ignore[union-attr]
         if state is None or not state.is_completed():
             raise RuntimeError(f"{table}: deployment run {run.id} ended {state.type.value if state else 'unknown'}")  # type: ignore[union-attr]
         return dict(state.result())
     return refresh_table.with_options(timeout_seconds=timeout_s)(table, full_refresh=full_refresh, dry_run=dry_run,
+                                                                 allow_deletes=allow_deletes,
                                                                  refresh_views=False)
 
 
@@ -57,6 +60,7 @@ def daily_refresh(
     dry_run: bool = False,
     force: bool = False,
     max_concurrency: int = 4,
+    allow_deletes: bool = False,
     use_deployments: bool = False,
     table_deployment: str = REFRESH_TABLE_DEPLOYMENT,
 ) -> Any:
@@ -67,6 +71,7 @@ def daily_refresh(
         full_refresh: re-read everything and replace.
         dry_run: everything except publishing.
         force: refresh enabled tables even if not due yet.
+        allow_deletes: window mode: delete more vanished periods than a table's max_vanished_periods.
         max_concurrency: tables refreshed at the same time.
         use_deployments: start each table as a flow run of the refresh-table deployment (work-pool scale-out).
         table_deployment: the "flow/deployment" name runs go to when use_deployments is on.
@@ -125,7 +130,7 @@ def daily_refresh(
             while queue and len(active) < max(1, max_concurrency):
                 name = queue.pop(0)
                 active.append((name, run_table.submit(name, full_refresh, dry_run, table_deployment if use_deployments else None,
-                                                      settings.table_timeout_s)))
+                                                      settings.table_timeout_s, allow_deletes)))
             still = []
             for name, fut in active:
                 if fut.state.is_final():

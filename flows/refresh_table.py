@@ -43,11 +43,13 @@ def _retry_transient(task: Any, task_run: Any, state: State[Any]) -> bool:
 
 
 @task(name="plan", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
-def plan_task(table: str, full_refresh: bool, batch_size: int | None, dry_run: bool = False) -> sync.RefreshPlan:
+def plan_task(table: str, full_refresh: bool, batch_size: int | None, dry_run: bool = False,
+              allow_deletes: bool = False) -> sync.RefreshPlan:
     res = _resources()
     with res.target.connect() as conn:
         entry = get_entry(conn, res.settings.schema_name, table)
-    return sync.plan_refresh(res, entry, full_refresh=full_refresh, batch_size=batch_size, dry_run=dry_run)
+    return sync.plan_refresh(res, entry, full_refresh=full_refresh, batch_size=batch_size, dry_run=dry_run,
+                             allow_deletes=allow_deletes)
 
 
 @task(name="stage", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
@@ -141,6 +143,7 @@ def refresh_table(
     dry_run: bool = False,
     batch_size: int | None = None,
     refresh_views: bool = True,
+    allow_deletes: bool = False,
 ) -> dict[str, Any]:
     """Refresh one registered table from BigQuery, exactly once, resumably.
 
@@ -151,6 +154,7 @@ def refresh_table(
         batch_size: rows per COPY batch and checkpoint (default: the table's or REFRESH_BATCH_SIZE).
         refresh_views: refresh the materialized views downstream when data changed (the parent flow
             does it once for all tables instead).
+        allow_deletes: window mode: delete more vanished periods than the table's max_vanished_periods.
 
     Returns:
         A summary: status, mode, rows read/inserted/updated/deleted, audit id.
@@ -187,7 +191,7 @@ def refresh_table(
             logger.warning("%s: %d earlier run(s) had been interrupted; closed their audit rows", entry.name, interrupted)
         try:
             plan = _with_retries(plan_task, settings.retries, settings.retry_delay_s)(entry.name, full_refresh,
-                                                                                       batch_size, dry_run)
+                                                                                       batch_size, dry_run, allow_deletes)
             held.ensure()
             manifest = _with_retries(stage_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
             held.ensure()

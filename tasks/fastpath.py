@@ -39,11 +39,25 @@ def row_hashes(rows: pa.RecordBatch, columns: list[Column]) -> pa.Array:
     arrays = []
     for c in columns:
         arr = rows.column(c.target_name)
-        arrays.append(arr.cast(c.arrow_type) if arr.type != c.arrow_type else arr)
+        arrays.append(_float_bits(arr.cast(c.arrow_type) if arr.type != c.arrow_type else arr))
     frame = pl.from_arrow(pa.table(arrays, names=[c.target_name for c in columns]))
     assert isinstance(frame, pl.DataFrame)
     hashed = frame.hash_rows(seed=HASH_SEED).to_numpy().view(np.int64)
     return pa.array(hashed, pa.int64())
+
+
+_BITS = {pa.float64(): pa.int64(), pa.float32(): pa.int32(), pa.float16(): pa.int16()}
+
+
+def _float_bits(arr: pa.Array) -> pa.Array:
+    """Floats as their bit patterns: Polars hashes -0.0 and 0.0 alike (and PostgreSQL calls them equal),
+    but they are different values of the source, so the row hash must tell them apart."""
+    if arr.type in _BITS:
+        return arr.view(_BITS[arr.type])
+    if pa.types.is_list(arr.type) and arr.type.value_type in _BITS:
+        bits = arr.values.view(_BITS[arr.type.value_type])
+        return pa.ListArray.from_arrays(arr.offsets, bits, mask=arr.is_null())
+    return arr
 
 
 class HashSet:
@@ -66,7 +80,7 @@ class HashSet:
 
 def load_target_hashes(adbc_conn: Any, schema: str, table: str, where: str = "") -> HashSet:
     """Read the target's stored row hashes (optionally restricted) in Arrow batches."""
-    text = (f"SELECT {quote_ident(HASH_COLUMN)} FROM {quote_ident(schema)}.{quote_ident(table)}"  # noqa: S608
+    text = (f"SELECT {quote_ident(HASH_COLUMN)} FROM {quote_ident(schema)}.{quote_ident(table)} t"  # noqa: S608
             f" WHERE {quote_ident(HASH_COLUMN)} IS NOT NULL" + (f" AND {where}" if where else ""))
     parts = []
     with adbc_conn.cursor() as cur:
@@ -88,6 +102,27 @@ class LocalSource:
     streams: dict[str, Callable[[int], Iterator[pa.RecordBatch]]]
     ref: str = "local.arrow.batches"
     estimated_rows: int = 0
+
+
+def local_slices(local: LocalSource, key: list[str], window: str | None) -> list[Any]:
+    """What ``reconcile.source_slices`` answers for BigQuery, for in-process batches: per period (or for all),
+    the rows and the distinct keys without a NULL. Every row of a local source counts as changed (read whole)."""
+    from tasks.reconcile import SourceSlice, period_text
+
+    cols = [*key, *([window] if window and window not in key else [])]
+    parts = [pl.from_arrow(pa.Table.from_batches([b]).select(cols)) for s in local.streams.values() for b in s(0)]
+    frames = [f for f in parts if isinstance(f, pl.DataFrame)]
+    if not frames:
+        return []
+    frame = pl.concat(frames)
+    group = window or "__all"
+    if not window:
+        frame = frame.with_columns(pl.lit(None).alias(group))
+    keyed = frame.filter(pl.all_horizontal([pl.col(k).is_not_null() for k in key]))
+    rows = frame.group_by(group).len()
+    keys = keyed.unique(subset=key + ([group] if window and window not in key else [])).group_by(group).len()
+    counted = {r[0]: int(r[1]) for r in keys.iter_rows()}
+    return [SourceSlice(period_text(p), int(n), counted.get(p, 0), int(n)) for p, n in rows.iter_rows()]
 
 
 class AdbcSession:

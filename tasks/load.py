@@ -16,6 +16,22 @@ from tasks.sqlnames import ident, idents, quote_ident
 from tasks.typemap import Column
 
 SEQ_COLUMN = "_bqr_seq"
+# The tables one run owns in the staging schema: its staged rows, the source's keys (delete reconciliation)
+# and the hashes of rows found unchanged.
+RUN_TABLE_SUFFIXES = ("", "_keys", "_same")
+
+
+def run_tables(staging_table: str) -> list[str]:
+    """Every staging-schema table of the run whose staging table is ``staging_table``."""
+    return [staging_table + suffix for suffix in RUN_TABLE_SUFFIXES]
+
+
+def run_of(table: str) -> str:
+    """The staging table of the run that owns ``table`` (the inverse of run_tables)."""
+    for suffix in RUN_TABLE_SUFFIXES:
+        if suffix and table.endswith(suffix):
+            return table[: -len(suffix)]
+    return table
 
 
 def table_exists(conn: psycopg.Connection[Any], schema: str, table: str) -> bool:
@@ -75,23 +91,23 @@ def _staging_columns(columns: list[Column]) -> sql.Composed:
 
 
 def create_staging(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column], *,
-                   row_hash: bool = False, same: tuple[str, str | None] | None = None) -> None:
+                   row_hash: bool = False, same: str | None = None) -> None:
     """An UNLOGGED staging table of this run (JSON as text; a batch sequence for 'latest wins').
+
+    UNLOGGED: crash recovery empties it; a resumed run proves it still holds what its checkpoint records
+    (sync._resume_refused) and starts over when it does not.
 
     Args:
         row_hash: staged rows carry their row hash.
-        same: (table, window column type or None): also a table for the hashes (and windows) of rows
-            found unchanged, which are not staged.
+        same: also a table of this name for the hashes of rows found unchanged, which are not staged.
     """
     cols = _staging_columns(columns)
     if row_hash:
         cols = sql.SQL("{}, {} bigint").format(cols, ident(HASH_COLUMN))
     ensure_schema(conn, schema)
     if same is not None:
-        same_table, window_type = same
-        extra = sql.SQL(", w {}").format(sql.SQL(window_type)) if window_type else sql.SQL("")
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(schema, same_table)))
-        conn.execute(sql.SQL("CREATE UNLOGGED TABLE {} (h bigint NOT NULL{})").format(ident(schema, same_table), extra))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(schema, same)))
+        conn.execute(sql.SQL("CREATE UNLOGGED TABLE {} (h bigint NOT NULL)").format(ident(schema, same)))
     conn.execute(
         sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} ({}, {} bigint NOT NULL)").format(
             ident(schema, table), cols, ident(SEQ_COLUMN)

@@ -11,6 +11,7 @@ from psycopg.types.json import Jsonb
 
 from blocks.bigquery import BigQuerySource
 from tasks.extract import short_retry
+from tasks.load import run_of
 from tasks.sqlnames import ident
 
 
@@ -47,8 +48,7 @@ def drop_orphaned_staging(conn: psycopg.Connection[Any], schema: str, staging_sc
     tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (staging_schema,))]
     dropped = []
     for t in tables:
-        base = t[:-5] if t.endswith("_keys") else t
-        if base not in active:
+        if run_of(t) not in active:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(staging_schema, t)))
             dropped.append(t)
     return dropped

@@ -185,19 +185,24 @@ def _orphans(conn: psycopg.Connection[Any], child: sql.Composable, columns: list
 
 
 def published_checks(
-    conn: psycopg.Connection[Any], *, target: sql.Composable, staging: sql.Composable, key: list[str],
-    distinct_staged: int, config: QualityConfig,
+    conn: psycopg.Connection[Any], *, target: sql.Composable, staged: sql.Composable, key: list[str],
+    distinct_staged: int, config: QualityConfig, hash_column: str | None = None,
 ) -> list[CheckResult]:
-    """Inside the publish transaction: every staged key is in the live table; no orphans there."""
+    """Inside the publish transaction: every staged key is in the live table (with the staged row hash when
+    the table keeps one, so the row published is the row read); no orphans there.
+
+    Args:
+        staged: a query of the staged rows, one per key (the row that was published).
+    """
     hard = set(config.hard)
-    match = sql.SQL(" AND ").join(sql.SQL("t.{} = s.{}").format(ident(k), ident(k)) for k in key)
+    match = sql.SQL(" AND ").join(sql.SQL("t.{} = s.{}").format(ident(k), ident(k)) for k in [*key, *([hash_column] if hash_column else [])])
     # Driven from the staged keys (a probe of the live table's key index each), not a scan of the live table.
-    row = conn.execute(sql.SQL("SELECT count(*) FROM (SELECT DISTINCT {} FROM {}) s"
-                               " WHERE EXISTS (SELECT 1 FROM {} t WHERE {})").format(
-        idents(key), staging, target, match)).fetchone()
+    row = conn.execute(sql.SQL("SELECT count(*) FROM ({}) s WHERE EXISTS (SELECT 1 FROM {} t WHERE {})").format(
+        staged, target, match)).fetchone()
     published = int(row[0]) if row else 0
     results = [CheckResult("published_count", published, distinct_staged, ok=published == distinct_staged,
-                           hard="published_count" in hard, detail="staged keys present in the live table")]
+                           hard="published_count" in hard,
+                           detail="staged keys present in the live table" + (" with the staged row hash" if hash_column else ""))]
     for fk in config.foreign_keys:
         results.append(_orphans(conn, target, fk.columns, fk.parent, fk.parent_columns or fk.columns,
                                 hard=fk.hard and "foreign_key" in hard, label="live"))

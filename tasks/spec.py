@@ -60,7 +60,8 @@ class QualityConfig(BaseModel):
     ranges: dict[str, tuple[float | None, float | None]] = Field(default_factory=dict, description="column -> [min, max]")
     not_greater_than: list[tuple[str, str]] = Field(default_factory=list, description="[a, b]: a <= b on every row")
     max_row_count_change: float | None = Field(default=None, ge=0, description="vs the previous run's rows read")
-    hard: list[str] = Field(default_factory=lambda: ["row_count", "checksum", "published_count", "foreign_key"],
+    hard: list[str] = Field(default_factory=lambda: ["row_count", "checksum", "published_count", "foreign_key",
+                                                     "reconciliation"],
                             description="Check kinds that fail the table; the others warn.")
 
 
@@ -77,6 +78,8 @@ class TableSpec(BaseModel):
     lookback: str = Field(default="0", description="Re-read window behind the watermark: 7d, 12h, 30m, 45s or an integer.")
     mode: Literal["incremental", "window", "full"] = "incremental"
     window_column: str | None = Field(default=None, description="Period column restated as a whole (window mode).")
+    max_vanished_periods: int = Field(default=1, ge=0, description="Window mode: more periods than this vanishing "
+                                      "from the source in one run are deleted only with --allow-deletes.")
     batch_size: int | None = Field(default=None, gt=0, description="Rows per COPY batch and checkpoint.")
     streams: int = Field(default=1, ge=1, le=64, description="Storage Read API streams read in parallel.")
     columns: list[str] | None = Field(default=None, description="Source columns to sync (default all).")

@@ -20,13 +20,13 @@ from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
 from blocks.resources import Resources
-from bq_refresh.errors import ConfigError, QualityCheckFailed, SchemaDriftError, SourceError
-from tasks import extract, fastpath, load, quality, registry
+from bq_refresh.errors import ConfigError, QualityCheckFailed, SchemaDriftError, SourceError, StagingLost
+from tasks import extract, fastpath, load, quality, reconcile, registry
 from tasks.artifacts import Progress
 from tasks.fastpath import HASH_COLUMN, LocalSource
 from tasks.registry import RegistryEntry
 from tasks.spec import QualityConfig, TableSpec
-from tasks.sqlnames import ident, idents
+from tasks.sqlnames import ident, idents, quote_ident
 from tasks.transform import get_transform, shape
 from tasks.typemap import CURSOR_TYPES, Column, conform
 
@@ -79,6 +79,11 @@ class RefreshPlan(BaseModel):
     hash_skip: bool = False  # rows whose hash the target holds are not staged
     direct: bool = False  # initial load straight into the empty target
     local: bool = False  # batches handed over in-process (tasks.fastpath.LocalSource)
+    # Window mode: the periods this run read whole and replaces (period_text values), and the rows the
+    # target must hold in each after the publish (the source's distinct keys at the read snapshot).
+    periods: list[str | None] | None = None
+    expected_periods: list[tuple[str | None, int]] | None = None
+    expected_rows: int | None = None  # full mode / delete reconciliation: the rows the whole target must hold
 
     @property
     def same_table(self) -> str:
@@ -157,7 +162,7 @@ def _drift(
 
 def plan_refresh(
     res: Resources, entry: RegistryEntry, *, full_refresh: bool = False, batch_size: int | None = None,
-    dry_run: bool = False, local: LocalSource | None = None,
+    dry_run: bool = False, local: LocalSource | None = None, allow_deletes: bool = False,
 ) -> RefreshPlan:
     """Resolve the source, check drift, prepare target and staging, and open or resume the read.
 
@@ -230,10 +235,12 @@ def plan_refresh(
         fingerprint = hashlib.sha1(repr((columns, key, full, spec.mode, entry.watermark, spec.lookback, target_schema,
                                          spec.checks, spec.critical_fields, row_hash, direct, hash_skip,
                                          local is not None)).encode()).hexdigest()
-        if active is not None and (active[1].get("fingerprint") != fingerprint
-                                   or not load.table_exists(conn, staging_schema, stage_table)):
-            conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE id = %s").format(ckpt_table), (active[0],))
-            active = None
+        if active is not None:
+            why = _resume_refused(conn, staging_schema, stage_table, active[1], int(active[2] or 0), fingerprint)
+            if why:
+                log.warning("%s: the unfinished run is not resumed (%s); starting over", table, why)
+                conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE id = %s").format(ckpt_table), (active[0],))
+                active = None
         if active is not None:
             data = active[1]
             conn.commit()
@@ -241,14 +248,37 @@ def plan_refresh(
                                rows_already_staged=int(active[2] or 0), session=data["session"])
 
         watermark_from = None
-        restriction = ""
+        floor_expr = None  # the cursor read: rows at or past the watermark's floor (its own value included)
         if not full and cursor_col is not None and local is None:  # in-process batches are read whole
             wm = extract.parse_watermark(entry.watermark, cursor_col.bq_type)
             floor = extract.watermark_floor(wm, cursor_col.bq_type, spec.lookback_amount())
             watermark_from = None if floor is None else str(floor)
             if floor is not None:
-                restriction = f"{extract.bq_ident(cursor_col.source_name)} > {extract.bq_literal(floor, cursor_col.bq_type)}"
+                floor_expr = f"{extract.bq_ident(cursor_col.source_name)} >= {extract.bq_literal(floor, cursor_col.bq_type)}"
+        restriction = floor_expr or ""
         snapshot = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+        soft_column = spec.delete_policy.soft_delete_column if spec.delete_policy.mode == "soft" else None
+        window_col = by_source[spec.window_column] if spec.window_column else None
+        periods: list[str | None] | None = None
+        expected_periods: list[tuple[str | None, int]] | None = None
+        expected_rows: int | None = None
+        if spec.mode == "window" and window_col is not None:
+            # Which periods changed is decided from the source (a delete changes no cursor), and each is read whole.
+            slices = (fastpath.local_slices(local, spec.key, window_col.source_name) if local is not None else
+                      reconcile.source_slices(res, source.ref, snapshot=snapshot.isoformat(), key=spec.key,
+                                              window=window_col.source_name, cursor_floor=floor_expr))
+            held = {} if created else reconcile.target_period_counts(conn, target_schema, target_table,
+                                                                     window_col.target_name, soft_column)
+            choice = reconcile.choose_periods(slices, held, everything=floor_expr is None)
+            reconcile.refuse_vanished(table, choice.vanished, spec.max_vanished_periods, allow_deletes,
+                                      window_col.source_name)
+            restriction = reconcile.window_restriction(choice.read, window_col.source_name, window_col.bq_type)
+            periods = choice.read + choice.vanished
+            expected_periods = list(choice.expected.items())
+        elif spec.mode == "full" or spec.delete_policy.mode != "none":  # the whole table is in the run's scope
+            slices = (fastpath.local_slices(local, spec.key, None) if local is not None else
+                      reconcile.source_slices(res, source.ref, snapshot=snapshot.isoformat(), key=spec.key, window=None))
+            expected_rows = slices[0].keys if slices else 0
         selected = [c.source_name for c in columns if not c.derived]
         if local is not None:
             session = extract.ReadSessionInfo(
@@ -263,9 +293,8 @@ def plan_refresh(
                 snapshot_time=snapshot, max_streams=spec.streams, table_name=table,
             )
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(staging_schema, stage_table)))
-        window_pg = by_source[spec.window_column].pg_type if spec.window_column else None
         load.create_staging(conn, staging_schema, stage_table, columns, row_hash=row_hash,
-                            same=(stage_table + "_same", window_pg if spec.mode == "window" else None) if hash_skip else None)
+                            same=stage_table + "_same" if hash_skip else None)
         plan_fields: dict[str, Any] = dict(
             table=table, config_id=entry.id, registry_schema=settings.schema_name, target_schema=target_schema,
             target_table=target_table, staging_schema=staging_schema, staging_table=stage_table,
@@ -281,6 +310,7 @@ def plan_refresh(
             frequency_hours=entry.refresh_frequency_hours,
             critical_fields=[spec.target_name(c) for c in spec.critical_fields], checks=spec.checks, shadow=spec.shadow,
             row_hash=row_hash, hash_skip=hash_skip, direct=direct, local=local is not None,
+            periods=periods, expected_periods=expected_periods, expected_rows=expected_rows,
             verify_sample=(res.settings.verify_sample if (session.estimated_rows or 0) >= res.settings.verify_sample_min_rows
                            else 1) if row_hash else 1,
         )
@@ -301,6 +331,31 @@ def plan_refresh(
         assert row is not None
         return RefreshPlan(**plan_fields, checkpoint_id=int(row[0]), resumed=False, rows_already_staged=0,
                            session=session_data)
+
+
+def _resume_refused(conn: Any, staging_schema: str, stage_table: str, data: dict[str, Any], staged: int,
+                    fingerprint: str) -> str | None:
+    """Why an active checkpoint cannot be resumed, or None when staging provably holds what it records.
+
+    Staging is UNLOGGED: PostgreSQL's crash recovery empties it while the (logged) checkpoint keeps its
+    offsets and counts. Each batch and its checkpoint commit together, so an intact staging holds exactly
+    ``last_processed_row`` staged rows and the checkpoint's ``unchanged`` hashes; anything else means the
+    staged rows are gone (or were never ours) and a resumed run would publish, or delete, from a partial read.
+    """
+    if data.get("fingerprint") != fingerprint:
+        return "the plan changed"
+    same_table = stage_table + "_same"
+    unchanged = int(data.get("unchanged") or 0)
+    for name, want in ((stage_table, staged), (same_table, unchanged)):
+        if not load.table_exists(conn, staging_schema, name):
+            if name == same_table and not unchanged:
+                continue  # no hash skipping in this plan
+            return f"staging table {name} is missing"
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident(staging_schema, name))).fetchone()
+        have = int(row[0]) if row else -1
+        if have != want:
+            return f"staging table {name} holds {have} rows, the checkpoint records {want} (emptied by a crash?)"
+    return None
 
 
 def _session_dict(session: extract.ReadSessionInfo) -> dict[str, Any]:
@@ -387,17 +442,24 @@ def _reader(res: Resources, plan: RefreshPlan, local: LocalSource | None) -> Any
     return read_bq
 
 
+def _pg_type(plan: RefreshPlan, column: str) -> str:
+    return next(c.pg_type for c in plan.columns if c.target_name == column)
+
+
 def _target_hashes(res: Resources, plan: RefreshPlan) -> fastpath.HashSet:
     """The row hashes the target holds for the rows this read can meet again."""
     where = []
     with res.target.connect() as conn:
         if plan.delete_mode == "soft":
             where.append(sql.SQL("{} IS NULL").format(ident(plan.soft_delete_column)).as_string(conn))
-        if plan.watermark_from is not None and plan.cursor and not plan.full:
-            cursor_type = next(c.pg_type for c in plan.columns if c.target_name == plan.cursor)
+        if plan.periods is not None and plan.window_column:
+            # Window mode reads whole periods: the target's rows of those periods are the ones met again.
+            where.append(reconcile.period_scope("t", plan.window_column, _pg_type(plan, plan.window_column),
+                                                plan.periods).as_string(conn))
+        elif plan.watermark_from is not None and plan.cursor and not plan.full:
             # Unchanged rows are re-read only when their cursor is inside the read window; so is the target's copy.
-            where.append(sql.SQL("{} > {}::{}").format(ident(plan.cursor), sql.Literal(plan.watermark_from),
-                                                       sql.SQL(cursor_type)).as_string(conn))
+            where.append(sql.SQL("{} >= {}::{}").format(ident(plan.cursor), sql.Literal(plan.watermark_from),
+                                                        sql.SQL(_pg_type(plan, plan.cursor))).as_string(conn))
     adbc_conn = res.target.connect_adbc()
     try:
         return fastpath.load_target_hashes(adbc_conn, plan.target_schema, plan.target_table, " AND ".join(where))
@@ -417,6 +479,16 @@ def stage_rows(
     """
     transform = get_transform(plan.transform, plan.table) if plan.transform else None
     read = _reader(res, plan, local)
+    with res.target.connect() as conn:
+        row = conn.execute(sql.SQL("SELECT status, checkpoint_data FROM {} WHERE id = %s").format(
+            ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,)).fetchone()
+    assert row is not None
+    if row[0] == "completed" and "direct_load" in row[1]:
+        # A retry after the direct load's COMMIT landed with its answer lost: report what it published.
+        log.warning("%s: already loaded by an earlier attempt of this run (its COMMIT's answer was lost)", plan.table)
+        return StageManifest(**row[1]["direct_load"])
+    if row[0] != "active":
+        raise StagingLost(f"its checkpoint is {row[0]}; nothing published, the next run starts over", table=plan.table)
     if plan.direct:
         try:
             return _load_direct(res, plan, read, transform, audit_id)
@@ -427,15 +499,10 @@ def stage_rows(
     lock = threading.Lock()
     recreated = 0
     session = dict(plan.session)
-    with res.target.connect() as conn:
-        row = conn.execute(
-            sql.SQL("SELECT checkpoint_data FROM {} WHERE id = %s").format(ident(plan.registry_schema, "refresh_checkpoints")),
-            (plan.checkpoint_id,),
-        ).fetchone()
-    assert row is not None
-    offsets: dict[str, int] = {k: int(v) for k, v in row[0].get("offsets", {}).items()}
-    done: dict[str, bool] = {k: bool(v) for k, v in row[0].get("done", {}).items()}
-    seq_base = int(row[0].get("seq_base", 0))
+    state = row[1]
+    offsets: dict[str, int] = {k: int(v) for k, v in state.get("offsets", {}).items()}
+    done: dict[str, bool] = {k: bool(v) for k, v in state.get("done", {}).items()}
+    seq_base = int(state.get("seq_base", 0))
     progress = Progress(plan.table, int(session.get("estimated_rows") or 0))
     check_names = quality.checksum_names(plan.columns, plan.key, plan.critical_fields)
 
@@ -524,7 +591,7 @@ def _digest(plan: RefreshPlan, rows: pa.RecordBatch, check_names: list[str]) -> 
 def _split_unchanged(
     plan: RefreshPlan, rows: pa.RecordBatch, hashset: fastpath.HashSet | None,
 ) -> tuple[pa.RecordBatch, pa.Table | None]:
-    """(rows to stage, with their hash; hashes [and windows] of the rows the target already holds)."""
+    """(rows to stage, with their hash; hashes of the rows the target already holds)."""
     if not plan.row_hash:
         return rows, None
     hashes = fastpath.row_hashes(rows, plan.columns)
@@ -533,10 +600,7 @@ def _split_unchanged(
         mask = hashset.contains(hashes)
         if mask.any():
             hit, keep = pa.array(mask), pa.array(~mask)
-            cols: dict[str, pa.Array] = {"h": hashes.filter(hit)}
-            if plan.mode == "window" and plan.window_column:
-                cols["w"] = rows.column(plan.window_column).filter(hit)
-            same = pa.table(cols)
+            same = pa.table({"h": hashes.filter(hit)})
             rows, hashes = rows.filter(keep), hashes.filter(keep)
     return rows.append_column(HASH_COLUMN, hashes), same
 
@@ -582,12 +646,19 @@ def _stage_source_keys(res: Resources, plan: RefreshPlan, session: dict[str, Any
     client = res.source.get_read_client()
     schema = pa.ipc.read_schema(pa.py_buffer(info.arrow_schema))
     adbc_conn = res.target.connect_adbc()
+    reg = quote_ident(plan.registry_schema)
     try:
+        n = 0
         for stream in info.streams:
             for batch, _ in extract.read_stream(client, stream, 0, schema, table_name=plan.table):
+                n += batch.num_rows
                 with adbc_conn.cursor() as cur:
                     cur.adbc_ingest(keys_table, pa.Table.from_batches([conform(batch, key_cols)]), mode="append",
                                     db_schema_name=plan.staging_schema)
+        with adbc_conn.cursor() as cur:  # the count a publish proves the (UNLOGGED) key table still holds
+            cur.execute(f"UPDATE {reg}.refresh_checkpoints SET checkpoint_data = checkpoint_data"  # noqa: S608
+                        " || jsonb_build_object('source_keys', $1::bigint) WHERE id = $2::int",
+                        parameters=(n, plan.checkpoint_id))
         adbc_conn.commit()
     finally:
         adbc_conn.close()
@@ -639,13 +710,43 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
     p = load.PublishSQL(target, staging, plan.columns, plan.key, plan.cursor, (HASH_COLUMN,) if plan.row_hash else ())
     same = ident(plan.staging_schema, plan.same_table)
     soft = plan.soft_delete_column if plan.delete_mode == "soft" else None
+    ckpt_table = ident(plan.registry_schema, "refresh_checkpoints")
     with res.target.connect() as conn:
         conn.execute("SET LOCAL lock_timeout = '60s'")
+        ckpt = conn.execute(sql.SQL("SELECT status, last_processed_row, checkpoint_data FROM {} WHERE id = %s"
+                                    " FOR UPDATE").format(ckpt_table), (plan.checkpoint_id,)).fetchone()
+        if ckpt is not None and ckpt[0] == "completed" and "published" in (ckpt[2] or {}):
+            # An earlier attempt's COMMIT landed though its answer was lost: report what it published.
+            conn.rollback()
+            log.warning("%s: already published by an earlier attempt of this run (its COMMIT's answer was lost)",
+                        plan.table)
+            return PublishResult(**ckpt[2]["published"])
+        if ckpt is None or ckpt[0] != "active":
+            raise StagingLost(f"its checkpoint is {ckpt[0] if ckpt else 'gone'}: the staged rows cannot be trusted;"
+                              " nothing published, the next run starts over", table=plan.table)
         counts = conn.execute(
             sql.SQL("SELECT count(*), count(DISTINCT ({})) FROM {}").format(idents(plan.key), staging)
         ).fetchone()
         assert counts is not None
         staged, distinct = int(counts[0]), int(counts[1])
+        skipped = int((ckpt[2] or {}).get("unchanged") or 0)
+        kept = staged
+        if plan.hash_skip:
+            same_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(same)).fetchone()
+            kept += int(same_rows[0]) if same_rows else 0
+        if plan.reconcile_keys:
+            keys_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                ident(plan.staging_schema, plan.staging_table + "_keys"))).fetchone()
+            if (int(keys_rows[0]) if keys_rows else -1) != int((ckpt[2] or {}).get("source_keys", -1)):
+                kept = -1  # the source's keys are gone: no delete can be decided from them
+        if staged != int(ckpt[1] or 0) or kept - staged != skipped:
+            # UNLOGGED staging emptied by PostgreSQL's crash recovery (or tampered with): publishing or deleting
+            # from it would lose rows. The run fails; the next one starts over.
+            conn.rollback()
+            discard_staging(res, plan, "staging does not hold what the checkpoint records")
+            raise StagingLost(f"staging holds {staged} rows and {kept - staged} unchanged-row hashes, the checkpoint"
+                              f" records {int(ckpt[1] or 0)} and {skipped} (emptied by a crash?); nothing published,"
+                              " the next run starts over", table=plan.table)
         # A bulk load into an empty table is faster with its secondary indexes built afterwards
         # (measured: bench/index_rebuild.py). Same transaction: readers never see the table without them.
         rebuilt: list[tuple[str, str]] = []
@@ -663,19 +764,15 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
         inserted, updated = int(merged[0]), int(merged[1])
 
         delete_scope: sql.Composable | None = None
-        if plan.mode == "window" and plan.window_column:
-            windows = sql.SQL("SELECT {} FROM {}").format(ident(plan.window_column), staging)
-            if plan.hash_skip:  # a restated window may hold unchanged rows only
-                windows = sql.SQL("{} UNION SELECT w FROM {}").format(windows, same)
-            delete_scope = sql.SQL("t.{} IN ({})").format(ident(plan.window_column), windows)
+        if plan.mode == "window":
+            if plan.periods is not None and plan.window_column:  # every period in it was read whole
+                delete_scope = reconcile.period_scope("t", plan.window_column, _pg_type(plan, plan.window_column),
+                                                      plan.periods)
             source_keys = staging
         elif plan.full and (plan.mode == "full" or plan.delete_mode != "none"):
             delete_scope, source_keys = sql.SQL("true"), staging
         elif plan.reconcile_keys:
             delete_scope, source_keys = sql.SQL("true"), ident(plan.staging_schema, plan.staging_table + "_keys")
-        unchanged_row = conn.execute(sql.SQL("SELECT (checkpoint_data->>'unchanged')::bigint FROM {} WHERE id = %s").format(
-            ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,)).fetchone()
-        skipped = int(unchanged_row[0] or 0) if unchanged_row else 0
         deleted = 0
         if (delete_scope is not None and plan.hash_skip and source_keys is staging and not soft
                 and (plan.mode != "window" or plan.window_column in plan.key)):
@@ -710,8 +807,10 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
 
         for _name, definition in rebuilt:
             conn.execute(definition.encode())  # pg_get_indexdef output: quoted by PostgreSQL itself
-        post = quality.published_checks(conn, target=target, staging=staging, key=plan.key,
-                                        distinct_staged=distinct, config=plan.checks)
+        post = quality.published_checks(conn, target=target, staged=p.deduped(), key=plan.key,
+                                        distinct_staged=distinct, config=plan.checks,
+                                        hash_column=HASH_COLUMN if plan.row_hash else None)
+        post.append(_reconciliation(conn, plan, target, soft))
         _record_and_gate(res, plan, audit_id, post, conn.rollback, "failed quality check after publish")
 
         watermark = None
@@ -728,12 +827,26 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
             conn.rollback()
             return result
         _advance_watermark(conn, plan, watermark, res.settings.schedule_anchor)
-        conn.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s WHERE id = %s").format(
-            ident(plan.registry_schema, "refresh_checkpoints")), (staged, plan.checkpoint_id))
-        for leftover in (staging, ident(plan.staging_schema, plan.staging_table + "_keys"), same):
-            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(leftover))
+        conn.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s,"
+                             " checkpoint_data = checkpoint_data || %s WHERE id = %s").format(ckpt_table),
+                     (staged, Jsonb({"published": result.model_dump(mode="json")}), plan.checkpoint_id))
+        for leftover in load.run_tables(plan.staging_table):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, leftover)))
         conn.commit()
     return result
+
+
+def _reconciliation(conn: Any, plan: RefreshPlan, target: sql.Composable, soft: str | None) -> quality.CheckResult:
+    """The target's rows per replaced period, or in all, against the source's at the read snapshot (hard)."""
+    expected = dict(plan.expected_periods) if plan.expected_periods is not None else None
+    problems = reconcile.prove(conn, table=plan.table, target=target, window=plan.window_column,
+                               pg_type=_pg_type(plan, plan.window_column) if plan.window_column else None,
+                               expected_periods=expected, expected_rows=plan.expected_rows, live_only=soft)
+    slices = (len(expected) if expected is not None else 0) + (1 if plan.expected_rows is not None else 0)
+    return quality.CheckResult(
+        "reconciliation", float(len(problems)), 0.0, ok=not problems, hard="reconciliation" in plan.checks.hard,
+        detail="; ".join(problems[:20]) + (f" (and {len(problems) - 20} more)" if len(problems) > 20 else "")
+        if problems else f"{slices} slice(s) equal to the source's count")
 
 
 def _advance_watermark(conn: Any, plan: RefreshPlan, watermark: str | None, anchor: time) -> None:
@@ -767,7 +880,7 @@ def discard_staging(res: Resources, plan: RefreshPlan, reason: str) -> None:
     with res.target.connect() as conn:
         conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE id = %s").format(
             ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,))
-        for leftover in (plan.staging_table, plan.staging_table + "_keys", plan.same_table):
+        for leftover in load.run_tables(plan.staging_table):
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, leftover)))
         conn.commit()
     log.info("%s: staging discarded (%s)", plan.table, reason)
@@ -878,6 +991,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
         results.append(quality.CheckResult("published_count", present_rows, counters["loaded"],
                                            ok=present_rows == counters["loaded"], hard="published_count" in plan.checks.hard,
                                            detail="rows loaded present in the live table"))
+        results.append(_reconciliation(session, plan, target, None))
         _record_and_gate(res, plan, audit_id, results, adbc_conn.rollback, "failed quality check")
         try:
             fastpath.rebuild_indexes(session, plan.target_schema, plan.target_table, dropped)
@@ -890,9 +1004,20 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
             wm = session.execute(sql.SQL("SELECT max({})::text FROM {}").format(ident(plan.cursor), target)).fetchone()
             watermark = wm[0] if wm else None
         _advance_watermark(session, plan, watermark, res.settings.schedule_anchor)
-        session.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s WHERE id = %s").format(
-            ident(plan.registry_schema, "refresh_checkpoints")), (counters["loaded"], plan.checkpoint_id))
-        for leftover in (plan.staging_table, plan.staging_table + "_keys", plan.same_table):
+        manifest = StageManifest(
+            rows_read=counters["read"], rows_staged=counters["loaded"], rows_quarantined=counters["quarantined"],
+            batches=counters["batches"], session_recreated=0, resumed_from_rows=0,
+            read_session=str(plan.session["name"]),
+            published=PublishResult(
+                rows_inserted=counters["loaded"], rows_updated=0, rows_unchanged=0, rows_deleted=0, duplicate_keys=0,
+                watermark=watermark, dry_run=False,
+                checks_failed_soft=[r.name for r in results if not r.ok and not r.hard],
+                indexes_rebuilt=[n for n, _ in dropped.constraints + dropped.indexes]),
+        )
+        session.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s, checkpoint_data = checkpoint_data"
+                                " || %s WHERE id = %s").format(ident(plan.registry_schema, "refresh_checkpoints")),
+                        (counters["loaded"], Jsonb({"direct_load": manifest.model_dump(mode="json")}), plan.checkpoint_id))
+        for leftover in load.run_tables(plan.staging_table):
             session.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, leftover)))
         adbc_conn.commit()
     except BaseException:
@@ -904,13 +1029,4 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
     finally:
         adbc_conn.close()
         quoting.close()
-    published = PublishResult(
-        rows_inserted=counters["loaded"], rows_updated=0, rows_unchanged=0, rows_deleted=0, duplicate_keys=0,
-        watermark=watermark, dry_run=False, checks_failed_soft=[r.name for r in results if not r.ok and not r.hard],
-        indexes_rebuilt=[n for n, _ in dropped.constraints + dropped.indexes],
-    )
-    return StageManifest(
-        rows_read=counters["read"], rows_staged=counters["loaded"], rows_quarantined=counters["quarantined"],
-        batches=counters["batches"], session_recreated=0, resumed_from_rows=0, read_session=str(plan.session["name"]),
-        published=published,
-    )
+    return manifest

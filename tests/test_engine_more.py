@@ -175,8 +175,8 @@ def test_date_and_int64_cursors(source_and_registry: tuple[BigQuerySource, str],
     register_table(pg, schema, "by_int", {"source": "v", "key": ["id"], "cursor": "version", "lookback": "2"})
     register_table(pg, schema, "by_day", {"source": "v", "key": ["id"], "cursor": "day", "lookback": "1d"})
     assert refresh_table("by_int")["rows_read"] == 10 and refresh_table("by_day")["rows_read"] == 10
-    assert refresh_table("by_int")["rows_read"] == 2  # version > 9 - 2
-    assert refresh_table("by_day")["rows_read"] == 1  # day > 2025-01-10 - 1 day
+    assert refresh_table("by_int")["rows_read"] == 3  # version >= 9 - 2 (the read includes the floor's own value)
+    assert refresh_table("by_day")["rows_read"] == 2  # day >= 2025-01-10 - 1 day
 
 
 def test_renames_snake_case_and_a_derived_column(source_and_registry: tuple[BigQuerySource, str],
