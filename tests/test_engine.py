@@ -150,6 +150,7 @@ def test_every_type_round_trips_exactly(source: BigQuerySource, registry: str, p
         row["j"] = None if row["j"] is None else json.loads(row["j"])
     actual = pg_rows(pg, f'"{registry}".all_types', "id")
     assert_same_rows(expected, actual, ["id"])
+    assert_same_rows(source_rows(source, "all_types"), actual, ["id"])  # the BigQuery client's own types too
     assert pg.execute(f'SELECT count(*) FROM "{registry}".all_types WHERE i IS NULL AND n IS NULL').fetchone() == (1,)
 
 
