@@ -1,0 +1,231 @@
+"""PostgreSQL itself crashes (``pg_ctl stop -m immediate``: no checkpoint, UNLOGGED staging emptied by crash
+recovery) at several points of a refresh; after the restart ONE rerun leaves the live table equal to the
+source, value by value, with no duplicate key and truthful audit rows.
+
+Crash points: early in the stage, late in the stage, inside the publish (the merge waits on a lock the test
+holds, and the server dies there), during a direct initial load (inside its one COPY). The README's test
+command runs every crash point x every mode with row hashes on and the changed rows late in the stream;
+``BQ_REFRESH_CRASH_MATRIX=full`` adds row hashes off, changed rows early, and the staged path on an empty
+target (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pytest
+
+import tests.killable_refresh  # noqa: F401  (registers the slow transform here too)
+from blocks import BigQuerySource
+from bq_refresh.services import free_port
+from bq_refresh.settings import Settings
+from flows.refresh_table import refresh_table
+from tasks.migrations import apply_migrations
+from tasks.registry import register_table
+from tests.bqdata import assert_same_rows, pg_rows, put_table, source_rows
+from tests.conftest import ROOT
+from tests.test_engine import SQP_KEY, SQP_SCHEMA, T0, sqp_rows
+
+pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+TOTAL, BATCH, WEEKS = 6000, 250, 6
+
+
+class CrashablePostgres:
+    """A PostgreSQL cluster of its own (same binaries as the suite's server), which the test crashes."""
+
+    def __init__(self, bindir: Path, root: Path) -> None:
+        self.bindir, self.data, self.port = bindir, root / "data", free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        self.runas: list[str] = []
+        if os.getuid() == 0:
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                subprocess.run(["useradd", "--system", "--no-create-home", "postgres"], check=True)
+            shutil.chown(root, "postgres")
+            self.runas = ["runuser", "-u", "postgres", "--"]
+        subprocess.run([*self.runas, str(bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                        "-E", "UTF8"], check=True, capture_output=True)
+        self.start()
+
+    @property
+    def uri(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def pg_ctl(self, *args: str) -> None:
+        subprocess.run([*self.runas, str(self.bindir / "pg_ctl"), "-D", str(self.data), *args], check=True,
+                       capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self.pg_ctl("-l", str(self.data.parent / "log"), "-w", "-o",
+                    f"-p {self.port} -k /tmp -c listen_addresses=127.0.0.1 -c max_connections=100", "start")
+
+    def crash(self) -> None:
+        """Immediate shutdown: every backend killed, no shutdown checkpoint; the restart runs crash recovery."""
+        self.pg_ctl("-m", "immediate", "-w", "stop")
+
+    def stop(self) -> None:
+        try:
+            self.pg_ctl("-m", "fast", "-w", "stop")
+        except subprocess.CalledProcessError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def crashable(pg_uri: str) -> Iterator[CrashablePostgres]:
+    with psycopg.connect(pg_uri, autocommit=True) as conn:
+        row = conn.execute("SHOW data_directory").fetchone()
+    pidfile = Path(str(row[0] if row else ""), "postmaster.pid")
+    if not pidfile.exists():
+        pytest.skip("the suite's PostgreSQL is not on this machine: no binaries to start a crashable one")
+    bindir = Path(os.readlink(f"/proc/{int(pidfile.read_text().split()[0])}/exe")).parent
+    # Not under /tmp/pytest-of-root (mode 700): the server runs as the postgres user when the suite is root.
+    root = ROOT / ".state" / "tests" / f"crashable-pg-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    server = CrashablePostgres(bindir, root)
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+CI_CASES = [(point, mode, True, "late") for point in ("stage_early", "stage_late", "publish", "direct")
+            for mode in ("incremental", "window")]
+FULL_CASES = CI_CASES + [(point, mode, hashes, where) for point in ("stage_early", "stage_late", "publish", "direct",
+                                                                    "staged_empty")
+                         for mode in ("incremental", "window") for hashes in (True, False)
+                         for where in ("late", "early") if (point, mode, hashes, where) not in CI_CASES]
+CASES = FULL_CASES if os.environ.get("BQ_REFRESH_CRASH_MATRIX") == "full" else CI_CASES
+
+
+def changed_source(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """10% of the rows changed (new values and cursor), one deleted, ten added; placed late or early in the
+    stream (the emulator streams rows in load order)."""
+    changed = [dict(r, impressions=r["impressions"] + 1, updated_at=T0 + timedelta(days=3)) for r in rows[::10]]
+    rest = [r for i, r in enumerate(rows) if i % 10 and i != 7]
+    added = [dict(rows[0], search_query=f"new {i}", updated_at=T0 + timedelta(days=3)) for i in range(10)]
+    return rest + changed + added if where == "late" else changed + added + rest
+
+
+def live(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
+    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".sqp',)).fetchone()
+    return pg_rows(conn, f'"{schema}".sqp', "1, 2, 3") if exists and exists[0] else []
+
+
+def put(source: BigQuerySource, rows: list[dict[str, Any]]) -> None:
+    put_table(source, "sqp", SQP_SCHEMA, pa.Table.from_pylist(rows, schema=sqp_rows(1).schema))
+
+
+def checkpoint_offsets(conn: psycopg.Connection[Any], schema: str) -> int:
+    row = conn.execute(f"SELECT checkpoint_data->'offsets' FROM \"{schema}\".refresh_checkpoints"
+                       " WHERE status = 'active'").fetchone()
+    return sum(int(v) for v in (row[0] or {}).values()) if row else 0
+
+
+def wait_for(predicate: Any, child: subprocess.Popen[bytes], what: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except psycopg.Error:
+            pass
+        if child.poll() is not None:
+            err = child.stderr.read().decode()[-3000:] if child.stderr else ""
+            raise AssertionError(f"the refresh ended (rc {child.returncode}) before {what}: {err}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize(("point", "mode", "hashes", "where"), CASES,
+                         ids=["-".join([p, m, "hash" if h else "nohash", w]) for p, m, h, w in CASES])
+def test_a_postgres_crash_then_one_rerun_is_exact(
+    env: Settings, crashable: CrashablePostgres, monkeypatch: pytest.MonkeyPatch,
+    point: str, mode: str, hashes: bool, where: str,
+) -> None:
+    schema = env.schema_name
+    monkeypatch.setenv("BQ_REFRESH_DATABASE_URL", crashable.uri)
+    monkeypatch.setenv("REFRESH_RETRIES", "0")  # the crashed run fails; the rerun is the test's one rerun
+    source = BigQuerySource.from_settings(env)
+    rows = sqp_rows(TOTAL, weeks=WEEKS).to_pylist()
+    spec: dict[str, Any] = {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "batch_size": BATCH,
+                            "row_hash": hashes, "transform": "slow_for_tests", "lookback": "1d",
+                            "direct_initial_load": point == "direct"}
+    if mode == "window":
+        spec |= {"mode": "window", "window_column": "start_date"}
+    else:
+        spec |= {"delete_policy": {"mode": "hard"}}
+    empty_target = point in ("direct", "staged_empty")
+    conn = psycopg.connect(crashable.uri, autocommit=True)
+    try:
+        apply_migrations(conn, schema)
+        register_table(conn, schema, "sqp", spec)
+        if empty_target:
+            put(source, rows)
+        else:
+            put(source, rows)
+            register_table(conn, schema, "sqp", {**spec, "transform": None, "direct_initial_load": True})
+            assert refresh_table("sqp")["status"] == "success"
+            register_table(conn, schema, "sqp", spec)
+            put(source, changed_source(rows, where))
+        before = live(conn, schema)
+
+        from prefect.settings import PREFECT_API_URL
+
+        child = subprocess.Popen([sys.executable, "-m", "tests.killable_refresh", "sqp"], cwd=ROOT,
+                                 env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+                                      "PYTHONPATH": str(ROOT)},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        blocker = None
+        try:
+            if point == "stage_early":
+                wait_for(lambda: checkpoint_offsets(conn, schema) >= 2 * BATCH, child, "two batches staged")
+            elif point in ("stage_late", "staged_empty"):
+                read_total = TOTAL if empty_target or mode == "window" else TOTAL // 3
+                wait_for(lambda: checkpoint_offsets(conn, schema) >= read_total * 0.6, child, "most batches staged")
+            elif point == "direct":
+                wait_for(lambda: (conn.execute("SELECT coalesce(sum(tuples_processed), 0) FROM pg_stat_progress_copy"
+                                               ).fetchone() or (0,))[0] >= 1000, child, "the direct COPY under way")
+            else:  # publish: the merge waits on our lock inside its transaction, and the server dies there
+                blocker = psycopg.connect(crashable.uri)
+                blocker.execute(f'LOCK TABLE "{schema}".sqp IN SHARE MODE')
+                wait_for(lambda: bool(conn.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE 'WITH up AS%'"
+                ).fetchone()), child, "the publish waiting inside its transaction")
+            crashable.crash()
+        finally:
+            rc = child.wait(timeout=180)
+            if blocker is not None:
+                blocker.close()
+        assert rc != 0, "the crashed run must not report success"
+    finally:
+        conn.close()
+
+    crashable.start()
+    with psycopg.connect(crashable.uri, autocommit=True) as conn:
+        assert live(conn, schema) == before  # as before (an empty or absent table for a first load): never half-way
+        rerun = refresh_table("sqp")
+        assert rerun["status"] == "success", rerun
+        assert_same_rows(source_rows(source, "sqp"), pg_rows(conn, f'"{schema}".sqp', "1, 2, 3"), SQP_KEY)
+        dupes = conn.execute(f'SELECT count(*) - count(DISTINCT (start_date, asin, search_query)) FROM "{schema}".sqp'
+                             ).fetchone()
+        assert dupes == (0,)
+        audit = conn.execute(f'SELECT status, rows_inserted, rows_updated, rows_deleted FROM "{schema}".refresh_audit_log'
+                             " ORDER BY id").fetchall()
+        statuses = [a[0] for a in audit]
+        assert statuses[-1] == "success" and statuses[-2] == "failed", audit  # the crashed run closed as failed
+        if not empty_target:
+            assert audit[-1][1:] == (10, TOTAL // 10, 1), audit  # what the rerun changed, exactly
+        else:
+            assert audit[-1][1] == TOTAL, audit
