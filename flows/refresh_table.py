@@ -216,7 +216,7 @@ def refresh_table(
             raise named from exc
         elapsed_ms = int((time.monotonic() - started) * 1000)
         slow = elapsed_ms > settings.timeout_warning_ms
-        warn = manifest.rows_quarantined or result.duplicate_keys or slow or soft_failures
+        warn = manifest.rows_quarantined or result.duplicate_keys or slow or soft_failures or result.future_cursor_rows
         status = "warning" if warn else "success"
         metadata = {
             "mode": plan.mode, "full": plan.full, "dry_run": dry_run, "watermark_from": plan.watermark_from,
@@ -228,7 +228,7 @@ def refresh_table(
             "checks_warned": soft_failures, "shadow": plan.shadow, "target": plan.target_label,
             "indexes_rebuilt": result.indexes_rebuilt, "interrupted_runs_closed": interrupted,
             "direct_load": manifest.published is not None, "rows_skipped_unchanged": manifest.rows_unchanged,
-            "lock_reacquired": held.reacquired,
+            "lock_reacquired": held.reacquired, "future_cursor_rows": result.future_cursor_rows,
         }
         with audit(autocommit=True) as conn:
             finish_audit(
@@ -256,6 +256,12 @@ def refresh_table(
                                        run_id, url, counts, {"rows_quarantined": manifest.rows_quarantined,
                                                              "duplicate_keys": result.duplicate_keys,
                                                              "key": plan.key}), conn)
+        if result.future_cursor_rows:
+            send_alert(settings, Alert(
+                "future_cursor", status, entry.name,
+                f"{entry.name}: {result.future_cursor_rows} row(s) with {plan.cursor} more than 5 minutes past the read"
+                f" snapshot {plan.session.get('snapshot_time')}; loaded, the watermark held at the snapshot",
+                run_id, url, counts, {"future_cursor_rows": result.future_cursor_rows, "cursor": plan.cursor}), conn)
         if slow:
             logger.warning("%s took %d ms, over REFRESH_TIMEOUT_WARNING_MS=%d", entry.name, elapsed_ms,
                            settings.timeout_warning_ms)

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-BQ-Refresh-Signature"
 EVENTS = {"table_failed", "run_failed", "schema_drift", "quality_check_failed", "recovered", "timeout_warning",
-          "daily_summary", "flow_run_crashed"}
+          "daily_summary", "flow_run_crashed", "rows_rejected", "future_cursor"}
 
 
 @dataclass

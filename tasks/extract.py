@@ -138,6 +138,27 @@ def parse_watermark(text: str | None, bq_type: str) -> Any:
     return parsed
 
 
+def cursor_limit(bq_type: str, snapshot: datetime, source_timezone: str, tolerance: timedelta) -> Any:
+    """The latest cursor value a read at ``snapshot`` can hold without being future-dated (None: INT64
+    cursors have no clock). DATE and DATETIME cursors are wall-clock values of ``source_timezone``."""
+    from zoneinfo import ZoneInfo
+
+    if bq_type in {"INT64", "INTEGER"}:
+        return None
+    if bq_type == "TIMESTAMP":
+        return snapshot + tolerance
+    local = (snapshot + tolerance).astimezone(ZoneInfo(source_timezone))
+    return local.date() if bq_type == "DATE" else local.replace(tzinfo=None)
+
+
+def cap_watermark(value: str, bq_type: str, snapshot: datetime, source_timezone: str) -> str:
+    """A watermark moves at most to the read snapshot: min(max cursor read, snapshot), in the cursor's type."""
+    limit = cursor_limit(bq_type, snapshot, source_timezone, timedelta(0))
+    if limit is None or parse_watermark(value, bq_type) <= limit:
+        return value
+    return str(limit.isoformat())
+
+
 def watermark_floor(watermark: Any, bq_type: str, lookback: tuple[int, str]) -> Any:
     """The watermark moved back by the lookback, in the cursor's own type."""
     amount, unit = lookback

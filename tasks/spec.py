@@ -77,6 +77,8 @@ class TableSpec(BaseModel):
     cursor: str | None = Field(default=None, description="TIMESTAMP/DATETIME/DATE/INT64 column for incremental reads.")
     lookback: str = Field(default="0", description="Re-read window behind the watermark: 7d, 12h, 30m, 45s or an integer.")
     mode: Literal["incremental", "window", "full"] = "incremental"
+    source_timezone: str = Field(default="UTC", description="Time zone of DATE and DATETIME cursor values "
+                                 "(the watermark never moves past the read snapshot in that zone).")
     window_column: str | None = Field(default=None, description="Period column restated as a whole (window mode).")
     max_vanished_periods: int = Field(default=1, ge=0, description="Window mode: more periods than this vanishing "
                                       "from the source in one run are deleted only with --allow-deletes.")
@@ -102,6 +104,17 @@ class TableSpec(BaseModel):
         if not _LOOKBACK.match(str(value)):
             raise ValueError("use an integer with an optional unit s, m, h, d or w (e.g. 7d)")
         return str(value).strip()
+
+    @field_validator("source_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as UTC or America/Los_Angeles)") from None
+        return value
 
     @model_validator(mode="after")
     def _coherent(self) -> TableSpec:

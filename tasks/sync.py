@@ -84,6 +84,7 @@ class RefreshPlan(BaseModel):
     periods: list[str | None] | None = None
     expected_periods: list[tuple[str | None, int]] | None = None
     expected_rows: int | None = None  # full mode / delete reconciliation: the rows the whole target must hold
+    source_timezone: str = "UTC"  # DATE and DATETIME cursors are compared with the snapshot in this zone
 
     @property
     def same_table(self) -> str:
@@ -199,6 +200,12 @@ def plan_refresh(
     with res.target.connect() as conn:
         existing = load.target_columns(conn, target_schema, target_table) or None
         drift, to_add = _drift(entry, spec, source, columns, existing)
+        if drift.get("added_in_source") and existing is not None and not full:
+            # A column added by drift is filled for every row, not only those this run would read: the whole
+            # source is read (rows unchanged apart from it are rewritten once). Until a publish records the new
+            # source schema, every run does so, so a failed backfill is retried by the next run.
+            full = True
+            drift["backfill"] = drift["added_in_source"]
         created = False
         row_hash = spec.row_hash
         if existing is None:
@@ -311,6 +318,7 @@ def plan_refresh(
             critical_fields=[spec.target_name(c) for c in spec.critical_fields], checks=spec.checks, shadow=spec.shadow,
             row_hash=row_hash, hash_skip=hash_skip, direct=direct, local=local is not None,
             periods=periods, expected_periods=expected_periods, expected_rows=expected_rows,
+            source_timezone=spec.source_timezone,
             verify_sample=(res.settings.verify_sample if (session.estimated_rows or 0) >= res.settings.verify_sample_min_rows
                            else 1) if row_hash else 1,
         )
@@ -408,6 +416,7 @@ class PublishResult(BaseModel):
     dry_run: bool
     checks_failed_soft: list[str] = []
     indexes_rebuilt: list[str] = []
+    future_cursor_rows: int = 0  # rows whose cursor is past the read snapshot (+5 min): loaded, alerted
 
 
 class StageManifest(BaseModel):
@@ -813,15 +822,12 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
         post.append(_reconciliation(conn, plan, target, soft))
         _record_and_gate(res, plan, audit_id, post, conn.rollback, "failed quality check after publish")
 
-        watermark = None
-        if plan.cursor:
-            wm = conn.execute(sql.SQL("SELECT max({})::text FROM {}").format(ident(plan.cursor), staging)).fetchone()
-            watermark = wm[0] if wm else None
+        watermark, future = _new_watermark(conn, plan, staging)
         result = PublishResult(
             rows_inserted=inserted, rows_updated=updated, rows_unchanged=distinct - inserted - updated + skipped,
             rows_deleted=deleted, duplicate_keys=staged - distinct, watermark=watermark, dry_run=dry_run,
             checks_failed_soft=[r.name for r in post if not r.ok and not r.hard],
-            indexes_rebuilt=[name for name, _ in rebuilt],
+            indexes_rebuilt=[name for name, _ in rebuilt], future_cursor_rows=future,
         )
         if dry_run:
             conn.rollback()
@@ -834,6 +840,26 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, leftover)))
         conn.commit()
     return result
+
+
+FUTURE_TOLERANCE = timedelta(minutes=5)
+
+
+def _new_watermark(conn: Any, plan: RefreshPlan, rows: sql.Composable) -> tuple[str | None, int]:
+    """The watermark the rows read move to, never past the read snapshot (a future-dated cursor would push
+    every later row out of every later read), and how many rows carry a cursor past it (+5 minutes)."""
+    if not plan.cursor or not plan.cursor_type:
+        return None, 0
+    row = conn.execute(sql.SQL("SELECT max({})::text FROM {}").format(ident(plan.cursor), rows)).fetchone()
+    highest = row[0] if row else None
+    snapshot = datetime.fromisoformat(str(plan.session["snapshot_time"]))
+    limit = extract.cursor_limit(plan.cursor_type, snapshot, plan.source_timezone, FUTURE_TOLERANCE)
+    if limit is None or highest is None:
+        return highest, 0
+    future_row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} > {}::{}").format(
+        rows, ident(plan.cursor), sql.Literal(str(limit)), sql.SQL(_pg_type(plan, plan.cursor)))).fetchone()
+    future = int(future_row[0]) if future_row else 0
+    return extract.cap_watermark(highest, plan.cursor_type, snapshot, plan.source_timezone), future
 
 
 def _reconciliation(conn: Any, plan: RefreshPlan, target: sql.Composable, soft: str | None) -> quality.CheckResult:
@@ -999,10 +1025,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
             if "23505" in str(exc) or "duplicate key" in str(exc) or "could not create unique index" in str(exc):
                 raise fastpath.DirectLoadAbandoned("the source repeats a key", table=plan.table) from None
             raise
-        watermark = None
-        if plan.cursor:
-            wm = session.execute(sql.SQL("SELECT max({})::text FROM {}").format(ident(plan.cursor), target)).fetchone()
-            watermark = wm[0] if wm else None
+        watermark, future = _new_watermark(session, plan, target)
         _advance_watermark(session, plan, watermark, res.settings.schedule_anchor)
         manifest = StageManifest(
             rows_read=counters["read"], rows_staged=counters["loaded"], rows_quarantined=counters["quarantined"],
@@ -1012,7 +1035,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
                 rows_inserted=counters["loaded"], rows_updated=0, rows_unchanged=0, rows_deleted=0, duplicate_keys=0,
                 watermark=watermark, dry_run=False,
                 checks_failed_soft=[r.name for r in results if not r.ok and not r.hard],
-                indexes_rebuilt=[n for n, _ in dropped.constraints + dropped.indexes]),
+                indexes_rebuilt=[n for n, _ in dropped.constraints + dropped.indexes], future_cursor_rows=future),
         )
         session.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s, checkpoint_data = checkpoint_data"
                                 " || %s WHERE id = %s").format(ident(plan.registry_schema, "refresh_checkpoints")),

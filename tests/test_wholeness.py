@@ -5,7 +5,7 @@ Every outcome is compared with the source value by value (tests/bqdata.py, no pr
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -21,6 +21,7 @@ from tasks.load import run_tables
 from tasks.maintenance import drop_orphaned_staging
 from tasks.migrations import apply_migrations
 from tests.bqdata import assert_same_rows, bq_schema, pg_rows, put_table, source_rows
+from tests.conftest import WebhookReceiver
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, T0, register, sqp_rows
 
 pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
@@ -246,3 +247,56 @@ def test_a_numeric_window_value_round_trips(source: BigQuerySource, registry: st
     put_table(source, "p", fields, data.filter(pa.compute.not_equal(data["id"], 5)))  # a silent delete in period 1
     assert refresh_table("p")["rows_deleted"] == 1
     assert_same_rows(source_rows(source, "p"), pg_rows(pg, f'"{registry}".p', "id"), ["id"])
+
+
+def test_a_column_added_by_drift_is_filled_for_every_row(source: BigQuerySource, registry: str,
+                                                         pg: psycopg.Connection[Any]) -> None:
+    """Old rows outside the lookback get the new column's values too (the demo left 275,000 rows NULL)."""
+    rows = sqp_rows(400, weeks=8, step=timedelta(minutes=1)).to_pylist()  # 400 minutes of cursor values
+    put(source, rows)
+    register(pg, registry, "sqp", source="sqp", key=SQP_KEY, cursor="updated_at", lookback="1h")
+    refresh_table("sqp")
+    fields = [*SQP_SCHEMA, *bq_schema([("brand", "STRING")])]
+    data = pa.Table.from_pylist(rows, schema=sqp_rows(1).schema)
+    data = data.append_column("brand", pa.array([f"brand {i % 7}" for i in range(len(rows))]))
+    put_table(source, "sqp", fields, data)
+    result = refresh_table("sqp")
+    assert result["drift"]["backfill"] == ["brand"], result["drift"]
+    assert result["rows_updated"] == 400
+    assert_same_rows(source_rows(source, "sqp"), live(pg, registry), SQP_KEY)
+    # recorded: the next run reads only the lookback again
+    assert refresh_table("sqp")["rows_read"] == 61
+
+
+def test_a_future_dated_cursor_is_loaded_alerted_and_does_not_hide_later_rows(
+    source: BigQuerySource, registry: str, pg: psycopg.Connection[Any], webhook: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("REFRESH_WEBHOOK_URL", webhook.url)
+    now = datetime.now(UTC)
+    rows = sqp_rows(50, updated=now - timedelta(days=2)).to_pylist()
+    rows[0]["updated_at"] = now + timedelta(days=30)  # a typo in the source: a cursor a month ahead
+    put(source, rows)
+    register(pg, registry, "sqp", source="sqp", key=SQP_KEY, cursor="updated_at")
+    first = refresh_table("sqp")
+    assert first["future_cursor_rows"] == 1 and first["status"] == "warning"
+    assert "future_cursor" in webhook.events()
+    wm = pg.execute(f'SELECT watermark FROM "{registry}".refresh_config').fetchone()
+    assert wm is not None and datetime.fromisoformat(wm[0]) <= datetime.now(UTC)  # held at the read snapshot
+    late = dict(rows[1], search_query="arrived later", updated_at=datetime.now(UTC))  # after the first read
+    put(source, [*rows, late])
+    second = refresh_table("sqp")
+    assert second["rows_inserted"] == 1  # with the watermark a month ahead this row was never read
+    assert_same_rows(source_rows(source, "sqp"), live(pg, registry), SQP_KEY)
+
+
+def test_watermark_caps_per_cursor_type() -> None:
+    from tasks.extract import cap_watermark
+
+    snap = datetime(2026, 3, 1, 23, 30, tzinfo=UTC)
+    assert cap_watermark("2026-04-01 00:00:00+00", "TIMESTAMP", snap, "UTC") == snap.isoformat()
+    assert cap_watermark("2026-02-01 00:00:00+00", "TIMESTAMP", snap, "UTC") == "2026-02-01 00:00:00+00"
+    assert cap_watermark("2026-03-02", "DATE", snap, "UTC") == "2026-03-01"
+    assert cap_watermark("2026-03-02", "DATE", snap, "Asia/Tokyo") == "2026-03-02"  # already the 2nd in Tokyo
+    assert cap_watermark("2026-03-01T23:59:00", "DATETIME", snap, "America/New_York") == "2026-03-01T18:30:00"
+    assert cap_watermark("99999", "INT64", snap, "UTC") == "99999"
