@@ -148,6 +148,7 @@ class BatchLoad:
     audit_id: int | None
     checksum: int = 0
     same_table: str | None = None
+    refetched: int = 0  # rows read by key outside the read session (counted apart by the row-count check)
 
 
 def ingest_batch(adbc_conn: Any, batch: pa.RecordBatch, load: BatchLoad, quarantined: list[dict[str, Any]],
@@ -176,12 +177,13 @@ def ingest_batch(adbc_conn: Any, batch: pa.RecordBatch, load: BatchLoad, quarant
             " || jsonb_build_object('checksum', ((coalesce((checkpoint_data->>'checksum')::numeric, 0) + $6::numeric)"
             "      % 18446744073709551616)::text,"
             "    'quarantined', coalesce((checkpoint_data->>'quarantined')::bigint, 0) + $7::bigint,"
-            "    'unchanged', coalesce((checkpoint_data->>'unchanged')::bigint, 0) + $8::bigint),"
+            "    'unchanged', coalesce((checkpoint_data->>'unchanged')::bigint, 0) + $8::bigint,"
+            "    'refetched', coalesce((checkpoint_data->>'refetched')::bigint, 0) + $9::bigint),"
             " last_processed_row = coalesce(last_processed_row, 0) + $5::bigint,"
             " expires_at = greatest(expires_at, now() + interval '1 hour')"
             " WHERE id = $1::int AND status = 'active'",
             parameters=(load.checkpoint_id, load.stream, load.offset_after, load.stream_done, batch.num_rows,
-                        str(load.checksum), len(quarantined), unchanged),
+                        str(load.checksum), len(quarantined), unchanged, load.refetched),
         )
         for row in quarantined:
             cur.execute(

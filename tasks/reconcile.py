@@ -37,8 +37,8 @@ def period_text(value: Any) -> str | None:
     return str(value)
 
 
-def bq_period_literal(text: str, bq_type: str) -> str:
-    """A BigQuery literal of a period value (from period_text)."""
+def bq_value_literal(text: str, bq_type: str) -> str:
+    """A BigQuery literal of a period or key value (from period_text)."""
     if bq_type in {"INT64", "INTEGER"}:
         return str(int(text))
     escaped = text.replace("\\", "\\\\").replace("'", "\\'")
@@ -119,7 +119,7 @@ def window_restriction(periods: list[str | None], column: str, bq_type: str) -> 
     values = [p for p in periods if p is not None]
     parts = []
     if values:
-        parts.append(f"{bq_ident(column)} IN ({', '.join(bq_period_literal(p, bq_type) for p in values)})")
+        parts.append(f"{bq_ident(column)} IN ({', '.join(bq_value_literal(p, bq_type) for p in values)})")
     if None in periods:
         parts.append(f"{bq_ident(column)} IS NULL")
     return " OR ".join(parts) if parts else "FALSE"

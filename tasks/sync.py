@@ -580,6 +580,9 @@ def stage_rows(
 
     if plan.reconcile_keys:
         _stage_source_keys(res, plan, session)
+        refetched = _refetch_missing_keys(res, plan, session, transform, audit_id, seq_base + 10**12)
+        counters["read"] += refetched
+        counters["staged"] += refetched
     return StageManifest(
         rows_read=counters["read"], rows_staged=counters["staged"], rows_quarantined=counters["quarantined"],
         batches=counters["batches"], session_recreated=recreated, resumed_from_rows=plan.rows_already_staged,
@@ -671,6 +674,70 @@ def _stage_source_keys(res: Resources, plan: RefreshPlan, session: dict[str, Any
         adbc_conn.commit()
     finally:
         adbc_conn.close()
+
+
+MAX_REFETCH_KEYS = 5_000
+REFETCH_KEYS_PER_SESSION = 200
+
+
+def _refetch_missing_keys(res: Resources, plan: RefreshPlan, session: dict[str, Any], transform: Any,
+                          audit_id: int | None, seq: int) -> int:
+    """Keys the source holds that the target lacks (or holds soft-deleted) and this read did not bring: a key
+    deleted and re-added with an older cursor. Their rows are read by key, at the same snapshot, through read
+    sessions whose row restriction names them (nothing is written to BigQuery), and staged like any other.
+
+    Raises:
+        SourceError: more than MAX_REFETCH_KEYS keys are missing (a full refresh is the way to mend that).
+    """
+    key_cols = [c for c in plan.columns if c.target_name in plan.key]
+    keys = ident(plan.staging_schema, plan.staging_table + "_keys")
+    match = sql.SQL(" AND ").join(sql.SQL("x.{} = k.{}").format(ident(k), ident(k)) for k in plan.key)
+    live = sql.SQL(" AND x.{} IS NULL").format(ident(plan.soft_delete_column)) if plan.delete_mode == "soft" else sql.SQL("")
+    with res.target.connect() as conn:
+        missing = conn.execute(sql.SQL(
+            "SELECT {} FROM {} k WHERE {} AND NOT EXISTS (SELECT 1 FROM {} x WHERE {}{})"
+            " AND NOT EXISTS (SELECT 1 FROM {} x WHERE {}) LIMIT %s").format(
+            sql.SQL(", ").join(sql.SQL("k.{}").format(ident(c.target_name)) for c in key_cols), keys,
+            sql.SQL(" AND ").join(sql.SQL("k.{} IS NOT NULL").format(ident(k)) for k in plan.key),  # quarantined
+            ident(plan.target_schema, plan.target_table), match, live, ident(plan.staging_schema, plan.staging_table),
+            match), (MAX_REFETCH_KEYS + 1,)).fetchall()
+    if not missing:
+        return 0
+    if len(missing) > MAX_REFETCH_KEYS:
+        raise SourceError(f"more than {MAX_REFETCH_KEYS} source keys are missing from the target and were not read"
+                          " by this run; run it with --full-refresh", table=plan.table)
+    log.info("%s: %d source key(s) absent from the target with an older cursor; read by key", plan.table, len(missing))
+    check_names = quality.checksum_names(plan.columns, plan.key, plan.critical_fields)
+    client = res.source.get_read_client()
+    adbc_conn = res.target.connect_adbc()
+    staged = 0
+    try:
+        for at in range(0, len(missing), REFETCH_KEYS_PER_SESSION):
+            chunk = missing[at:at + REFETCH_KEYS_PER_SESSION]
+            restriction = " OR ".join(
+                "(" + " AND ".join(f"{extract.bq_ident(c.source_name)} = "
+                                   f"{reconcile.bq_value_literal(str(reconcile.period_text(v)), c.bq_type)}"
+                                   for c, v in zip(key_cols, values, strict=True)) + ")" for values in chunk)
+            info = extract.create_session(
+                res.source, extract.SourceTable(plan.source_ref, []), selected_fields=session["selected_fields"],
+                row_restriction=restriction, snapshot_time=datetime.fromisoformat(session["snapshot_time"]),
+                max_streams=1, table_name=plan.table)
+            schema = pa.ipc.read_schema(pa.py_buffer(info.arrow_schema))
+            for stream in info.streams:
+                for batch, _ in extract.read_stream(client, stream, 0, schema, table_name=plan.table):
+                    shaped = shape(conform(batch, plan.columns), columns=plan.columns, key=plan.key,
+                                   cursor=plan.cursor, transform=transform)
+                    rows, _ = _split_unchanged(plan, shaped.rows, None)
+                    seq += 1
+                    staged += rows.num_rows
+                    load.ingest_batch(adbc_conn, rows, load.BatchLoad(
+                        plan.staging_schema, plan.staging_table, plan.registry_schema, plan.checkpoint_id,
+                        f"refetch-{at}", batch.num_rows, True, seq, plan.table.split(".")[0],
+                        plan.table.split(".", 1)[1], audit_id, _digest(plan, rows, check_names), refetched=rows.num_rows,
+                    ), shaped.quarantined)
+    finally:
+        adbc_conn.close()
+    return staged
 
 
 def check_staged(res: Resources, plan: RefreshPlan, *, audit_id: int | None) -> list[quality.CheckResult]:

@@ -300,3 +300,24 @@ def test_watermark_caps_per_cursor_type() -> None:
     assert cap_watermark("2026-03-02", "DATE", snap, "Asia/Tokyo") == "2026-03-02"  # already the 2nd in Tokyo
     assert cap_watermark("2026-03-01T23:59:00", "DATETIME", snap, "America/New_York") == "2026-03-01T18:30:00"
     assert cap_watermark("99999", "INT64", snap, "UTC") == "99999"
+
+
+@pytest.mark.parametrize("policy", ["hard", "soft"])
+def test_a_key_deleted_then_re_added_with_an_older_cursor_comes_back(
+    source: BigQuerySource, registry: str, pg: psycopg.Connection[Any], policy: str,
+) -> None:
+    rows = sqp_rows(300, weeks=3, step=timedelta(minutes=1)).to_pylist()
+    put(source, rows)
+    register(pg, registry, "sqp", source="sqp", key=SQP_KEY, cursor="updated_at", delete_policy={"mode": policy})
+    refresh_table("sqp")
+    gone = rows[10]  # an old row: its cursor is far behind the watermark
+    put(source, [r for r in rows if r is not gone])
+    assert refresh_table("sqp")["rows_deleted"] == 1
+    put(source, rows)  # re-added as it was, its old cursor included
+    back = refresh_table("sqp")
+    assert back["status"] == "success", back
+    assert back["rows_inserted" if policy == "hard" else "rows_updated"] == 1
+    ignore = {"_bqr_row_hash", "deleted_at"} if policy == "soft" else {"_bqr_row_hash"}
+    if policy == "soft":
+        assert pg.execute(f'SELECT count(*) FROM "{registry}".sqp WHERE deleted_at IS NOT NULL').fetchone() == (0,)
+    assert_same_rows(source_rows(source, "sqp"), live(pg, registry), SQP_KEY, ignore=ignore)
