@@ -5,6 +5,7 @@ Every outcome is compared with the source value by value (tests/bqdata.py, no pr
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -321,3 +322,54 @@ def test_a_key_deleted_then_re_added_with_an_older_cursor_comes_back(
     if policy == "soft":
         assert pg.execute(f'SELECT count(*) FROM "{registry}".sqp WHERE deleted_at IS NOT NULL').fetchone() == (0,)
     assert_same_rows(source_rows(source, "sqp"), live(pg, registry), SQP_KEY, ignore=ignore)
+
+
+def test_a_commit_whose_answer_is_lost_is_found_landed_and_not_published_twice(
+    source: BigQuerySource, registry: str, pg: psycopg.Connection[Any], pg_uri: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The publish's COMMIT reaches the server, which commits; the connection drops before the answer. The
+    retried publish must find out that it landed and record the truth: one success, nothing written twice."""
+    from tests.pgproxy import CommitCutter
+
+    rows = eight_weeks(400)
+    put(source, rows)
+    register(pg, registry, "sqp", source="sqp", key=SQP_KEY, cursor="updated_at")
+    refresh_table("sqp")
+    for r in rows[:40]:
+        r["impressions"] += 1
+        r["updated_at"] = T0 + timedelta(days=3)
+    added = [dict(rows[0], search_query=f"added {i}", updated_at=T0 + timedelta(days=3)) for i in range(25)]
+    put(source, rows + added)
+    cutter = CommitCutter(pg_uri, marker=b"WITH up AS (INSERT")
+    monkeypatch.setenv("BQ_REFRESH_DATABASE_URL", cutter.uri)
+    monkeypatch.setenv("REFRESH_RETRIES", "2")
+    monkeypatch.setenv("REFRESH_RETRY_DELAY_SECONDS", "0.2")
+
+    def inserted_so_far() -> int:
+        row = pg.execute("SELECT n_tup_ins FROM pg_stat_user_tables WHERE schemaname = %s AND relname = 'sqp'",
+                         (registry,)).fetchone()
+        return int(row[0]) if row else -1
+
+    before_ins = inserted_so_far()
+    cutter.armed = True
+    try:
+        result = refresh_table("sqp")
+    finally:
+        cutter.close()
+    assert cutter.cuts == 1  # the answer to the publish's COMMIT was lost once
+    assert result["status"] == "success", result
+    assert (result["rows_inserted"], result["rows_updated"]) == (25, 40)
+    audit = pg.execute(f'SELECT status, rows_inserted, rows_updated FROM "{registry}".refresh_audit_log'
+                       " ORDER BY id").fetchall()
+    assert audit[-1] == ("success", 25, 40) and [a[0] for a in audit].count("success") == 2, audit
+    # The statistics are flushed a little after the transactions: wait until they settle, then the table
+    # has taken exactly the 25 inserts of one publish (a second publish would have tried them again).
+    deadline = time.monotonic() + 10
+    while inserted_so_far() == before_ins and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)
+    assert inserted_so_far() - before_ins == 25
+    writers = pg.execute(f"SELECT count(DISTINCT xmin::text) FROM \"{registry}\".sqp WHERE updated_at = %s",
+                         (T0 + timedelta(days=3),)).fetchone()
+    assert writers == (1,)  # every changed row written by one transaction
+    assert_same_rows(source_rows(source, "sqp"), live(pg, registry), SQP_KEY)
