@@ -93,6 +93,16 @@ class Settings(BaseSettings):
         description="'flow/deployment' that POST /trigger starts through the Prefect API; unset = a local run.",
     )
     daily_summary_alert: bool = Field(default=False, validation_alias="REFRESH_DAILY_SUMMARY_ALERT")
+    log_retention_days: int = Field(
+        default=30, ge=1, validation_alias="REFRESH_LOG_RETENTION_DAYS",
+        description="Weekly maintenance deletes completed/expired checkpoints, alert-log rows and view-refresh "
+                    "log rows older than this (never an active checkpoint; each view's latest row is kept).",
+    )
+    audit_retention_days: int = Field(
+        default=90, ge=1, validation_alias="REFRESH_AUDIT_RETENTION_DAYS",
+        description="Weekly maintenance moves audit rows older than this (with their quality and quarantine rows) "
+                    "to the archive tables.",
+    )
     prefect_ui_url: str | None = Field(default=None, validation_alias="PREFECT_UI_URL")
 
     @field_validator("verify_sample")

@@ -451,14 +451,18 @@ def run(
 
 @app.command()
 def maintenance(
-    retention_days: Annotated[int, typer.Option(help="Keep audit rows this many days.")] = 90,
+    retention_days: Annotated[int | None, typer.Option(
+        help="Archive audit rows older than this many days (default REFRESH_AUDIT_RETENTION_DAYS, 90).")] = None,
+    log_retention_days: Annotated[int | None, typer.Option(
+        help="Delete finished checkpoints, alert and view-refresh log rows older than this many days"
+             " (default REFRESH_LOG_RETENTION_DAYS, 30).")] = None,
     discover: Annotated[bool, typer.Option("--discover/--no-discover", help="Register new BigQuery tables (disabled).")] = True,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Expire checkpoints, purge old audit rows, drop orphaned staging, discover new tables."""
+    """Expire checkpoints, delete old log rows, archive old audit rows, drop orphaned staging, discover tables."""
     from flows.maintenance import maintenance_flow
 
-    report = maintenance_flow(retention_days=retention_days, discover=discover)
+    report = maintenance_flow(retention_days=retention_days, discover=discover, log_retention_days=log_retention_days)
     if not _emit(report, as_json):
         console.print(report)
 

@@ -1,4 +1,4 @@
-"""Housekeeping: expire checkpoints, purge old audit rows, drop orphaned staging, discover new tables."""
+"""Housekeeping: expire checkpoints, retention of the logs, the audit archive, orphaned staging, discovery."""
 
 from __future__ import annotations
 
@@ -10,17 +10,40 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from blocks.bigquery import BigQuerySource
+from bq_refresh.errors import TargetError
 from tasks.extract import short_retry
 from tasks.load import run_of
-from tasks.sqlnames import ident
+from tasks.sqlnames import ident, idents
+
+# Live table -> its archive (migration 005). The quality and quarantine rows of an archived audit row go with it:
+# their foreign keys to the audit log cascade on delete, so archiving the audit row alone would lose them.
+AUDIT_ARCHIVES = {
+    "refresh_audit_log": "refresh_audit_log_archive",
+    "refresh_data_quality": "refresh_data_quality_archive",
+    "refresh_quarantine": "refresh_quarantine_archive",
+}
 
 
 @dataclass
 class MaintenanceReport:
     checkpoints_expired: int = 0
-    audit_rows_purged: int = 0
+    checkpoints_deleted: int = 0
+    alerts_deleted: int = 0
+    view_refreshes_deleted: int = 0
+    audit_rows_archived: int = 0
+    quality_rows_archived: int = 0
+    quarantine_rows_archived: int = 0
     staging_tables_dropped: list[str] = field(default_factory=list)
     tables_discovered: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ArchiveCounts:
+    """Rows moved to the archive by one ``archive_audit`` call."""
+
+    audit: int
+    quality: int
+    quarantine: int
 
 
 def expire_checkpoints(conn: psycopg.Connection[Any], schema: str, *, all_active: bool = False) -> int:
@@ -33,9 +56,120 @@ def expire_checkpoints(conn: psycopg.Connection[Any], schema: str, *, all_active
     return int(row[0]) if row else 0
 
 
-def purge_audit(conn: psycopg.Connection[Any], schema: str, retention_days: int) -> int:
-    row = conn.execute(sql.SQL("SELECT {}(%s)").format(ident(schema, "purge_audit_log")), (retention_days,)).fetchone()
-    return int(row[0]) if row else 0
+def delete_finished_checkpoints(conn: psycopg.Connection[Any], schema: str, retention_days: int) -> int:
+    """Delete completed and expired checkpoints last changed more than ``retention_days`` ago.
+
+    An active checkpoint is never deleted, however old: it is a run that can still be resumed (expiry, above,
+    is what ends it). An expired one's staging table is dropped by ``drop_orphaned_staging``.
+    """
+    cur = conn.execute(
+        sql.SQL("DELETE FROM {} WHERE status IN ('completed', 'expired')"
+                " AND coalesce(updated_at, created_at) < now() - make_interval(days => %s)").format(
+            ident(schema, "refresh_checkpoints")),
+        (retention_days,),
+    )
+    return cur.rowcount
+
+
+def delete_old_alerts(conn: psycopg.Connection[Any], schema: str, retention_days: int) -> int:
+    """Delete alert-log rows (``refresh_alerts``, delivered or not) older than ``retention_days``."""
+    cur = conn.execute(
+        sql.SQL("DELETE FROM {} WHERE created_at < now() - make_interval(days => %s)").format(
+            ident(schema, "refresh_alerts")),
+        (retention_days,),
+    )
+    return cur.rowcount
+
+
+def delete_old_view_refreshes(conn: psycopg.Connection[Any], schema: str, retention_days: int) -> int:
+    """Delete view-refresh log rows older than ``retention_days``, except each view's latest row (its last
+    outcome stays known however long ago it was) and rows still 'running'."""
+    table = ident(schema, "materialized_view_refresh_status")
+    cur = conn.execute(
+        sql.SQL("DELETE FROM {} m WHERE m.refresh_started_at < now() - make_interval(days => %s)"
+                " AND m.status IS DISTINCT FROM 'running'"
+                " AND EXISTS (SELECT 1 FROM {} newer WHERE newer.view_schema = m.view_schema"
+                " AND newer.view_name = m.view_name AND newer.id > m.id)").format(table, table),
+        (retention_days,),
+    )
+    return cur.rowcount
+
+
+def _columns(conn: psycopg.Connection[Any], schema: str, table: str) -> list[tuple[str, str]]:
+    """(name, SQL type) of a table's columns, in order."""
+    rows = conn.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+        " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        (schema, table),
+    ).fetchall()
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+def _ensure_archive_columns(conn: psycopg.Connection[Any], schema: str) -> dict[str, list[str]]:
+    """Give each archive every column its live table has (a later migration may add one to the live table
+    only) and return the live tables' column names: rows are copied column by column, never dropped."""
+    live_columns: dict[str, list[str]] = {}
+    for live, archive in AUDIT_ARCHIVES.items():
+        columns = _columns(conn, schema, live)
+        present = {name for name, _ in _columns(conn, schema, archive)}
+        for name, sql_type in columns:
+            if name not in present:
+                conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                    ident(schema, archive), ident(name), sql.SQL(sql_type)))
+        live_columns[live] = [name for name, _ in columns]
+    return live_columns
+
+
+def audit_referencing_tables(conn: psycopg.Connection[Any], schema: str) -> set[str]:
+    """Tables of ``schema`` with a foreign key to the audit log."""
+    rows = conn.execute(
+        "SELECT DISTINCT c.relname FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE k.contype = 'f' AND n.nspname = %s"
+        " AND k.confrelid = (SELECT r.oid FROM pg_class r JOIN pg_namespace rn ON rn.oid = r.relnamespace"
+        "                    WHERE rn.nspname = %s AND r.relname = 'refresh_audit_log')",
+        (schema, schema),
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def archive_audit(conn: psycopg.Connection[Any], schema: str, retention_days: int) -> ArchiveCounts:
+    """Move finished audit rows started more than ``retention_days`` ago, with their quality and quarantine
+    rows, into the archive tables: in one statement of one transaction, so each row is either still live or
+    archived, never lost and never in both. Rows keep their ids. A 'running' row is never moved.
+
+    Raises:
+        TargetError: another table references the audit log (a newer migration): moving would cascade to (or be
+            refused by) rows the archive does not know; nothing is moved.
+    """
+    with conn.transaction():
+        unknown = audit_referencing_tables(conn, schema) - set(AUDIT_ARCHIVES)
+        if unknown:
+            raise TargetError(f"cannot archive audit rows: {', '.join(sorted(unknown))} reference(s) the audit log"
+                              " and has no archive (tasks/maintenance.py AUDIT_ARCHIVES)", schema=schema)
+        cols = _ensure_archive_columns(conn, schema)
+        audit, quality, quarantine = "refresh_audit_log", "refresh_data_quality", "refresh_quarantine"
+        row = conn.execute(
+            sql.SQL(
+                "WITH doomed AS (SELECT id FROM {audit} WHERE refresh_started_at < now() - make_interval(days => %s)"
+                "   AND status IS DISTINCT FROM 'running' FOR UPDATE),"
+                " q AS (DELETE FROM {quality} WHERE audit_log_id IN (SELECT id FROM doomed) RETURNING {qcols}),"
+                " qa AS (INSERT INTO {quality_archive} ({qcols}) SELECT {qcols} FROM q RETURNING 1),"
+                " z AS (DELETE FROM {quarantine} WHERE audit_log_id IN (SELECT id FROM doomed) RETURNING {zcols}),"
+                " za AS (INSERT INTO {quarantine_archive} ({zcols}) SELECT {zcols} FROM z RETURNING 1),"
+                " a AS (DELETE FROM {audit} WHERE id IN (SELECT id FROM doomed) RETURNING {acols}),"
+                " aa AS (INSERT INTO {audit_archive} ({acols}) SELECT {acols} FROM a RETURNING 1)"
+                " SELECT (SELECT count(*) FROM aa), (SELECT count(*) FROM qa), (SELECT count(*) FROM za)"
+            ).format(
+                audit=ident(schema, audit), audit_archive=ident(schema, AUDIT_ARCHIVES[audit]), acols=idents(cols[audit]),
+                quality=ident(schema, quality), quality_archive=ident(schema, AUDIT_ARCHIVES[quality]),
+                qcols=idents(cols[quality]), quarantine=ident(schema, quarantine),
+                quarantine_archive=ident(schema, AUDIT_ARCHIVES[quarantine]), zcols=idents(cols[quarantine]),
+            ),
+            (retention_days,),
+        ).fetchone()
+    assert row is not None
+    return ArchiveCounts(audit=int(row[0]), quality=int(row[1]), quarantine=int(row[2]))
 
 
 def drop_orphaned_staging(conn: psycopg.Connection[Any], schema: str, staging_schema: str) -> list[str]:

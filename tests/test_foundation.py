@@ -13,13 +13,13 @@ from google.cloud.bigquery_storage_v1 import types
 
 from blocks import BigQuerySource
 from bq_refresh.services import EmulatorEndpoints
-from tasks.migrations import apply_migrations, event_trigger_name
+from tasks.migrations import apply_migrations, event_trigger_name, load_migrations
 from tests.conftest import EMULATOR_PROJECT
 
 EXPECTED_TABLES = {
     "refresh_config", "refresh_audit_log", "refresh_dependencies", "refresh_data_quality",
     "refresh_checkpoints", "materialized_view_refresh_status", "refresh_quarantine", "schema_migrations",
-    "refresh_alerts",
+    "refresh_alerts", "refresh_audit_log_archive", "refresh_data_quality_archive", "refresh_quarantine_archive",
 }
 
 
@@ -47,16 +47,19 @@ def test_migrations_apply_twice_and_build_the_catalog(pg: psycopg.Connection[Any
     second = apply_migrations(pg, schema)
     after = catalog(pg, schema)
 
-    assert first.applied == ["001_refresh_system.sql", "002_sync_state.sql", "003_alerts.sql", "004_watermark_target.sql"]
+    assert first.applied == [m.name for m in load_migrations()]
+    assert first.applied[:5] == ["001_refresh_system.sql", "002_sync_state.sql", "003_alerts.sql",
+                                 "004_watermark_target.sql", "005_monitoring_and_archive.sql"]
     assert second.applied == [] and second.already_applied == first.applied
     assert before == after
     assert EXPECTED_TABLES <= after["tables"]
-    assert {"refresh_success_rate", "data_quality_overview"} <= after["views"]
+    assert {"refresh_success_rate", "data_quality_overview", "data_quality_by_table"} <= after["views"]
     assert {"uq_checkpoints_one_active", "idx_refresh_config_next_refresh", "idx_audit_log_table"} <= after["indexes"]
-    assert {"expire_checkpoints", "purge_audit_log", "update_refresh_config_timestamp"} <= after["functions"]
+    assert {"expire_checkpoints", "update_refresh_config_timestamp"} <= after["functions"]
+    assert "purge_audit_log" not in after["functions"]  # audit rows are archived (maintenance), never deleted
     assert "update_refresh_config_timestamp" in after["triggers"]
     recorded = pg.execute(f'SELECT count(*) FROM "{schema}".schema_migrations').fetchone()
-    assert recorded == (4,)
+    assert recorded == (len(first.applied),)
 
 
 def test_constraints_and_triggers_behave(pg: psycopg.Connection[Any], schema: str) -> None:
@@ -94,9 +97,8 @@ def test_constraints_and_triggers_behave(pg: psycopg.Connection[Any], schema: st
     pg.execute(f"INSERT INTO {s}.refresh_audit_log (table_schema, table_name, refresh_started_at, status)"
                " VALUES ('sqp', 'a', now() - interval '100 days', 'success'),"
                " ('sqp', 'a', now(), 'success')")
-    assert pg.execute(f"SELECT {s}.purge_audit_log(90)").fetchone() == (1,)
-    rate = pg.execute(f"SELECT total_runs, success_rate_pct FROM {s}.refresh_success_rate").fetchone()
-    assert rate is not None and rate[0] == 1 and float(rate[1]) == 100.0
+    rate = pg.execute(f"SELECT total_runs, success_rate FROM {s}.refresh_success_rate").fetchone()
+    assert rate is not None and rate[0] == 1 and float(rate[1]) == 100.0  # the 100-day-old run is outside 7 days
 
 
 def test_event_trigger_registers_new_tables_disabled(pg: psycopg.Connection[Any], schema: str) -> None:
