@@ -15,6 +15,7 @@ import psycopg
 import pytest
 import yaml
 
+from tasks.migrations import load_migrations
 from tests.conftest import ROOT
 
 
@@ -54,9 +55,12 @@ def test_cli_init_is_idempotent_and_errors_are_one_line(pg_uri: str, schema: str
            "BQ_REFRESH_STATE_DIR": str(tmp_path)}
     first = run_cli("init", "--json", env=env)
     assert first.returncode == 0, first.stderr
-    assert json.loads(first.stdout)["applied"] == ["001_refresh_system.sql", "002_sync_state.sql", "003_alerts.sql", "004_watermark_target.sql"]
+    migrations = [m.name for m in load_migrations()]
+    assert json.loads(first.stdout)["applied"] == migrations
+    assert migrations[:5] == ["001_refresh_system.sql", "002_sync_state.sql", "003_alerts.sql",
+                              "004_watermark_target.sql", "005_monitoring_and_archive.sql"]
     second = json.loads(run_cli("init", "--json", env=env).stdout)
-    assert second["applied"] == [] and len(second["already_applied"]) == 4
+    assert second["applied"] == [] and second["already_applied"] == migrations
 
     added = run_cli("tables", "add", "sqp_x", "--source", "ds.t", "--key", "id", "--cursor", "updated_at",
                     "--json", env=env)
