@@ -243,7 +243,8 @@ def plan_refresh(
                                          spec.checks, spec.critical_fields, row_hash, direct, hash_skip,
                                          local is not None)).encode()).hexdigest()
         if active is not None:
-            why = _resume_refused(conn, staging_schema, stage_table, active[1], int(active[2] or 0), fingerprint)
+            why = ("the plan changed" if active[1].get("fingerprint") != fingerprint
+                   else _staging_lost(conn, staging_schema, stage_table, active[1], int(active[2] or 0)))
             if why:
                 log.warning("%s: the unfinished run is not resumed (%s); starting over", table, why)
                 conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE id = %s").format(ckpt_table), (active[0],))
@@ -341,23 +342,21 @@ def plan_refresh(
                            session=session_data)
 
 
-def _resume_refused(conn: Any, staging_schema: str, stage_table: str, data: dict[str, Any], staged: int,
-                    fingerprint: str) -> str | None:
-    """Why an active checkpoint cannot be resumed, or None when staging provably holds what it records.
+def _staging_lost(conn: Any, staging_schema: str, stage_table: str, data: dict[str, Any], staged: int) -> str | None:
+    """Why a run's staging cannot be trusted, or None when it provably holds what its checkpoint records.
 
     Staging is UNLOGGED: PostgreSQL's crash recovery empties it while the (logged) checkpoint keeps its
     offsets and counts. Each batch and its checkpoint commit together, so an intact staging holds exactly
-    ``last_processed_row`` staged rows and the checkpoint's ``unchanged`` hashes; anything else means the
-    staged rows are gone (or were never ours) and a resumed run would publish, or delete, from a partial read.
+    ``last_processed_row`` staged rows, the checkpoint's ``unchanged`` hashes and, once read, its
+    ``source_keys``; anything else means rows are gone and a publish would lose, or delete, what it never saw.
     """
-    if data.get("fingerprint") != fingerprint:
-        return "the plan changed"
-    same_table = stage_table + "_same"
-    unchanged = int(data.get("unchanged") or 0)
-    for name, want in ((stage_table, staged), (same_table, unchanged)):
+    expected = {stage_table: staged, stage_table + "_same": int(data.get("unchanged") or 0)}
+    if "source_keys" in data:
+        expected[stage_table + "_keys"] = int(data["source_keys"])
+    for name, want in expected.items():
         if not load.table_exists(conn, staging_schema, name):
-            if name == same_table and not unchanged:
-                continue  # no hash skipping in this plan
+            if name != stage_table and not want:
+                continue  # e.g. no hash skipping in this plan
             return f"staging table {name} is missing"
         row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident(staging_schema, name))).fetchone()
         have = int(row[0]) if row else -1
@@ -806,23 +805,13 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
         assert counts is not None
         staged, distinct = int(counts[0]), int(counts[1])
         skipped = int((ckpt[2] or {}).get("unchanged") or 0)
-        kept = staged
-        if plan.hash_skip:
-            same_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(same)).fetchone()
-            kept += int(same_rows[0]) if same_rows else 0
-        if plan.reconcile_keys:
-            keys_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-                ident(plan.staging_schema, plan.staging_table + "_keys"))).fetchone()
-            if (int(keys_rows[0]) if keys_rows else -1) != int((ckpt[2] or {}).get("source_keys", -1)):
-                kept = -1  # the source's keys are gone: no delete can be decided from them
-        if staged != int(ckpt[1] or 0) or kept - staged != skipped:
-            # UNLOGGED staging emptied by PostgreSQL's crash recovery (or tampered with): publishing or deleting
-            # from it would lose rows. The run fails; the next one starts over.
+        lost = _staging_lost(conn, plan.staging_schema, plan.staging_table, ckpt[2] or {}, int(ckpt[1] or 0))
+        if lost:
+            # Publishing or deleting from a staging that crash recovery emptied would lose rows: the run fails
+            # with nothing published, and the next one starts over.
             conn.rollback()
-            discard_staging(res, plan, "staging does not hold what the checkpoint records")
-            raise StagingLost(f"staging holds {staged} rows and {kept - staged} unchanged-row hashes, the checkpoint"
-                              f" records {int(ckpt[1] or 0)} and {skipped} (emptied by a crash?); nothing published,"
-                              " the next run starts over", table=plan.table)
+            discard_staging(res, plan, lost)
+            raise StagingLost(f"{lost}; nothing published, the next run starts over", table=plan.table)
         # A bulk load into an empty table is faster with its secondary indexes built afterwards
         # (measured: bench/index_rebuild.py). Same transaction: readers never see the table without them.
         rebuilt: list[tuple[str, str]] = []
