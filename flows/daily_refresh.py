@@ -99,7 +99,8 @@ def daily_refresh(
             audit_id = start_audit(conn, schema, config_id=e.id, table_schema=e.table_schema,
                                    table_name=e.table_name, metadata={"flow_run_id": run_id})
             finish_audit(conn, schema, audit_id, status="failed", error=error)
-            send_alert(settings, Alert("table_failed", "failed", name, str(error), run_id, None), conn)
+            send_alert(settings, Alert("table_failed", "failed", name, str(error), run_id, None,
+                                       audit_log_id=audit_id), conn)
         results[name] = {"table": name, "status": "failed", "error": str(error)}
         logger.error("%s", error)
     waves = plan_waves_task(acyclic, [d for d in deps if d[0] in acyclic and d[1] in acyclic])

@@ -24,7 +24,14 @@ from bq_refresh.settings import load_settings
 from tasks import sync
 from tasks.alerts import Alert, send_alert
 from tasks.artifacts import publish_table_artifact
-from tasks.audit import close_interrupted_audits, close_running_audit, finish_audit, last_status, start_audit
+from tasks.audit import (
+    audit_id_of_flow_run,
+    close_interrupted_audits,
+    close_running_audit,
+    finish_audit,
+    last_status,
+    start_audit,
+)
 from tasks.locks import table_lock
 from tasks.registry import get_entry
 
@@ -119,6 +126,7 @@ def _on_failure(flow: Flow[Any, Any], flow_run: FlowRun, state: State[Any]) -> N
             send_alert(settings, Alert(
                 event=event, status=state.type.value.lower(), table=table, error=message[:2000],
                 flow_run_id=str(flow_run.id), flow_run_url=_flow_run_url(str(flow_run.id)),
+                audit_log_id=audit_id_of_flow_run(conn, settings.schema_name, str(flow_run.id)),
             ), conn)
     except Exception as exc:  # noqa: BLE001 - a failing hook logs and never hides the run's outcome
         import logging
@@ -247,26 +255,28 @@ def refresh_table(
     url = _flow_run_url(run_id)
     with audit(autocommit=True) as conn:
         if previous == "failed" and not dry_run:
-            send_alert(settings, Alert("recovered", status, entry.name, None, run_id, url, counts), conn)
+            send_alert(settings, Alert("recovered", status, entry.name, None, run_id, url, counts,
+                                       audit_log_id=audit_id), conn)
         if plan.drift:
             send_alert(settings, Alert("schema_drift", status, entry.name, None, run_id, url, counts,
-                                       {"drift": plan.drift}), conn)
+                                       {"drift": plan.drift}, audit_log_id=audit_id), conn)
         if manifest.rows_quarantined or result.duplicate_keys:
             send_alert(settings, Alert("rows_rejected", status, entry.name, _rejected_message(plan, manifest, result),
                                        run_id, url, counts, {"rows_quarantined": manifest.rows_quarantined,
                                                              "duplicate_keys": result.duplicate_keys,
-                                                             "key": plan.key}), conn)
+                                                             "key": plan.key}, audit_log_id=audit_id), conn)
         if result.future_cursor_rows:
             send_alert(settings, Alert(
                 "future_cursor", status, entry.name,
                 f"{entry.name}: {result.future_cursor_rows} row(s) with {plan.cursor} more than 5 minutes past the read"
                 f" snapshot {plan.session.get('snapshot_time')}; loaded, the watermark held at the snapshot",
-                run_id, url, counts, {"future_cursor_rows": result.future_cursor_rows, "cursor": plan.cursor}), conn)
+                run_id, url, counts, {"future_cursor_rows": result.future_cursor_rows, "cursor": plan.cursor},
+                audit_log_id=audit_id), conn)
         if slow:
             logger.warning("%s took %d ms, over REFRESH_TIMEOUT_WARNING_MS=%d", entry.name, elapsed_ms,
                            settings.timeout_warning_ms)
             send_alert(settings, Alert("timeout_warning", status, entry.name, None, run_id, url, counts,
-                                       {"execution_time_ms": elapsed_ms}), conn)
+                                       {"execution_time_ms": elapsed_ms}, audit_log_id=audit_id), conn)
     changed = result.rows_inserted + result.rows_updated + result.rows_deleted > 0
     if refresh_views and not dry_run and not plan.shadow:
         summary["views"] = views_task([plan.target_label] if changed else [], [plan.target_label])

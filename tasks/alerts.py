@@ -24,26 +24,89 @@ from tasks.sqlnames import ident
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-BQ-Refresh-Signature"
-EVENTS = {"table_failed", "run_failed", "schema_drift", "quality_check_failed", "recovered", "timeout_warning",
-          "daily_summary", "flow_run_crashed", "rows_rejected", "future_cursor"}
+SEVERITIES = ("critical", "high", "warning", "info")
+FAILURE_STATUSES = frozenset({"failed", "crashed", "cancelled", "cancelling"})
+
+# What a receiver routes on: each event's alert type and severity (docs/webhook.schema.json). The deployment guide's
+# failure webhook speaks of type 'refresh_failure' with severity 'high': every event that means "this table was not
+# refreshed" has that type, and `event` says why.
+ALERT_TYPES: dict[str, tuple[str, str]] = {
+    "table_failed": ("refresh_failure", "high"),
+    "quality_check_failed": ("refresh_failure", "high"),
+    "flow_run_crashed": ("refresh_failure", "critical"),
+    "schema_drift": ("schema_change", "warning"),  # a drift that stopped the table: refresh_failure (below)
+    "run_failed": ("run_failure", "critical"),
+    "rows_rejected": ("refresh_warning", "warning"),
+    "future_cursor": ("refresh_warning", "warning"),
+    "timeout_warning": ("refresh_warning", "warning"),
+    "recovered": ("refresh_recovered", "info"),
+    "daily_summary": ("daily_summary", "info"),
+    # issue 14 (freshness, source readiness, views as part of the night): typed before they are sent
+    "stale": ("stale_data", "high"),
+    "source_stale": ("stale_data", "warning"),
+    "view_refresh_failed": ("view_failure", "high"),
+}
+EVENTS = frozenset(ALERT_TYPES)
+ALERT_TYPE_NAMES = tuple(sorted({t for t, _ in ALERT_TYPES.values()}))
+
+
+def classify(event: str, status: str) -> tuple[str, str]:
+    """An alert's (type, severity) from its event and status.
+
+    A schema drift that stopped the table is a refresh failure; one that was evolved is a schema change. An
+    event missing from ALERT_TYPES still gets a type the schema knows, by its status, and is logged.
+    """
+    if event == "schema_drift" and status in FAILURE_STATUSES:
+        return "refresh_failure", "high"
+    if event in ALERT_TYPES:
+        return ALERT_TYPES[event]
+    log.warning("alert event %r has no type in tasks/alerts.py ALERT_TYPES; typed by its status %r", event, status)
+    return ("refresh_failure", "high") if status in FAILURE_STATUSES else ("refresh_warning", "warning")
 
 
 @dataclass
 class Alert:
-    """One alert's payload."""
+    """One alert's payload (docs/webhook.schema.json).
+
+    ``type``, ``severity``, ``table_schema``, ``table_name`` and ``error_message`` are derived from the fields
+    below (never set apart, so they cannot disagree): the deployment guide's receiver reads ``table_name``,
+    ``error_message`` and ``audit_log_id``.
+    """
 
     event: str
     status: str
-    table: str | None = None
+    table: str | None = None  # the registry name, "schema.table"
     error: str | None = None
     flow_run_id: str | None = None
     flow_run_url: str | None = None
     counts: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     sent_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    audit_log_id: int | None = None  # the refresh_audit_log row of the run that raised it, where there is one
+
+    @property
+    def type(self) -> str:
+        return classify(self.event, self.status)[0]
+
+    @property
+    def severity(self) -> str:
+        return classify(self.event, self.status)[1]
+
+    @property
+    def table_schema(self) -> str | None:
+        return self.table.split(".", 1)[0] if self.table and "." in self.table else None
+
+    @property
+    def table_name(self) -> str | None:
+        return self.table.split(".", 1)[1] if self.table and "." in self.table else self.table
+
+    def payload(self) -> dict[str, Any]:
+        alert_type, severity = classify(self.event, self.status)
+        return {**asdict(self), "type": alert_type, "severity": severity, "table_schema": self.table_schema,
+                "table_name": self.table_name, "error_message": self.error}
 
     def body(self) -> bytes:
-        return json.dumps(asdict(self), default=str, sort_keys=True).encode()
+        return json.dumps(self.payload(), default=str, sort_keys=True).encode()
 
 
 def sign(body: bytes, secret: str) -> str:
@@ -121,7 +184,7 @@ def _notify_block(name: str, alert: Alert) -> Delivery:
         if "/" not in name:
             return Delivery(f"block:{name}", False, 0, "REFRESH_NOTIFICATION_BLOCK must be 'block-type/name'")
         block = cast(NotificationBlock, Block.load(name))
-        subject = f"bq-refresh {alert.event}: {alert.table or 'run'} {alert.status}"
+        subject = f"bq-refresh {alert.severity} {alert.event}: {alert.table or 'run'} {alert.status}"
         text = f"{subject}\n{alert.error or ''}\n{json.dumps(alert.counts, default=str)}"
         block.notify(text, subject=subject)  # type: ignore[unused-coroutine]  # sync in a sync context
         return Delivery(f"block:{name}", True, 1, None)
@@ -130,7 +193,7 @@ def _notify_block(name: str, alert: Alert) -> Delivery:
 
 
 def record(conn: psycopg.Connection[Any], schema: str, alert: Alert, deliveries: list[Delivery]) -> None:
-    table_schema, table_name = (alert.table.split(".", 1) if alert.table and "." in alert.table else (None, alert.table))
+    table_schema, table_name = alert.table_schema, alert.table_name
     for d in deliveries:
         conn.execute(
             sql.SQL("INSERT INTO {} (event, table_schema, table_name, flow_run_id, channel, status, attempts,"

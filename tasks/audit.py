@@ -115,3 +115,13 @@ def close_interrupted_audits(conn: psycopg.Connection[Any], schema: str, table_s
     if not conn.autocommit:
         conn.commit()
     return cur.rowcount
+
+
+def audit_id_of_flow_run(conn: psycopg.Connection[Any], schema: str, flow_run_id: str) -> int | None:
+    """The audit row a flow run opened (its latest), for the alerts its failure hooks send; None if it opened none."""
+    row = conn.execute(
+        sql.SQL("SELECT max(id) FROM {} WHERE sync_metadata->>'flow_run_id' = %s").format(
+            ident(schema, "refresh_audit_log")),
+        (flow_run_id,),
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
