@@ -10,6 +10,8 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
+import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -88,3 +90,118 @@ class FaultProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class TcpFaultProxy:
+    """A real TCP proxy in front of a gRPC endpoint (the Storage Read API, ``host:port``) that cuts or refuses
+    connections on demand; gRPC's HTTP/2 frames pass through untouched.
+
+    ``cut_after_bytes``: a connection is reset (RST) once it has forwarded that many bytes server -> client,
+    ``cuts`` times (-1: every connection that gets that far; a short connection, e.g. the one that opens the
+    read session, is not cut and does not count); ``refuse``: every new connection is reset at once.
+    ``heal()`` forwards everything again.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.cut_after_bytes: int | None = None
+        self.cuts = 0
+        self.refuse = False
+        self.connections = 0
+        self.cut_connections = 0  # connections cut so far
+        self.refused = 0
+        self.bytes_to_client: list[int] = []  # per connection, in the order they were accepted
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def heal(self) -> None:
+        self.cut_after_bytes, self.cuts, self.refuse = None, 0, False
+
+    def close(self) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            for sock in list(self._sockets):
+                _reset(sock)
+            self._sockets.clear()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                self.connections += 1
+                if self.refuse:
+                    self.refused += 1
+                    _reset(client)
+                    continue
+                budget = self.cut_after_bytes if self.cuts != 0 else None
+                index = len(self.bytes_to_client)
+                self.bytes_to_client.append(0)
+            try:
+                server = socket.create_connection(self.upstream, timeout=10)
+            except OSError:
+                _reset(client)
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._sockets |= {client, server}
+            threading.Thread(target=self._pump, args=(client, server, None, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, index, budget), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, index: int | None, budget: int | None) -> None:
+        """Copy src -> dst; with a budget (server -> client), reset both once ``budget`` bytes are forwarded."""
+        try:
+            while data := src.recv(65536):
+                if budget is not None and len(data) >= budget and self._take_cut():
+                    dst.sendall(data[:budget])
+                    self._count(index, budget)
+                    _reset(dst)
+                    _reset(src)
+                    return
+                dst.sendall(data)
+                self._count(index, len(data))
+                if budget is not None:
+                    budget -= len(data)
+        except OSError:
+            pass
+        for sock in (src, dst):  # one side ended: end the other so the peer sees it
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+            with self._lock:
+                self._sockets.discard(sock)
+
+    def _take_cut(self) -> bool:
+        with self._lock:
+            if self.cuts == 0 or self.cut_after_bytes is None:
+                return False  # healed meanwhile, or the cuts were used up by other connections
+            self.cuts -= 1 if self.cuts > 0 else 0
+            self.cut_connections += 1
+            return True
+
+    def _count(self, index: int | None, n: int) -> None:
+        if index is not None:
+            with self._lock:
+                self.bytes_to_client[index] += n
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): the peer sees 'connection reset', not an orderly end."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RD)  # wakes a thread blocked reading it (sends nothing)
+    except OSError:
+        pass
+    sock.close()

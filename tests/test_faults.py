@@ -2,7 +2,8 @@
 state (never between), no key is doubled, the audit log says what happened, and the next run finishes.
 
 Faults: BigQuery down / answering 500 or 503 / slower than the deadline (a real HTTP proxy in front of
-the emulator), the emulator stopped mid-read, SIGKILL of the refresh during the publish, PostgreSQL
+the emulator's REST API), the Storage Read stream cut mid-read or refused (a real TCP proxy in front of the
+emulator's gRPC port), the emulator stopped mid-read, SIGKILL of the refresh during the publish, PostgreSQL
 restarted mid-run, a statement timeout in PostgreSQL. (SIGKILL during the COPY and an expired read
 session: tests/test_resume.py; the webhook endpoint down: tests/test_orchestration.py; two runs of one
 table at once: tests/test_engine.py.)
@@ -35,7 +36,7 @@ from tasks.migrations import apply_migrations
 from tasks.registry import register_table
 from tests.bqdata import assert_same_rows, create_sqp_target, pg_rows, put_table, source_rows
 from tests.conftest import ROOT, OwnEmulator, WebhookReceiver
-from tests.faultproxy import FaultProxy
+from tests.faultproxy import FaultProxy, TcpFaultProxy
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, T0, sqp_rows
 
 pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
@@ -45,6 +46,16 @@ pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
 def proxy(env: Settings) -> Iterator[FaultProxy]:
     assert env.bigquery_api_endpoint is not None
     p = FaultProxy(env.bigquery_api_endpoint)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def grpc_proxy(env: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[TcpFaultProxy]:
+    """A TCP proxy in front of the emulator's Storage Read gRPC port; the test's environment reads through it."""
+    assert env.bigquery_storage_endpoint is not None
+    p = TcpFaultProxy(env.bigquery_storage_endpoint)
+    monkeypatch.setenv("BIGQUERY_STORAGE_ENDPOINT", p.target)
     yield p
     p.close()
 
@@ -141,6 +152,87 @@ def test_a_flaky_bigquery_is_retried_within_the_run(
     result = refresh_table("sqp")
     assert result["status"] == "success" and proxy.fail_next == 0
     assert_same_rows(source_rows(source, "sqp"), live(pg, schema), SQP_KEY)
+
+
+# The emulator answers a Storage Read stream in one or a few large gRPC messages (up to 65,536 rows each):
+# 10,000 changed rows are ~800 KB, so a cut after 8 KB lands inside the first message, mid-read.
+CUT_AFTER_BYTES = 8192
+
+
+@pytest.mark.once  # BigQuery-side fault
+def test_a_storage_read_stream_cut_once_mid_read_is_resumed_by_the_client_and_ends_exact(
+    env: Settings, pg: psycopg.Connection[Any], grpc_proxy: TcpFaultProxy,
+) -> None:
+    """The Google client's ReadRowsStream reconnects a stream reset by the network (UNAVAILABLE) by itself,
+    at the offset of the rows it has received: the run succeeds, reading each row once."""
+    schema = env.schema_name
+    source, _ = loaded_then_changed(env, pg, n=8000)
+    grpc_proxy.cut_after_bytes, grpc_proxy.cuts = CUT_AFTER_BYTES, 1
+
+    result = refresh_table("sqp")
+    assert grpc_proxy.cut_connections == 1, grpc_proxy.bytes_to_client
+    assert max(grpc_proxy.bytes_to_client) > 50 * CUT_AFTER_BYTES  # the stream went on after the cut point
+    assert result["status"] == "success" and result["rows_read"] == 10_000 and result["duplicate_keys"] == 0, result
+    assert_same_rows(source_rows(source, "sqp"), live(pg, schema), SQP_KEY)
+    no_duplicate_keys(pg, schema)
+    assert [a[1] for a in audit_rows(pg, schema)] == ["success", "success"]
+
+
+@pytest.mark.once  # BigQuery-side faults
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["cut_every_connection", "refused"])
+def test_a_storage_read_stream_that_stays_broken_fails_the_table_cleanly_and_the_next_run_completes(
+    fault: str, env: Settings, pg: psycopg.Connection[Any], grpc_proxy: TcpFaultProxy, webhook: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """cut_every_connection: every connection is reset 8 KB into the stream. The Google client reconnects
+    without end (it resumes UNAVAILABLE streams with no limit of its own), so the table's timeout in the
+    nightly flow is what ends the read: the table fails, and the read stops reconnecting.
+    refused: the Storage Read port resets every connection; opening the read session fails within our deadline."""
+    from flows.daily_refresh import daily_refresh
+
+    schema = env.schema_name
+    source, before = loaded_then_changed(env, pg, n=8000)
+    faulty_settings(monkeypatch, webhook)
+    monkeypatch.setenv("BIGQUERY_TIMEOUT_SECONDS", "3")
+    monkeypatch.setenv("REFRESH_TABLE_TIMEOUT_SECONDS", "20")
+    if fault == "cut_every_connection":
+        grpc_proxy.cut_after_bytes, grpc_proxy.cuts = CUT_AFTER_BYTES, -1
+    else:
+        grpc_proxy.refuse = True
+
+    started = time.monotonic()
+    summary = daily_refresh(tables=["sqp"], return_state=True).result(raise_on_failure=False)
+    assert time.monotonic() - started < 90
+    assert summary["failed"] == [f"{schema}.sqp"], summary
+    error = summary["tables"][0]["error"]
+    if fault == "cut_every_connection":
+        assert "timed out" in error, error
+        assert grpc_proxy.cut_connections >= 2, grpc_proxy.bytes_to_client  # the client kept reconnecting
+        connections = grpc_proxy.connections
+        time.sleep(3)
+        assert grpc_proxy.connections == connections  # the timed-out read no longer reconnects
+        assert live(pg, schema) == before
+        no_duplicate_keys(pg, schema)
+        timed_out = audit_rows(pg, schema)[-1]
+        assert timed_out[1] == "failed", timed_out
+        alerts = [json.loads(r["body"]) for r in webhook.received]
+        assert any(a["event"] == "table_failed" and a["table"] == f"{schema}.sqp" and "timed out" in a["error"]
+                   for a in alerts), alerts
+    else:
+        assert f"{schema}.sqp" in error and "Storage Read API unavailable" in error and grpc_proxy.refused >= 1, error
+        assert_failed_cleanly(pg, schema, before, webhook, "Storage Read API unavailable")
+
+    grpc_proxy.heal()
+    monkeypatch.setenv("REFRESH_TABLE_TIMEOUT_SECONDS", "600")
+    rerun = refresh_table("sqp")
+    assert rerun["status"] == "success", rerun
+    assert_same_rows(source_rows(source, "sqp"), live(pg, schema), SQP_KEY)
+    no_duplicate_keys(pg, schema)
+    assert audit_rows(pg, schema)[-1][1] == "success"
+    if fault == "cut_every_connection" and f"{schema}.sqp" not in (timed_out[2] or ""):
+        pytest.xfail("product gap: a table ended by REFRESH_TABLE_TIMEOUT_SECONDS is audited 'failed' with an"
+                     f" empty error_message ({timed_out[2]!r}): the timeout is not named after the table")
 
 
 # --- faults that need the refresh in its own process -------------------------------------------------
