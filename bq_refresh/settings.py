@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -87,6 +88,11 @@ class Settings(BaseSettings):
         description="A run that starts up to this much before a table's slot still refreshes it.",
     )
     health_grace_hours: float = Field(default=2.0, ge=0, validation_alias="REFRESH_HEALTH_GRACE_HOURS")
+    view_failure_status: Literal["warning", "failed"] = Field(
+        default="warning", validation_alias="REFRESH_VIEW_FAILURE_STATUS",
+        description="What a table run becomes when a dependent materialized view fails its refresh or a dependent "
+                    "view no longer answers its probe (the data itself was published).",
+    )
     api_read_requires_token: bool = Field(default=False, validation_alias="REFRESH_API_READ_REQUIRES_TOKEN")
     trigger_deployment: str | None = Field(
         default=None, validation_alias="REFRESH_TRIGGER_DEPLOYMENT",

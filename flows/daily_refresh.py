@@ -17,7 +17,7 @@ from blocks.resources import resolve_resources
 from bq_refresh.errors import DependencyCycle
 from bq_refresh.redact import redact
 from bq_refresh.settings import load_settings
-from flows.refresh_table import refresh_table, views_task
+from flows.refresh_table import refresh_table, report_view_failures, views_task
 from tasks.alerts import Alert, send_alert
 from tasks.artifacts import publish_markdown, publish_table_artifact
 from tasks.audit import finish_audit, start_audit
@@ -150,9 +150,7 @@ def daily_refresh(
     views: list[dict[str, Any]] = []
     if refreshed and not dry_run:
         views = views_task([r["target"] for r in refreshed if r.get("changed")], [r["target"] for r in refreshed])
-        broken = [v["view"] for v in views if not v["queryable"]]
-        if broken:
-            logger.warning("views not queryable after the refresh: %s", broken)
+        report_view_failures(views, {r["target"]: r for r in refreshed}, run_id)
     failed = [r["table"] for r in ordered if r["status"] == "failed"]
     publish_table_artifact(ordered, key="daily-refresh-summary", title="daily refresh: one row per table")
     lines = [f"# daily refresh: {len(ordered) - len(failed)} of {len(ordered)} table(s) without failure", ""]
@@ -160,7 +158,13 @@ def daily_refresh(
                                                       if r["status"] in {"failed", "skipped"} else
                                                       f", read {r.get('rows_read', 0)}, inserted {r.get('rows_inserted', 0)},"
                                                       f" updated {r.get('rows_updated', 0)}, deleted {r.get('rows_deleted', 0)}")
+              + (f"; dependent view(s) failed: {', '.join(v['view'] for v in r['views_failed'])}"
+                 if r.get("views_failed") else "")
               for r in ordered]
+    broken_views = [v for v in views if v.get("error") or not v.get("queryable", True)]
+    if broken_views:
+        lines += ["", f"## {len(broken_views)} dependent view(s) failed", ""]
+        lines += [f"- **{v['view']}** ({v['kind']}): {v['error'] or 'not queryable'}" for v in broken_views]
     publish_markdown("\n".join(lines), key="daily-refresh-report", title="daily refresh report")
     summary = {"tables": ordered, "failed": failed, "waves": waves, "views": views}
     with res.target.connect(autocommit=True) as conn:

@@ -30,6 +30,7 @@ from tasks.audit import (
     close_running_audit,
     finish_audit,
     last_status,
+    mark_views_failed,
     start_audit,
 )
 from tasks.locks import table_lock
@@ -144,6 +145,60 @@ def views_task(changed: list[str], probe: list[str]) -> list[dict[str, Any]]:
         return as_dicts(refresh_dependents(conn, res.settings.schema_name, changed, probe))
 
 
+def report_view_failures(views: list[dict[str, Any]], runs: dict[str, dict[str, Any]], run_id: str | None) -> list[str]:
+    """Make failed dependent views part of the night: one ``view_refresh_failed`` alert per view (naming the
+    table it reads and that table's audit row), and the runs of the tables it reads marked
+    REFRESH_VIEW_FAILURE_STATUS with the failures in their audit rows (so /health and status show them).
+
+    Args:
+        views: what ``views_task`` returned.
+        runs: target ("schema.table" the views read) -> that table's run summary (updated in place: status,
+            views_failed).
+        run_id: the flow run that refreshed the views.
+
+    Returns:
+        The registry names of the tables whose run ended failed because of a view.
+    """
+    from tasks.views import failed, view_tables
+
+    broken = failed(views)
+    if not broken:
+        return []
+    settings = load_settings()
+    res = resolve_resources(settings)
+    schema = settings.schema_name
+    per_table: dict[str, list[dict[str, Any]]] = {}
+    with res.target.connect(autocommit=True) as conn:
+        owners = view_tables(conn, [v["view"] for v in broken], list(runs))
+        for v in broken:
+            failure = {"view": v["view"], "kind": v["kind"], "refreshed": v["refreshed"], "error": v["error"]}
+            targets = owners.get(v["view"]) or []
+            for target in targets:
+                per_table.setdefault(target, []).append(failure)
+            run = runs[targets[0]] if targets else {}
+            send_alert(settings, Alert(
+                "view_refresh_failed", settings.view_failure_status, run.get("table"),
+                f"{v['view']}: {v['error'] or 'not queryable'}", run_id, _flow_run_url(run_id), {},
+                {"view": v["view"], "kind": v["kind"], "refreshed": v["refreshed"],
+                 "tables": [runs[t].get("table") for t in targets]},
+                audit_log_id=run.get("audit_id")), conn)
+        failed_tables = []
+        for target, failures in per_table.items():
+            run = runs[target]
+            if run.get("audit_id") is not None:
+                run["status"] = mark_views_failed(conn, schema, int(run["audit_id"]), settings.view_failure_status,
+                                                  failures)
+            else:
+                run["status"] = settings.view_failure_status
+            run["views_failed"] = failures
+            if run["status"] == "failed" and not run.get("error"):
+                run["error"] = "dependent view(s) failed: " + ", ".join(f["view"] for f in failures)
+            if run["status"] == "failed":
+                failed_tables.append(str(run["table"]))
+    get_run_logger().warning("dependent views failed: %s", [(v["view"], v["error"]) for v in broken])
+    return failed_tables
+
+
 @flow(name="refresh-table", on_failure=[_on_failure], on_crashed=[_on_failure], on_cancellation=[_on_failure])
 def refresh_table(
     table: str,
@@ -213,9 +268,15 @@ def refresh_table(
                 soft_failures += result.checks_failed_soft
         except BaseException as exc:
             named = name_failure(exc, entry.name)
+            recorded: BaseException = named
+            if not str(named).strip():  # a timeout or cancellation carries no text: say what stopped the table
+                recorded = RefreshError(
+                    f"{type(exc).__name__}: the run of {entry.name} was stopped after"
+                    f" {time.monotonic() - started:.0f} s (REFRESH_TABLE_TIMEOUT_SECONDS={settings.table_timeout_s:g},"
+                    " or a cancellation); it resumes from its checkpoint on the next run", table=entry.name)
             try:
                 with audit(autocommit=True) as conn:
-                    finish_audit(conn, schema, audit_id, status="failed", error=named)
+                    finish_audit(conn, schema, audit_id, status="failed", error=recorded)
             except psycopg.Error as audit_exc:  # the database is gone: the next run closes the row as interrupted
                 logger.warning("%s: could not record the failure in audit row %d: %s", entry.name, audit_id,
                                type(audit_exc).__name__)
@@ -280,6 +341,7 @@ def refresh_table(
     changed = result.rows_inserted + result.rows_updated + result.rows_deleted > 0
     if refresh_views and not dry_run and not plan.shadow:
         summary["views"] = views_task([plan.target_label] if changed else [], [plan.target_label])
+        report_view_failures(summary["views"], {plan.target_label: summary}, run_id)
     summary["changed"] = changed and not dry_run
     publish_table_artifact([summary], key=None, title=f"refresh of {entry.name}")
     logger.info("%s %s: read %d, inserted %d, updated %d, deleted %d", entry.name, status, manifest.rows_read,

@@ -8,7 +8,7 @@ from uuid import UUID
 
 log = logging.getLogger(__name__)
 ARTIFACT_COLUMNS = ["table", "status", "mode", "rows_read", "rows_inserted", "rows_updated", "rows_deleted",
-                    "execution_time_ms", "checks"]
+                    "execution_time_ms", "checks", "views_failed"]
 
 
 def _in_run() -> bool:
@@ -24,10 +24,17 @@ def publish_table_artifact(rows: list[dict[str, Any]], *, key: str | None, title
     try:
         from prefect.artifacts import create_table_artifact
 
-        table = [{c: r.get(c) for c in ARTIFACT_COLUMNS} for r in rows]
+        table = [{c: _cell(r.get(c)) if c == "views_failed" else r.get(c) for c in ARTIFACT_COLUMNS} for r in rows]
         create_table_artifact(table=table, key=key, description=title)
     except Exception as exc:  # noqa: BLE001 - artifacts never fail a refresh
         log.warning("table artifact not created: %s", exc)
+
+
+def _cell(views_failed: Any) -> str | None:
+    """A run's failed dependent views as one cell: "view: error; ..."."""
+    if not views_failed:
+        return None
+    return "; ".join(f"{v['view']}: {v.get('error') or 'not queryable'}" for v in views_failed)
 
 
 def publish_markdown(markdown: str, *, key: str | None, title: str) -> None:

@@ -125,3 +125,21 @@ def audit_id_of_flow_run(conn: psycopg.Connection[Any], schema: str, flow_run_id
         (flow_run_id,),
     ).fetchone()
     return None if row is None or row[0] is None else int(row[0])
+
+
+def mark_views_failed(conn: psycopg.Connection[Any], schema: str, audit_id: int, status: str,
+                      views_failed: list[dict[str, Any]]) -> str:
+    """Record on a finished table run the dependent views that failed after its publish, and raise its status
+    to ``status`` ('warning' or 'failed'; a failed run stays failed, a warning is never lowered). The data was
+    published: the row keeps its figures. Returns the row's status now."""
+    summary = "; ".join(f"{v['view']}: {v.get('error') or 'not queryable'}" for v in views_failed)
+    row = conn.execute(
+        sql.SQL("UPDATE {} SET status = CASE WHEN status = 'failed' OR %s = 'failed' THEN 'failed' ELSE 'warning' END,"
+                " sync_metadata = sync_metadata || jsonb_build_object('views_failed', %s::jsonb),"
+                " error_message = CASE WHEN %s = 'failed' THEN coalesce(error_message, %s) ELSE error_message END"
+                " WHERE id = %s RETURNING status").format(ident(schema, "refresh_audit_log")),
+        (status, Jsonb(views_failed), status, redact(f"dependent view(s) failed: {summary}")[:4000], audit_id),
+    ).fetchone()
+    if not conn.autocommit:
+        conn.commit()
+    return status if row is None else str(row[0])

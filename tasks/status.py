@@ -27,6 +27,7 @@ class TableStatus:
     watermark: str | None
     healthy: bool
     reason: str | None
+    views_failed: list[dict[str, Any]] | None = None  # dependent views that failed after the last run's publish
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,7 +41,7 @@ def table_status(conn: psycopg.Connection[Any], schema: str, *, grace_hours: flo
         SELECT c.table_schema || '.' || c.table_name AS name, c.is_enabled, c.priority, c.refresh_frequency_hours,
                c.next_refresh_at, c.watermark, now() AS now,
                last.status AS last_status, last.refresh_started_at AS last_run_at, last.error_message,
-               ok.completed AS last_success_at
+               ok.completed AS last_success_at, ran.views_failed
           FROM {cfg} c
           LEFT JOIN LATERAL (SELECT status, refresh_started_at, error_message FROM {audit} a
                               WHERE a.table_schema = c.table_schema AND a.table_name = c.table_name
@@ -49,6 +50,11 @@ def table_status(conn: psycopg.Connection[Any], schema: str, *, grace_hours: flo
                               WHERE a.table_schema = c.table_schema AND a.table_name = c.table_name
                                 AND a.status IN ('success', 'warning')
                                 AND NOT coalesce((a.sync_metadata->>'dry_run')::boolean, false)) ok ON true
+          LEFT JOIN LATERAL (SELECT a.sync_metadata->'views_failed' AS views_failed FROM {audit} a
+                              WHERE a.table_schema = c.table_schema AND a.table_name = c.table_name
+                                AND a.status IN ('success', 'warning', 'failed')
+                                AND NOT coalesce((a.sync_metadata->>'dry_run')::boolean, false)
+                              ORDER BY a.id DESC LIMIT 1) ran ON true
          ORDER BY c.priority DESC, name
         """
     ).format(cfg=ident(schema, "refresh_config"), audit=ident(schema, "refresh_audit_log"))
@@ -65,11 +71,14 @@ def table_status(conn: psycopg.Connection[Any], schema: str, *, grace_hours: flo
                 elif r["now"] - r["last_success_at"] > limit:
                     age = r["now"] - r["last_success_at"]
                     healthy, reason = False, f"stale: last success {age.total_seconds() / 3600:.1f} h ago (limit {limit.total_seconds() / 3600:.0f} h)"
+                if healthy and r["views_failed"]:
+                    healthy, reason = False, "dependent view(s) failed after the last refresh: " + "; ".join(
+                        f"{v['view']}: {v.get('error') or 'not queryable'}" for v in r["views_failed"])[:300]
             out.append(TableStatus(
                 table=r["name"], enabled=r["is_enabled"], priority=r["priority"], frequency_hours=r["refresh_frequency_hours"],
                 last_status=r["last_status"], last_run_at=r["last_run_at"], last_error=r["error_message"],
                 last_success_at=r["last_success_at"], next_refresh_at=r["next_refresh_at"], watermark=r["watermark"],
-                healthy=healthy, reason=reason,
+                healthy=healthy, reason=reason, views_failed=r["views_failed"] or None,
             ))
     return out
 

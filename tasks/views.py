@@ -73,8 +73,12 @@ def refresh_dependents(
     Never drops anything. ``conn`` must be in autocommit mode (CONCURRENTLY refuses transactions).
     """
     results: dict[str, ViewResult] = {}
-    for schema, name, kind, _depth in dependents(conn, changed):
-        if kind != "materialized view":
+    # A materialized view whose last refresh failed is refreshed again even when its tables did not change:
+    # otherwise it would stay at its old contents, queryable, and look fine.
+    changed_views = {(s, n) for s, n, _k, _d in dependents(conn, changed)}
+    retry = _last_refresh_failed(conn, registry_schema)
+    for schema, name, kind, _depth in dependents(conn, sorted(set(changed) | set(probe or []))):
+        if kind != "materialized view" or ((schema, name) not in changed_views and (schema, name) not in retry):
             continue
         label = f"{schema}.{name}"
         concurrently = _can_refresh_concurrently(conn, schema, name)
@@ -106,6 +110,32 @@ def refresh_dependents(
         else:
             results[label] = ViewResult(label, kind, False, False, 0, queryable, error)
     return list(results.values())
+
+
+def _last_refresh_failed(conn: psycopg.Connection[Any], registry_schema: str) -> set[tuple[str, str]]:
+    """Materialized views whose latest recorded refresh failed."""
+    rows = conn.execute(sql.SQL(
+        "SELECT DISTINCT ON (view_schema, view_name) view_schema, view_name, status FROM {}"
+        " ORDER BY view_schema, view_name, id DESC").format(ident(registry_schema, "materialized_view_refresh_status"))
+    ).fetchall()
+    return {(str(r[0]), str(r[1])) for r in rows if r[2] == "failed"}
+
+
+def failed(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The views of a refresh that failed: a materialized view whose refresh failed, or any view that did not
+    answer its probe."""
+    return [v for v in results if v.get("error") or not v.get("queryable", True)]
+
+
+def view_tables(conn: psycopg.Connection[Any], views: list[str], tables: list[str]) -> dict[str, list[str]]:
+    """For each of ``views`` ("schema.name"), the ``tables`` it reads, directly or through other views."""
+    out: dict[str, list[str]] = {v: [] for v in views}
+    for table in sorted(set(tables)):
+        for schema, name, _kind, _depth in dependents(conn, [table]):
+            label = f"{schema}.{name}"
+            if label in out:
+                out[label].append(table)
+    return out
 
 
 def as_dicts(results: list[ViewResult]) -> list[dict[str, Any]]:
