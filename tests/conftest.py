@@ -7,31 +7,89 @@ from pathlib import Path
 
 from bq_refresh.offline import configure_offline_prefect
 
-configure_offline_prefect(Path(__file__).resolve().parents[1] / ".state" / "tests")
+ROOT = Path(__file__).resolve().parents[1]
+# The tests' local state (embedded PostgreSQL, emulators, Prefect home); BQ_REFRESH_TEST_STATE_DIR gives a
+# session a folder of its own (tests/test_project.py runs one that way).
+TEST_STATE = Path(os.environ.get("BQ_REFRESH_TEST_STATE_DIR") or ROOT / ".state" / "tests").resolve()
+configure_offline_prefect(TEST_STATE)
+import fcntl
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 from psycopg import sql
 
 from blocks import BigQuerySource, PostgresTarget, Resources
-from bq_refresh.services import EmulatorEndpoints, start_embedded_postgres, start_emulator, stop_emulator
+from bq_refresh.services import (
+    EmulatorEndpoints,
+    start_embedded_postgres,
+    start_emulator,
+    stop_embedded_postgres,
+    stop_emulator,
+)
 from bq_refresh.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
-TEST_STATE = ROOT / ".state" / "tests"
 EMULATOR_PROJECT = "test-project"
 
 
+def embedded_postgres_pids(state: Path) -> list[int]:
+    """The postgres server processes running on ``state``'s embedded data folder (empty when none runs)."""
+    pgdata = str((state / "pgdata").resolve())
+    pids = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["name"] == "postgres" and "-D" in cmdline and pgdata in cmdline:
+            pids.append(proc.pid)
+    return pids
+
+
+def other_embedded_postgres_users(state: Path) -> list[int]:
+    """Live processes other than this one holding a handle on ``state``'s embedded server: embedded_postgres
+    records the pid of every process that called get_server (start_embedded_postgres) in the data folder,
+    and removes it at that process's exit. Unreadable means unknown: reported as a user (pid 0)."""
+    import json
+
+    record = state / "pgdata" / ".handle_pids.json"
+    try:
+        pids = [int(pid) for pid in json.loads(record.read_text())] if record.exists() else []
+    except (OSError, ValueError, TypeError):
+        return [0]
+    return [pid for pid in pids if pid != os.getpid() and psutil.pid_exists(pid)]
+
+
+@contextmanager
+def embedded_postgres_session(state: Path) -> Iterator[str]:
+    """The embedded PostgreSQL for one pytest session. At the end it is stopped only if this session started it
+    and no other live process (e.g. a concurrent pytest on the same machine) still holds it; a server found
+    running is left running."""
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "pgdata.lock", "w") as lock:  # start and stop decisions, one session at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        started = not embedded_postgres_pids(state)
+        uri = start_embedded_postgres(state)
+    try:
+        yield uri
+    finally:
+        with open(state / "pgdata.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if started and not other_embedded_postgres_users(state):
+                stop_embedded_postgres(state)
+
+
 @pytest.fixture(scope="session")
-def pg_uri() -> str:
-    """A real PostgreSQL: BQ_REFRESH_DATABASE_URL if set, else the embedded server."""
+def pg_uri() -> Iterator[str]:
+    """A real PostgreSQL: BQ_REFRESH_DATABASE_URL if set, else the embedded server (stopped at the session's
+    end when the session started it)."""
     url = os.environ.get("BQ_REFRESH_DATABASE_URL")
     if url:
-        return url
-    return start_embedded_postgres(TEST_STATE)
+        yield url
+        return
+    with embedded_postgres_session(TEST_STATE) as uri:
+        yield uri
 
 
 @pytest.fixture
