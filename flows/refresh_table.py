@@ -298,6 +298,8 @@ def refresh_table(
             "indexes_rebuilt": result.indexes_rebuilt, "interrupted_runs_closed": interrupted,
             "direct_load": manifest.published is not None, "rows_skipped_unchanged": manifest.rows_unchanged,
             "lock_reacquired": held.reacquired, "future_cursor_rows": result.future_cursor_rows,
+            # the BigQuery snapshot the published data reflects (refresh_freshness.data_as_of)
+            "data_as_of": (plan.session or {}).get("snapshot_time"),
         }
         with audit(autocommit=True) as conn:
             finish_audit(
