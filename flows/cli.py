@@ -204,7 +204,7 @@ def tables_set(
 
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Per table: last result, last success, next due, health."""
+    """Per table: last result, data as of (its age against its frequency), next due, health."""
     from tasks import status as q
 
     conn, settings = _conn()
@@ -213,7 +213,8 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if not _emit(rows, as_json):
         for r in rows:
             r["health"] = "ok" if r["healthy"] else f"[red]{r['reason']}[/]"
-        _print_rows(rows, ["table", "enabled", "last_status", "last_success_at", "next_refresh_at", "health"], "status")
+        _print_rows(rows, ["table", "enabled", "last_status", "data_as_of", "age_hours", "frequency_hours",
+                           "next_refresh_at", "health"], "status")
 
 
 @app.command()

@@ -21,6 +21,7 @@ from flows.refresh_table import refresh_table, report_view_failures, views_task
 from tasks.alerts import Alert, send_alert
 from tasks.artifacts import publish_markdown, publish_table_artifact
 from tasks.audit import finish_audit, start_audit
+from tasks.freshness import check_freshness
 from tasks.planning import plan_waves, split_cycles
 from tasks.registry import due_entries, list_dependencies
 
@@ -166,8 +167,14 @@ def daily_refresh(
         lines += ["", f"## {len(broken_views)} dependent view(s) failed", ""]
         lines += [f"- **{v['view']}** ({v['kind']}): {v['error'] or 'not queryable'}" for v in broken_views]
     publish_markdown("\n".join(lines), key="daily-refresh-report", title="daily refresh report")
-    summary = {"tables": ordered, "failed": failed, "waves": waves, "views": views}
+    summary: dict[str, Any] = {"tables": ordered, "failed": failed, "waves": waves, "views": views}
     with res.target.connect(autocommit=True) as conn:
+        # Every enabled table, due tonight or not: a table left behind is said once per episode.
+        freshness = check_freshness(conn, settings, flow_run_id=run_id)
+        summary["stale"] = freshness.stale
+        if freshness.stale:
+            logger.warning("stale tables (older than frequency + %g h): %s", settings.health_grace_hours,
+                           freshness.stale)
         counts = {"tables": len(ordered), "failed": len(failed),
                   "skipped": sum(1 for r in ordered if r["status"] == "skipped")}
         if failed:

@@ -10,6 +10,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from tasks.freshness import is_stale
 from tasks.sqlnames import ident
 
 
@@ -28,6 +29,9 @@ class TableStatus:
     healthy: bool
     reason: str | None
     views_failed: list[dict[str, Any]] | None = None  # dependent views that failed after the last run's publish
+    data_as_of: datetime | None = None  # the read snapshot of the last successful publish
+    age_hours: float | None = None  # of data_as_of (or the last success, or the registration)
+    stale: bool = False  # older than its frequency plus the grace
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,7 +45,7 @@ def table_status(conn: psycopg.Connection[Any], schema: str, *, grace_hours: flo
         SELECT c.table_schema || '.' || c.table_name AS name, c.is_enabled, c.priority, c.refresh_frequency_hours,
                c.next_refresh_at, c.watermark, now() AS now,
                last.status AS last_status, last.refresh_started_at AS last_run_at, last.error_message,
-               ok.completed AS last_success_at, ran.views_failed
+               ok.completed AS last_success_at, ran.views_failed, f.data_as_of, f.age_hours
           FROM {cfg} c
           LEFT JOIN LATERAL (SELECT status, refresh_started_at, error_message FROM {audit} a
                               WHERE a.table_schema = c.table_schema AND a.table_name = c.table_name
@@ -55,13 +59,18 @@ def table_status(conn: psycopg.Connection[Any], schema: str, *, grace_hours: flo
                                 AND a.status IN ('success', 'warning', 'failed')
                                 AND NOT coalesce((a.sync_metadata->>'dry_run')::boolean, false)
                               ORDER BY a.id DESC LIMIT 1) ran ON true
+          LEFT JOIN {freshness} f ON f.table_schema = c.table_schema AND f.table_name = c.table_name
          ORDER BY c.priority DESC, name
         """
-    ).format(cfg=ident(schema, "refresh_config"), audit=ident(schema, "refresh_audit_log"))
+    ).format(cfg=ident(schema, "refresh_config"), audit=ident(schema, "refresh_audit_log"),
+             freshness=ident(schema, "refresh_freshness"))
     out = []
     with conn.cursor(row_factory=dict_row) as cur:
         for r in cur.execute(query).fetchall():
             healthy, reason = True, None
+            age = None if r["age_hours"] is None else float(r["age_hours"])
+            stale = age is not None and is_stale(bool(r["is_enabled"]), age, r["refresh_frequency_hours"] or 24,
+                                                 grace_hours)
             if r["is_enabled"]:
                 limit = timedelta(hours=(r["refresh_frequency_hours"] or 24) + grace_hours)
                 if r["last_status"] == "failed":
@@ -69,8 +78,11 @@ def table_status(conn: psycopg.Connection[Any], schema: str, *, grace_hours: flo
                 elif r["last_success_at"] is None:
                     healthy, reason = False, "never refreshed successfully"
                 elif r["now"] - r["last_success_at"] > limit:
-                    age = r["now"] - r["last_success_at"]
-                    healthy, reason = False, f"stale: last success {age.total_seconds() / 3600:.1f} h ago (limit {limit.total_seconds() / 3600:.0f} h)"
+                    since = r["now"] - r["last_success_at"]
+                    healthy, reason = False, f"stale: last success {since.total_seconds() / 3600:.1f} h ago (limit {limit.total_seconds() / 3600:.0f} h)"
+                elif stale and r["data_as_of"] is not None:
+                    healthy, reason = False, (f"stale: data as of {r['data_as_of'].isoformat()}, {age:.1f} h old"
+                                              f" (limit {limit.total_seconds() / 3600:g} h)")
                 if healthy and r["views_failed"]:
                     healthy, reason = False, "dependent view(s) failed after the last refresh: " + "; ".join(
                         f"{v['view']}: {v.get('error') or 'not queryable'}" for v in r["views_failed"])[:300]
@@ -79,6 +91,7 @@ def table_status(conn: psycopg.Connection[Any], schema: str, *, grace_hours: flo
                 last_status=r["last_status"], last_run_at=r["last_run_at"], last_error=r["error_message"],
                 last_success_at=r["last_success_at"], next_refresh_at=r["next_refresh_at"], watermark=r["watermark"],
                 healthy=healthy, reason=reason, views_failed=r["views_failed"] or None,
+                data_as_of=r["data_as_of"], age_hours=age, stale=stale,
             ))
     return out
 
