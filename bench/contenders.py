@@ -103,7 +103,8 @@ def bq_refresh(db: str, schema: str, table: str, path: Path, phase: str, streams
     from tasks.fastpath import LocalSource
     from tasks.registry import get_entry
 
-    settings = Settings.model_validate({"BQ_REFRESH_DATABASE_URL": db, "BQ_REFRESH_SCHEMA": schema + "_reg",
+    settings = Settings.model_validate({"REFRESH_STAGING_LOGGED": os.environ.get("REFRESH_STAGING_LOGGED", "false"),
+                                        "BQ_REFRESH_DATABASE_URL": db, "BQ_REFRESH_SCHEMA": schema + "_reg",
                                         "BQ_REFRESH_STAGING_SCHEMA": schema + "_staging"})
     res = Resources(source=BigQuerySource(project_id="local", dataset="bench"), target=PostgresTarget(url=db),
                     settings=settings)

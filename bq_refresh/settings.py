@@ -87,7 +87,17 @@ class Settings(BaseSettings):
         default=15.0, ge=0, validation_alias="REFRESH_DUE_TOLERANCE_MINUTES",
         description="A run that starts up to this much before a table's slot still refreshes it.",
     )
+    staging_logged: bool = Field(
+        default=False, validation_alias="REFRESH_STAGING_LOGGED",
+        description="WAL-logged staging tables instead of UNLOGGED ones. Either way a resume and a publish prove "
+                    "staging against the checkpoint; docs/benchmarks.md has what logging costs.",
+    )
     health_grace_hours: float = Field(default=2.0, ge=0, validation_alias="REFRESH_HEALTH_GRACE_HOURS")
+    source_stale_hours: float = Field(
+        default=36.0, gt=0, validation_alias="REFRESH_SOURCE_STALE_HOURS",
+        description="A run that read nothing from a source (without a readiness condition) whose last modification "
+                    "is older than this alerts source_stale, once until the source changes.",
+    )
     view_failure_status: Literal["warning", "failed"] = Field(
         default="warning", validation_alias="REFRESH_VIEW_FAILURE_STATUS",
         description="What a table run becomes when a dependent materialized view fails its refresh or a dependent "

@@ -91,7 +91,7 @@ def _staging_columns(columns: list[Column]) -> sql.Composed:
 
 
 def create_staging(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column], *,
-                   row_hash: bool = False, same: str | None = None) -> None:
+                   row_hash: bool = False, same: str | None = None, logged: bool = False) -> None:
     """An UNLOGGED staging table of this run (JSON as text; a batch sequence for 'latest wins').
 
     UNLOGGED: crash recovery empties it; a resumed run proves it still holds what its checkpoint records
@@ -100,17 +100,19 @@ def create_staging(conn: psycopg.Connection[Any], schema: str, table: str, colum
     Args:
         row_hash: staged rows carry their row hash.
         same: also a table of this name for the hashes of rows found unchanged, which are not staged.
+        logged: WAL-logged tables instead (REFRESH_STAGING_LOGGED; measured in docs/benchmarks.md).
     """
+    kind = sql.SQL("TABLE" if logged else "UNLOGGED TABLE")
     cols = _staging_columns(columns)
     if row_hash:
         cols = sql.SQL("{}, {} bigint").format(cols, ident(HASH_COLUMN))
     ensure_schema(conn, schema)
     if same is not None:
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(schema, same)))
-        conn.execute(sql.SQL("CREATE UNLOGGED TABLE {} (h bigint NOT NULL)").format(ident(schema, same)))
+        conn.execute(sql.SQL("CREATE {} {} (h bigint NOT NULL)").format(kind, ident(schema, same)))
     conn.execute(
-        sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} ({}, {} bigint NOT NULL)").format(
-            ident(schema, table), cols, ident(SEQ_COLUMN)
+        sql.SQL("CREATE {} IF NOT EXISTS {} ({}, {} bigint NOT NULL)").format(
+            kind, ident(schema, table), cols, ident(SEQ_COLUMN)
         )
     )
 

@@ -302,7 +302,7 @@ def plan_refresh(
             )
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(staging_schema, stage_table)))
         load.create_staging(conn, staging_schema, stage_table, columns, row_hash=row_hash,
-                            same=stage_table + "_same" if hash_skip else None)
+                            same=stage_table + "_same" if hash_skip else None, logged=settings.staging_logged)
         plan_fields: dict[str, Any] = dict(
             table=table, config_id=entry.id, registry_schema=settings.schema_name, target_schema=target_schema,
             target_table=target_table, staging_schema=staging_schema, staging_table=stage_table,
