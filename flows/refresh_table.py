@@ -199,6 +199,50 @@ def report_view_failures(views: list[dict[str, Any]], runs: dict[str, dict[str, 
     return failed_tables
 
 
+def _wait_for_source(res: Resources, table: str, condition: Any) -> Any:
+    """Wait (re-checking BigQuery's table metadata) until the source is ready or the deadline passes."""
+    from datetime import UTC, datetime
+
+    from tasks.freshness import last_data_as_of
+    from tasks.readiness import marker_name, read_state, wait_until_ready
+
+    with res.target.connect(autocommit=True) as conn:
+        last_read = last_data_as_of(conn, res.settings.schema_name, table)
+    with res.target.connect(autocommit=True) as conn:
+        spec = get_entry(conn, res.settings.schema_name, table).spec()
+    client = res.source.get_bigquery_client()
+    source_ref = res.source.table_ref(spec.source) if spec.source else None
+    marker = res.source.table_ref(marker_name(condition.marker_table, datetime.now(UTC))) if condition.marker_table else None
+    return wait_until_ready(condition, lambda: read_state(client, source_ref, marker), last_read=last_read)
+
+
+def _note_empty_read(res: Resources, table: str, rows_read: int, run_id: str | None, audit_id: int) -> None:
+    """Without a readiness condition: a read of nothing from a source unchanged for REFRESH_SOURCE_STALE_HOURS
+    alerts source_stale once (until the source gives rows again)."""
+    from datetime import UTC, datetime
+
+    from tasks.freshness import close_episode, open_episode
+    from tasks.readiness import source_modified, source_stale_without_condition
+
+    settings = res.settings
+    with res.target.connect(autocommit=True) as conn:
+        spec = get_entry(conn, settings.schema_name, table).spec()
+        if rows_read > 0 or spec.readiness is not None or spec.source is None:
+            close_episode(conn, settings.schema_name, table, "source_stale")
+            return
+        modified = source_modified(res.source.get_bigquery_client(), res.source.table_ref(spec.source))
+        if not source_stale_without_condition(rows_read, modified, datetime.now(UTC), settings.source_stale_hours):
+            return
+        assert modified is not None
+        facts = {"source_modified": modified.isoformat(), "source_stale_hours": settings.source_stale_hours}
+        if open_episode(conn, settings.schema_name, table, "source_stale", facts):
+            send_alert(settings, Alert(
+                "source_stale", "success", table,
+                f"{table}: read 0 rows; the source was last modified {modified.isoformat()}, over"
+                f" {settings.source_stale_hours:g} h ago: not loaded?", run_id, _flow_run_url(run_id), {}, facts,
+                audit_log_id=audit_id), conn)
+
+
 @flow(name="refresh-table", on_failure=[_on_failure], on_crashed=[_on_failure], on_cancellation=[_on_failure])
 def refresh_table(
     table: str,
@@ -252,6 +296,23 @@ def refresh_table(
             interrupted = close_interrupted_audits(conn, schema, entry.table_schema, entry.table_name, audit_id)
         if interrupted:
             logger.warning("%s: %d earlier run(s) had been interrupted; closed their audit rows", entry.name, interrupted)
+        readiness = entry.spec().readiness
+        if readiness is not None and not dry_run:
+            waited = _wait_for_source(res, entry.name, readiness)
+            if not waited.ready:
+                modified = waited.source_modified.isoformat() if waited.source_modified else "unknown"
+                facts = {"reason": "source not ready", "readiness": waited.reason, "source_modified": modified,
+                         "readiness_checks": waited.checks, "waited_s": round(waited.waited_s, 1)}
+                with audit(autocommit=True) as conn:
+                    finish_audit(conn, schema, audit_id, status="skipped", metadata=facts)
+                    send_alert(settings, Alert(
+                        "source_stale", "skipped", entry.name,
+                        f"{entry.name}: source not ready after {readiness.wait_minutes:g} min ({waited.reason});"
+                        f" source last modified {modified}; not refreshed tonight",
+                        run_id, _flow_run_url(run_id), {}, facts, audit_log_id=audit_id), conn)
+                logger.warning("%s skipped: source not ready (%s)", entry.name, waited.reason)
+                return {"table": entry.name, "status": "skipped", **facts,
+                        "reason": f"source not ready: {waited.reason}", "audit_id": audit_id}
         try:
             plan = _with_retries(plan_task, settings.retries, settings.retry_delay_s)(entry.name, full_refresh,
                                                                                        batch_size, dry_run, allow_deletes)
@@ -340,6 +401,8 @@ def refresh_table(
                            settings.timeout_warning_ms)
             send_alert(settings, Alert("timeout_warning", status, entry.name, None, run_id, url, counts,
                                        {"execution_time_ms": elapsed_ms}, audit_log_id=audit_id), conn)
+    if not dry_run:
+        _note_empty_read(res, entry.name, manifest.rows_read, run_id, audit_id)
     changed = result.rows_inserted + result.rows_updated + result.rows_deleted > 0
     if refresh_views and not dry_run and not plan.shadow:
         summary["views"] = views_task([plan.target_label] if changed else [], [plan.target_label])

@@ -121,3 +121,26 @@ def check_freshness(conn: psycopg.Connection[Any], settings: Settings, *, flow_r
                                     "age_hours": round(f.age_hours, 2)}), conn)
         recovered.append(table)
     return FreshnessReport(sorted(t for t, f in watched.items() if f.is_stale), alerted, recovered)
+
+
+def open_episode(conn: psycopg.Connection[Any], schema: str, table: str, kind: str, details: dict[str, Any]) -> bool:
+    """Open an alert episode of ``table`` (``kind`` stale or source_stale); False if one is open already."""
+    row = conn.execute(sql.SQL("INSERT INTO {} (table_schema, table_name, kind, details) VALUES (%s, %s, %s, %s)"
+                               " ON CONFLICT DO NOTHING RETURNING 1").format(ident(schema, "refresh_episodes")),
+                       (*table.split(".", 1), kind, Jsonb(details))).fetchone()
+    return row is not None
+
+
+def close_episode(conn: psycopg.Connection[Any], schema: str, table: str, kind: str) -> bool:
+    """Close ``table``'s open episode of ``kind``; False if none was open."""
+    row = conn.execute(sql.SQL("DELETE FROM {} WHERE table_schema = %s AND table_name = %s AND kind = %s RETURNING 1")
+                       .format(ident(schema, "refresh_episodes")), (*table.split(".", 1), kind)).fetchone()
+    return row is not None
+
+
+def last_data_as_of(conn: psycopg.Connection[Any], schema: str, table: str) -> datetime | None:
+    """The read snapshot of ``table``'s last successful publish (or its time), None if never published."""
+    row = conn.execute(sql.SQL("SELECT coalesce(data_as_of, last_success) FROM {} WHERE table_schema = %s"
+                               " AND table_name = %s").format(ident(schema, "refresh_freshness")),
+                       table.split(".", 1)).fetchone()
+    return None if row is None else row[0]

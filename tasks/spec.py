@@ -65,6 +65,26 @@ class QualityConfig(BaseModel):
                             description="Check kinds that fail the table; the others warn.")
 
 
+class Readiness(BaseModel):
+    """When the source counts as loaded for tonight (tasks/readiness.py): re-checked every
+    ``check_every_minutes`` up to ``wait_minutes``; past that the table is skipped and source_stale alerted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    modified_since_last_read: bool = Field(default=False, description="The source table's last modification "
+                                           "(BigQuery table metadata) is after the snapshot of the last publish.")
+    marker_table: str | None = Field(default=None, description="A BigQuery table (dataset.table) whose existence "
+                                     "says the load is done; {date} is replaced by the run's UTC date, YYYYMMDD.")
+    wait_minutes: float = Field(default=120, ge=0, description="How long to wait for the source at most.")
+    check_every_minutes: float = Field(default=15, gt=0, description="How often to check again while waiting.")
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> Readiness:
+        if not self.modified_since_last_read and not self.marker_table:
+            raise ValueError("give modified_since_last_read: true or a marker_table")
+        return self
+
+
 class TableSpec(BaseModel):
     """The sync parameters of one table (refresh_config.custom_sync_params)."""
 
@@ -95,6 +115,7 @@ class TableSpec(BaseModel):
     shadow: bool = Field(default=False, description="Publish into the shadow schema instead of the live one.")
     row_hash: bool = Field(default=True, description="Keep a hash of each row in the target (column _bqr_row_hash) "
                            "so that unchanged rows are never sent to PostgreSQL again.")
+    readiness: Readiness | None = Field(default=None, description="Wait for the source to be loaded before reading.")
     direct_initial_load: bool = Field(default=True, description="Load an empty target straight from the source "
                                       "and build its indexes afterwards, in one transaction.")
 
