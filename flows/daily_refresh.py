@@ -14,7 +14,7 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.resources import resolve_resources
-from bq_refresh.errors import DependencyCycle
+from bq_refresh.errors import DependencyCycle, RefreshError
 from bq_refresh.redact import redact
 from bq_refresh.settings import load_settings
 from flows.refresh_table import refresh_table, report_view_failures, views_task
@@ -23,7 +23,7 @@ from tasks.artifacts import publish_markdown, publish_table_artifact
 from tasks.audit import finish_audit, start_audit
 from tasks.freshness import check_freshness
 from tasks.planning import plan_waves, split_cycles
-from tasks.registry import due_entries, list_dependencies
+from tasks.registry import RegistryEntry, due_entries, list_dependencies
 
 REFRESH_TABLE_DEPLOYMENT = "refresh-table/refresh-table"
 
@@ -52,6 +52,17 @@ def run_table(table: str, full_refresh: bool, dry_run: bool, deployment: str | N
     return refresh_table.with_options(timeout_seconds=timeout_s)(table, full_refresh=full_refresh, dry_run=dry_run,
                                                                  allow_deletes=allow_deletes,
                                                                  refresh_views=False)
+
+
+def _time_limit(entry: RegistryEntry, table_timeout_s: float) -> float:
+    """A table's time limit: REFRESH_TABLE_TIMEOUT_SECONDS for the refresh itself, plus the longest wait for
+    its source to be ready (else a table waiting for a late load would time out instead of being reported
+    not ready)."""
+    try:
+        readiness = entry.spec().readiness
+    except RefreshError:  # invalid parameters: the table's own run fails and says so
+        return table_timeout_s
+    return table_timeout_s + (readiness.wait_minutes * 60 if readiness is not None else 0)
 
 
 @flow(name="daily-refresh", task_runner=ThreadPoolTaskRunner(max_workers=16))  # type: ignore[arg-type]
@@ -132,7 +143,8 @@ def daily_refresh(
             while queue and len(active) < max(1, max_concurrency):
                 name = queue.pop(0)
                 active.append((name, run_table.submit(name, full_refresh, dry_run, table_deployment if use_deployments else None,
-                                                      settings.table_timeout_s, allow_deletes)))
+                                                      _time_limit(by_name[name], settings.table_timeout_s),
+                                                      allow_deletes)))
             still = []
             for name, fut in active:
                 if fut.state.is_final():

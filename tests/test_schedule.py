@@ -71,3 +71,17 @@ def test_a_manual_run_before_the_night_does_not_push_the_night_back(pg: psycopg.
     night = datetime(2026, 11, 3, 2, 0, 3, tzinfo=UTC)
     assert [e.table_name for e in due_entries(pg, schema, now=night - timedelta(minutes=16), tolerance=TOLERANCE)] == []
     assert [e.table_name for e in due_entries(pg, schema, now=night, tolerance=TOLERANCE)] == ["t"]
+
+
+def test_a_table_waiting_for_its_source_gets_the_wait_on_top_of_its_time_limit() -> None:
+    from flows.daily_refresh import _time_limit
+    from tasks.registry import RegistryEntry
+
+    def entry(params: dict[str, object]) -> RegistryEntry:
+        return RegistryEntry(1, "s", "t", True, 24, 100, None, None, None, None, params)
+
+    base = {"source": "t", "key": ["id"], "mode": "full"}
+    assert _time_limit(entry(base), 3600) == 3600
+    ready = {**base, "readiness": {"marker_table": "ds.done_{date}", "wait_minutes": 120}}
+    assert _time_limit(entry(ready), 3600) == 3600 + 7200
+    assert _time_limit(entry({"key": "not a list"}), 3600) == 3600  # invalid: the run itself reports it
