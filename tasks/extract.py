@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -242,6 +243,33 @@ def create_session(
     )
 
 
+class _Watchdog:
+    """Cancels a ReadRows stream that receives nothing for ``seconds`` (time spent by our consumer between
+    messages does not count). The Google client resumes a stream broken by the network without end; this
+    bounds it by our own deadline."""
+
+    def __init__(self, rows: Any, seconds: float | None) -> None:
+        self.rows, self.seconds = rows, seconds
+        self.fired = threading.Event()
+        self.timer: threading.Timer | None = None
+
+    def _fire(self) -> None:
+        self.fired.set()
+        self.rows.cancel()
+
+    def arm(self) -> None:
+        self.disarm()
+        if self.seconds:
+            self.timer = threading.Timer(self.seconds, self._fire)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 def read_stream(
     client: BigQueryReadClient,
     stream: str,
@@ -250,36 +278,56 @@ def read_stream(
     *,
     table_name: str,
     server_offsets: bool = True,
+    stall_timeout_s: float | None = None,
 ) -> Iterator[tuple[pa.RecordBatch, int]]:
     """Yield (batch, offset after it) from ``stream`` starting at row ``offset``.
 
     BigQuery starts the stream at ``offset`` itself; a server that ignores the offset (the local
     emulator does) is handled with ``server_offsets=False``: the rows before it are dropped here.
 
+    Args:
+        stall_timeout_s: give up when no message arrives for this long (the client's own reconnects
+            included); None waits without end.
+
     Raises:
         SessionExpired: the session is gone; the caller re-creates it.
-        SourceUnavailable: the server failed mid-read.
+        SourceUnavailable: the server failed mid-read, or sent nothing for ``stall_timeout_s``.
     """
     skip = 0 if server_offsets else offset
+    watchdog = _Watchdog(None, stall_timeout_s)
     try:
-        for response in client.read_rows(stream, offset=offset):
-            if not response.arrow_record_batch.serialized_record_batch:
-                continue
-            batch = pa.ipc.read_record_batch(
-                pa.py_buffer(response.arrow_record_batch.serialized_record_batch), arrow_schema
-            )
-            if skip:
-                dropped = min(skip, batch.num_rows)
-                batch, skip = batch.slice(dropped), skip - dropped
-                if batch.num_rows == 0:
-                    continue
-            offset += batch.num_rows
-            yield batch, offset
+        # Each (re)connection's retry is bounded too: the client fetches a connection's first message inside
+        # its retry, whose default deadline is a day.
+        kwargs: dict[str, Any] = {"retry": short_retry(stall_timeout_s)} if stall_timeout_s else {}
+        watchdog.rows = rows = client.read_rows(stream, offset=offset, **kwargs)
+        watchdog.arm()
+        for response in rows:
+            watchdog.disarm()
+            if response.arrow_record_batch.serialized_record_batch:
+                batch = pa.ipc.read_record_batch(
+                    pa.py_buffer(response.arrow_record_batch.serialized_record_batch), arrow_schema
+                )
+                if skip:
+                    dropped = min(skip, batch.num_rows)
+                    batch, skip = batch.slice(dropped), skip - dropped
+                if batch.num_rows:
+                    offset += batch.num_rows
+                    yield batch, offset
+            watchdog.arm()
     except SESSION_GONE as exc:
         raise SessionExpired(f"read session gone: {type(exc).__name__}", table=table_name) from None
     except TRANSIENT as exc:
         raise SourceUnavailable(f"BigQuery Storage Read API failed mid-read: {_describe(exc)}",
                                 table=table_name) from None
+    except Exception:
+        if not watchdog.fired.is_set():
+            raise
+    finally:
+        watchdog.disarm()
+    if watchdog.fired.is_set():
+        raise SourceUnavailable(f"BigQuery Storage Read stream sent nothing for {stall_timeout_s:g} s at row {offset}"
+                                " (the connection kept breaking; BIGQUERY_TIMEOUT_SECONDS); the next attempt resumes"
+                                " from the checkpoint", table=table_name)
 
 
 class SessionExpired(SourceUnavailable):

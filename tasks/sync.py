@@ -446,7 +446,7 @@ def _reader(res: Resources, plan: RefreshPlan, local: LocalSource | None) -> Any
     def read_bq(stream: str, offset: int, arrow_schema: pa.Schema) -> Iterator[tuple[pa.RecordBatch, int]]:
         client = client_holder.setdefault(threading.get_ident(), res.source.get_read_client())
         return extract.read_stream(client, stream, offset, arrow_schema, table_name=plan.table,
-                                   server_offsets=res.source.honours_read_offset)
+                                   server_offsets=res.source.honours_read_offset, stall_timeout_s=res.source.timeout_s)
     return read_bq
 
 
@@ -661,7 +661,8 @@ def _stage_source_keys(res: Resources, plan: RefreshPlan, session: dict[str, Any
     try:
         n = 0
         for stream in info.streams:
-            for batch, _ in extract.read_stream(client, stream, 0, schema, table_name=plan.table):
+            for batch, _ in extract.read_stream(client, stream, 0, schema, table_name=plan.table,
+                                                stall_timeout_s=res.source.timeout_s):
                 n += batch.num_rows
                 with adbc_conn.cursor() as cur:
                     cur.adbc_ingest(keys_table, pa.Table.from_batches([conform(batch, key_cols)]), mode="append",
@@ -723,7 +724,8 @@ def _refetch_missing_keys(res: Resources, plan: RefreshPlan, session: dict[str, 
                 max_streams=1, table_name=plan.table)
             schema = pa.ipc.read_schema(pa.py_buffer(info.arrow_schema))
             for stream in info.streams:
-                for batch, _ in extract.read_stream(client, stream, 0, schema, table_name=plan.table):
+                for batch, _ in extract.read_stream(client, stream, 0, schema, table_name=plan.table,
+                                                    stall_timeout_s=res.source.timeout_s):
                     shaped = shape(conform(batch, plan.columns), columns=plan.columns, key=plan.key,
                                    cursor=plan.cursor, transform=transform)
                     rows, _ = _split_unchanged(plan, shaped.rows, None)

@@ -180,23 +180,26 @@ def test_a_storage_read_stream_cut_once_mid_read_is_resumed_by_the_client_and_en
 
 @pytest.mark.once  # BigQuery-side faults
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["cut_every_connection", "refused"])
+@pytest.mark.parametrize("fault", ["cut_every_connection", "cut_every_connection_long_deadline", "refused"])
 def test_a_storage_read_stream_that_stays_broken_fails_the_table_cleanly_and_the_next_run_completes(
     fault: str, env: Settings, pg: psycopg.Connection[Any], grpc_proxy: TcpFaultProxy, webhook: WebhookReceiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """cut_every_connection: every connection is reset 8 KB into the stream. The Google client reconnects
-    without end (it resumes UNAVAILABLE streams with no limit of its own), so the table's timeout in the
-    nightly flow is what ends the read: the table fails, and the read stops reconnecting.
+    without end (it resumes UNAVAILABLE streams with no limit of its own, each reconnect under a retry with a
+    day's deadline); our read bounds each reconnect's retry, and the time without a message, by
+    BIGQUERY_TIMEOUT_SECONDS (3 s here): the table fails naming the last error, and stops reconnecting.
+    ..._long_deadline: the same with a 60 s deadline, so the table's time limit (20 s) ends it first, and the
+    audit row names the table and REFRESH_TABLE_TIMEOUT_SECONDS.
     refused: the Storage Read port resets every connection; opening the read session fails within our deadline."""
     from flows.daily_refresh import daily_refresh
 
     schema = env.schema_name
     source, before = loaded_then_changed(env, pg, n=8000)
     faulty_settings(monkeypatch, webhook)
-    monkeypatch.setenv("BIGQUERY_TIMEOUT_SECONDS", "3")
+    monkeypatch.setenv("BIGQUERY_TIMEOUT_SECONDS", "60" if fault.endswith("long_deadline") else "3")
     monkeypatch.setenv("REFRESH_TABLE_TIMEOUT_SECONDS", "20")
-    if fault == "cut_every_connection":
+    if fault.startswith("cut_every_connection"):
         grpc_proxy.cut_after_bytes, grpc_proxy.cuts = CUT_AFTER_BYTES, -1
     else:
         grpc_proxy.refuse = True
@@ -206,8 +209,10 @@ def test_a_storage_read_stream_that_stays_broken_fails_the_table_cleanly_and_the
     assert time.monotonic() - started < 90
     assert summary["failed"] == [f"{schema}.sqp"], summary
     error = summary["tables"][0]["error"]
-    if fault == "cut_every_connection":
-        assert "timed out" in error, error
+    if fault.startswith("cut_every_connection"):
+        # the short deadline bounds each reconnect's retry (or, for a stream that hangs, the watchdog's stall)
+        said = "timed out" if fault.endswith("long_deadline") else "Storage Read API failed mid-read: gave up retrying"
+        assert said in error, error
         assert grpc_proxy.cut_connections >= 2, grpc_proxy.bytes_to_client  # the client kept reconnecting
         connections = grpc_proxy.connections
         time.sleep(3)
@@ -217,7 +222,7 @@ def test_a_storage_read_stream_that_stays_broken_fails_the_table_cleanly_and_the
         timed_out = audit_rows(pg, schema)[-1]
         assert timed_out[1] == "failed", timed_out
         alerts = [json.loads(r["body"]) for r in webhook.received]
-        assert any(a["event"] == "table_failed" and a["table"] == f"{schema}.sqp" and "timed out" in a["error"]
+        assert any(a["event"] == "table_failed" and a["table"] == f"{schema}.sqp" and said in a["error"]
                    for a in alerts), alerts
     else:
         assert f"{schema}.sqp" in error and "Storage Read API unavailable" in error and grpc_proxy.refused >= 1, error
@@ -225,12 +230,14 @@ def test_a_storage_read_stream_that_stays_broken_fails_the_table_cleanly_and_the
 
     grpc_proxy.heal()
     monkeypatch.setenv("REFRESH_TABLE_TIMEOUT_SECONDS", "600")
+    # gRPC waits out its reconnect backoff (seconds after many refused connections): a normal deadline again
+    monkeypatch.setenv("BIGQUERY_TIMEOUT_SECONDS", "30")
     rerun = refresh_table("sqp")
     assert rerun["status"] == "success", rerun
     assert_same_rows(source_rows(source, "sqp"), live(pg, schema), SQP_KEY)
     no_duplicate_keys(pg, schema)
     assert audit_rows(pg, schema)[-1][1] == "success"
-    if fault == "cut_every_connection":  # ended by its time limit: the audit row names the table and the limit
+    if fault.endswith("long_deadline"):  # ended by its time limit: the audit row names the table and the limit
         assert f"{schema}.sqp" in (timed_out[2] or "") and "REFRESH_TABLE_TIMEOUT_SECONDS" in (timed_out[2] or ""), timed_out
 
 
