@@ -160,6 +160,21 @@ def resources(settings: Settings) -> Resources:
     )
 
 
+@pytest.fixture
+def source(env: Settings) -> BigQuerySource:
+    """The test's BigQuery dataset through the official clients."""
+    return BigQuerySource.from_settings(env)
+
+
+@pytest.fixture
+def registry(env: Settings, pg: psycopg.Connection[Any]) -> str:
+    """The test's registry schema, migrated."""
+    from tasks.migrations import apply_migrations
+
+    apply_migrations(pg, env.schema_name)
+    return env.schema_name
+
+
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """One ephemeral Prefect API for the whole session (it takes 15-30 s to start here)."""

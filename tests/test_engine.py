@@ -15,7 +15,6 @@ from blocks import BigQuerySource
 from bq_refresh.errors import ConfigError, SchemaDriftError, SourceError
 from bq_refresh.settings import Settings
 from flows.refresh_table import refresh_table
-from tasks.migrations import apply_migrations
 from tasks.registry import register_table
 from tests.bqdata import assert_same_rows, bq_schema, pg_rows, put_table, source_rows
 
@@ -51,17 +50,6 @@ def sqp_rows(n: int, *, updated: datetime = T0, weeks: int = 2, price_bump: Deci
 
 
 SQP_KEY = ["start_date", "asin", "search_query"]
-
-
-@pytest.fixture
-def source(env: Settings) -> BigQuerySource:
-    return BigQuerySource.from_settings(env)
-
-
-@pytest.fixture
-def registry(env: Settings, pg: psycopg.Connection[Any]) -> str:
-    apply_migrations(pg, env.schema_name)
-    return env.schema_name
 
 
 def register(pg: psycopg.Connection[Any], schema: str, name: str, **params: Any) -> None:

@@ -17,7 +17,6 @@ from bq_refresh.settings import Settings
 from flows.daily_refresh import daily_refresh
 from flows.refresh_table import refresh_table
 from tasks.alerts import SIGNATURE_HEADER, verify
-from tasks.migrations import apply_migrations
 from tasks.registry import add_dependency, register_table
 from tasks.transform import register_transform
 from tests.bqdata import put_table
@@ -54,12 +53,6 @@ def alerting(env: Settings, webhook: WebhookReceiver, monkeypatch: pytest.Monkey
     monkeypatch.setenv("REFRESH_WEBHOOK_TIMEOUT_SECONDS", "1")
     monkeypatch.setenv("REFRESH_RETRY_DELAY_SECONDS", "0.1")
     return webhook
-
-
-@pytest.fixture
-def registry(env: Settings, pg: psycopg.Connection[Any]) -> str:
-    apply_migrations(pg, env.schema_name)
-    return env.schema_name
 
 
 def test_one_failure_is_isolated_and_its_hard_dependents_are_skipped(

@@ -16,28 +16,15 @@ import pytest
 
 from blocks import BigQuerySource
 from bq_refresh.errors import QualityCheckFailed
-from bq_refresh.settings import Settings
 from flows.refresh_table import refresh_table
 from tasks.load import run_tables
 from tasks.maintenance import drop_orphaned_staging
-from tasks.migrations import apply_migrations
 from tests.bqdata import assert_same_rows, bq_schema, pg_rows, put_table, source_rows
 from tests.conftest import WebhookReceiver
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, T0, register, sqp_rows
 
 pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
 WEEK = timedelta(weeks=1)
-
-
-@pytest.fixture
-def source(env: Settings) -> BigQuerySource:
-    return BigQuerySource.from_settings(env)
-
-
-@pytest.fixture
-def registry(env: Settings, pg: psycopg.Connection[Any]) -> str:
-    apply_migrations(pg, env.schema_name)
-    return env.schema_name
 
 
 def live(pg: psycopg.Connection[Any], schema: str, table: str = "sqp") -> list[dict[str, Any]]:
