@@ -877,7 +877,7 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
         post = quality.published_checks(conn, target=target, staged=p.deduped(), key=plan.key,
                                         distinct_staged=distinct, config=plan.checks,
                                         hash_column=HASH_COLUMN if plan.row_hash else None)
-        post.append(_reconciliation(conn, plan, target, soft))
+        post += _reconciliation(conn, plan, target, soft)
         _record_and_gate(res, plan, audit_id, post, conn.rollback, "failed quality check after publish")
 
         watermark, future = _new_watermark(conn, plan, staging)
@@ -920,17 +920,20 @@ def _new_watermark(conn: Any, plan: RefreshPlan, rows: sql.Composable) -> tuple[
     return extract.cap_watermark(highest, plan.cursor_type, snapshot, plan.source_timezone), future
 
 
-def _reconciliation(conn: Any, plan: RefreshPlan, target: sql.Composable, soft: str | None) -> quality.CheckResult:
-    """The target's rows per replaced period, or in all, against the source's at the read snapshot (hard)."""
+def _reconciliation(conn: Any, plan: RefreshPlan, target: sql.Composable, soft: str | None) -> list[quality.CheckResult]:
+    """The target's rows per replaced period, or in all, against the source's at the read snapshot (hard).
+    Nothing when the run's mode promises no count (incremental without deletes): no check row that proves nothing."""
     expected = dict(plan.expected_periods) if plan.expected_periods is not None else None
+    slices = (len(expected) if expected is not None else 0) + (1 if plan.expected_rows is not None else 0)
+    if not slices:
+        return []
     problems = reconcile.prove(conn, table=plan.table, target=target, window=plan.window_column,
                                pg_type=_pg_type(plan, plan.window_column) if plan.window_column else None,
                                expected_periods=expected, expected_rows=plan.expected_rows, live_only=soft)
-    slices = (len(expected) if expected is not None else 0) + (1 if plan.expected_rows is not None else 0)
-    return quality.CheckResult(
+    return [quality.CheckResult(
         "reconciliation", float(len(problems)), 0.0, ok=not problems, hard="reconciliation" in plan.checks.hard,
         detail="; ".join(problems[:20]) + (f" (and {len(problems) - 20} more)" if len(problems) > 20 else "")
-        if problems else f"{slices} slice(s) equal to the source's count")
+        if problems else f"{slices} slice(s) equal to the source's count")]
 
 
 def _advance_watermark(conn: Any, plan: RefreshPlan, watermark: str | None, anchor: time) -> None:
@@ -1075,7 +1078,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
         results.append(quality.CheckResult("published_count", present_rows, counters["loaded"],
                                            ok=present_rows == counters["loaded"], hard="published_count" in plan.checks.hard,
                                            detail="rows loaded present in the live table"))
-        results.append(_reconciliation(session, plan, target, None))
+        results += _reconciliation(session, plan, target, None)
         _record_and_gate(res, plan, audit_id, results, adbc_conn.rollback, "failed quality check")
         try:
             fastpath.rebuild_indexes(session, plan.target_schema, plan.target_table, dropped)
