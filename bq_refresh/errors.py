@@ -56,6 +56,11 @@ class StagingLost(RefreshError):
     UNLOGGED tables); nothing was published and the next run starts over."""
 
 
+class GroupHeld(RefreshError):
+    """A member of a publish group could not be published: the whole group keeps its previous data.
+    ``table`` and ``context['member']`` name the member that failed, ``context['group']`` the group."""
+
+
 class AlreadyRunning(RefreshError):
     """Another refresh of the same table holds its lock."""
 

@@ -17,13 +17,14 @@ from blocks.resources import resolve_resources
 from bq_refresh.errors import DependencyCycle, RefreshError
 from bq_refresh.redact import redact
 from bq_refresh.settings import load_settings
+from flows.publish_group import settle_group
 from flows.refresh_table import refresh_table, report_view_failures, views_task
 from tasks.alerts import Alert, send_alert
 from tasks.artifacts import publish_markdown, publish_table_artifact
 from tasks.audit import finish_audit, start_audit
 from tasks.freshness import check_freshness
 from tasks.planning import plan_waves, split_cycles
-from tasks.registry import RegistryEntry, due_entries, list_dependencies
+from tasks.registry import RegistryEntry, complete_groups, due_entries, list_dependencies, list_entries
 
 REFRESH_TABLE_DEPLOYMENT = "refresh-table/refresh-table"
 
@@ -36,14 +37,15 @@ def plan_waves_task(tables: dict[str, int], dependencies: list[tuple[str, str, s
 
 @task(name="refresh", cache_policy=NO_CACHE)
 def run_table(table: str, full_refresh: bool, dry_run: bool, deployment: str | None, timeout_s: float,
-              allow_deletes: bool = False) -> dict[str, Any]:
-    """Run one table's subflow here, or as a flow run of the refresh-table deployment (scale-out)."""
+              allow_deletes: bool = False, hold_publish: bool = False) -> dict[str, Any]:
+    """Run one table's subflow here, or as a flow run of the refresh-table deployment (scale-out); a publish
+    group's member stops before its publish (``hold_publish``)."""
     if deployment:
         from prefect.deployments import run_deployment
 
         run = run_deployment(deployment, timeout=timeout_s, as_subflow=True,
                              parameters={"table": table, "full_refresh": full_refresh, "dry_run": dry_run,
-                                         "allow_deletes": allow_deletes,
+                                         "allow_deletes": allow_deletes, "hold_publish": hold_publish,
                                          "refresh_views": False})
         state = run.state  # type: ignore[union-attr]
         if state is None or not state.is_completed():
@@ -51,7 +53,7 @@ def run_table(table: str, full_refresh: bool, dry_run: bool, deployment: str | N
         return dict(state.result())
     return refresh_table.with_options(timeout_seconds=timeout_s)(table, full_refresh=full_refresh, dry_run=dry_run,
                                                                  allow_deletes=allow_deletes,
-                                                                 refresh_views=False)
+                                                                 hold_publish=hold_publish, refresh_views=False)
 
 
 def _time_limit(entry: RegistryEntry, table_timeout_s: float) -> float:
@@ -99,7 +101,12 @@ def daily_refresh(
         entries = due_entries(conn, schema, names=tables, force=force,
                               tolerance=timedelta(minutes=settings.due_tolerance_minutes))
         deps = [(d.parent, d.dependent, d.kind) for d in list_dependencies(conn, schema)]
+        entries, pulled = complete_groups(entries, list_entries(conn, schema))
+    if pulled:
+        logger.info("added to complete their publish groups: %s", pulled)
     by_name = {e.name: e for e in entries}
+    groups = {e.name: str(e.publish_group) for e in entries if e.publish_group is not None}
+    settled: set[str] = set()
     # Tables caught in a dependency cycle fail (audit row, alert) and the others still run.
     acyclic, cyclic = split_cycles({e.name: e.priority for e in entries}, deps)
     results: dict[str, dict[str, Any]] = {}
@@ -144,7 +151,7 @@ def daily_refresh(
                 name = queue.pop(0)
                 active.append((name, run_table.submit(name, full_refresh, dry_run, table_deployment if use_deployments else None,
                                                       _time_limit(by_name[name], settings.table_timeout_s),
-                                                      allow_deletes)))
+                                                      allow_deletes, name in groups)))
             still = []
             for name, fut in active:
                 if fut.state.is_final():
@@ -157,6 +164,19 @@ def daily_refresh(
             active = still
             if active:
                 time.sleep(0.2)
+        # A group whose members all have an outcome publishes now, before the tables of later waves run.
+        for group in sorted(set(groups.values()) - settled):
+            members = [n for w in waves for n in w if groups.get(n) == group] + [n for n in cyclic if groups.get(n) == group]
+            if all(n in results for n in members):
+                settled.add(group)
+                try:
+                    results.update(settle_group(group, [results[n] for n in members], dry_run, run_id))
+                except Exception as exc:  # noqa: BLE001 - e.g. PostgreSQL gone mid-publish: the group is not published
+                    why = f"publish group {group!r} not published: {redact(str(exc))[:2000]}"
+                    for n in members:
+                        if results[n].get("status") == "staged":  # its audit row is closed by the next run
+                            results[n] = {"table": n, "status": "failed", "error": why, "publish_group": group}
+                    logger.error("%s", why)
 
     ordered = [results[n] for n in cyclic] + [results[n] for wave in waves for n in wave]
     refreshed = [r for r in ordered if r["status"] in {"success", "warning"} and not r.get("shadow")]

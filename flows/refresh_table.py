@@ -14,6 +14,7 @@ from prefect.runtime import flow_run as current_flow_run
 from blocks.resources import Resources, resolve_resources
 from bq_refresh.errors import (
     AlreadyRunning,
+    ConfigError,
     QualityCheckFailed,
     RefreshError,
     SchemaDriftError,
@@ -34,7 +35,7 @@ from tasks.audit import (
     start_audit,
 )
 from tasks.locks import table_lock
-from tasks.registry import get_entry
+from tasks.registry import get_entry, list_entries
 
 
 def _resources() -> Resources:
@@ -117,6 +118,13 @@ def _on_failure(flow: Flow[Any, Any], flow_run: FlowRun, state: State[Any]) -> N
         if isinstance(error, RefreshError) and error.table:
             table = error.table  # the registry name, "schema.table"
         message = str(error) if error is not None else (state.message or state.type.value)
+        details: dict[str, Any] = {}
+        with res.target.connect(autocommit=True) as conn:
+            group = next((e.publish_group for e in list_entries(conn, settings.schema_name) if e.name == table), None)
+        if group is not None and flow_run.parameters.get("hold_publish"):
+            # One alert for the group: this member's, naming the group its failure holds.
+            details["publish_group"] = group
+            message += f" [publish group {group!r} held: its tables keep their previous data]"
         event = "table_failed"
         if isinstance(error, SchemaDriftError):
             event = "schema_drift"
@@ -126,7 +134,7 @@ def _on_failure(flow: Flow[Any, Any], flow_run: FlowRun, state: State[Any]) -> N
             close_running_audit(conn, settings.schema_name, str(flow_run.id), f"{state.type.value}: {message}")
             send_alert(settings, Alert(
                 event=event, status=state.type.value.lower(), table=table, error=message[:2000],
-                flow_run_id=str(flow_run.id), flow_run_url=_flow_run_url(str(flow_run.id)),
+                flow_run_id=str(flow_run.id), flow_run_url=_flow_run_url(str(flow_run.id)), details=details,
                 audit_log_id=audit_id_of_flow_run(conn, settings.schema_name, str(flow_run.id)),
             ), conn)
     except Exception as exc:  # noqa: BLE001 - a failing hook logs and never hides the run's outcome
@@ -251,6 +259,7 @@ def refresh_table(
     batch_size: int | None = None,
     refresh_views: bool = True,
     allow_deletes: bool = False,
+    hold_publish: bool = False,
 ) -> dict[str, Any]:
     """Refresh one registered table from BigQuery, exactly once, resumably.
 
@@ -262,6 +271,8 @@ def refresh_table(
         refresh_views: refresh the materialized views downstream when data changed (the parent flow
             does it once for all tables instead).
         allow_deletes: window mode: delete more vanished periods than the table's max_vanished_periods.
+        hold_publish: stage and check only, and return ``status: staged`` with the plan; the parent flow
+            publishes the table with the other members of its publish group (``publish_group``).
 
     Returns:
         A summary: status, mode, rows read/inserted/updated/deleted, audit id.
@@ -278,6 +289,10 @@ def refresh_table(
     with audit(autocommit=True) as conn:
         entry = get_entry(conn, schema, table)
         previous = last_status(conn, schema, entry.table_schema, entry.table_name)
+    group = entry.publish_group
+    if group is not None and not hold_publish:
+        raise ConfigError(f"in publish group {group!r}, whose tables publish together: run it through the nightly"
+                          f" flow (bq-refresh run --table {entry.name} refreshes the whole group)", table=entry.name)
     try:
         lock = table_lock(res.target, entry.name, settings.lock_wait_s)
         held = lock.__enter__()
@@ -325,6 +340,13 @@ def refresh_table(
             else:
                 soft_failures = _with_retries(check_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
                 held.ensure()
+                if hold_publish:
+                    logger.info("%s staged and checked; published with its group %r", entry.name, group)
+                    return {"table": entry.name, "status": "staged", "publish_group": group, "audit_id": audit_id,
+                            "plan": plan.model_dump(mode="json"), "manifest": manifest.model_dump(mode="json"),
+                            "soft_failures": soft_failures, "previous": previous, "interrupted": interrupted,
+                            "lock_reacquired": held.reacquired, "started_at": time.time() - (time.monotonic() - started),
+                            "flow_run_id": run_id}
                 result = _with_retries(publish_task, settings.retries, settings.retry_delay_s)(plan, dry_run, audit_id)
                 soft_failures += result.checks_failed_soft
         except BaseException as exc:
@@ -345,70 +367,95 @@ def refresh_table(
                 raise
             raise named from exc
         elapsed_ms = int((time.monotonic() - started) * 1000)
-        slow = elapsed_ms > settings.timeout_warning_ms
-        warn = manifest.rows_quarantined or result.duplicate_keys or slow or soft_failures or result.future_cursor_rows
-        status = "warning" if warn else "success"
-        metadata = {
-            "mode": plan.mode, "full": plan.full, "dry_run": dry_run, "watermark_from": plan.watermark_from,
-            "watermark_to": result.watermark, "read_session": manifest.read_session, "batches": manifest.batches,
-            "resumed": plan.resumed, "resumed_from_rows": manifest.resumed_from_rows,
-            "session_recreated": manifest.session_recreated, "rows_unchanged": result.rows_unchanged,
-            "duplicate_keys": result.duplicate_keys, "rows_quarantined": manifest.rows_quarantined,
-            "drift": plan.drift, "target_created": plan.target_created, "slow": slow,
-            "checks_warned": soft_failures, "shadow": plan.shadow, "target": plan.target_label,
-            "indexes_rebuilt": result.indexes_rebuilt, "interrupted_runs_closed": interrupted,
-            "direct_load": manifest.published is not None, "rows_skipped_unchanged": manifest.rows_unchanged,
-            "lock_reacquired": held.reacquired, "future_cursor_rows": result.future_cursor_rows,
-            # the BigQuery snapshot the published data reflects (refresh_freshness.data_as_of)
-            "data_as_of": (plan.session or {}).get("snapshot_time"),
-        }
-        with audit(autocommit=True) as conn:
-            finish_audit(
-                conn, schema, audit_id, status=status, rows_processed=manifest.rows_read,
-                rows_inserted=result.rows_inserted, rows_updated=result.rows_updated, rows_deleted=result.rows_deleted,
-                bigquery_job_id=plan.bigquery_job_id or manifest.read_session, metadata=metadata,
-            )
+        summary = finish_run(res, entry.name, plan, manifest, result, soft_failures, audit_id=audit_id,
+                             interrupted=interrupted, lock_reacquired=held.reacquired, elapsed_ms=elapsed_ms,
+                             dry_run=dry_run)
     finally:
         lock.__exit__(None, None, None)
-    summary: dict[str, Any] = {
-        "table": entry.name, "status": status, "audit_id": audit_id, "rows_read": manifest.rows_read,
+    return announce_run(res, summary, plan, manifest, result, previous=previous, run_id=run_id, dry_run=dry_run,
+                        refresh_views=refresh_views)
+
+
+def finish_run(res: Resources, table: str, plan: sync.RefreshPlan, manifest: sync.StageManifest,
+               result: sync.PublishResult, soft_failures: list[str], *, audit_id: int, interrupted: int,
+               lock_reacquired: int, elapsed_ms: int, dry_run: bool) -> dict[str, Any]:
+    """Close a published run's audit row (success, or warning when something needs a look); its summary.
+    Called while the table's lock is held (a run that started meanwhile would close an open row as interrupted)."""
+    settings = res.settings
+    slow = elapsed_ms > settings.timeout_warning_ms
+    warn = manifest.rows_quarantined or result.duplicate_keys or slow or soft_failures or result.future_cursor_rows
+    status = "warning" if warn else "success"
+    metadata = {
+        "mode": plan.mode, "full": plan.full, "dry_run": dry_run, "watermark_from": plan.watermark_from,
+        "watermark_to": result.watermark, "read_session": manifest.read_session, "batches": manifest.batches,
+        "resumed": plan.resumed, "resumed_from_rows": manifest.resumed_from_rows,
+        "session_recreated": manifest.session_recreated, "rows_unchanged": result.rows_unchanged,
+        "duplicate_keys": result.duplicate_keys, "rows_quarantined": manifest.rows_quarantined,
+        "drift": plan.drift, "target_created": plan.target_created, "slow": slow,
+        "checks_warned": soft_failures, "shadow": plan.shadow, "target": plan.target_label,
+        "indexes_rebuilt": result.indexes_rebuilt, "interrupted_runs_closed": interrupted,
+        "direct_load": manifest.published is not None, "rows_skipped_unchanged": manifest.rows_unchanged,
+        "lock_reacquired": lock_reacquired, "future_cursor_rows": result.future_cursor_rows,
+        # the BigQuery snapshot the published data reflects (refresh_freshness.data_as_of)
+        "data_as_of": (plan.session or {}).get("snapshot_time"),
+        "publish_group": plan.publish_group,
+    }
+    with res.target.connect(autocommit=True) as conn:
+        finish_audit(
+            conn, settings.schema_name, audit_id, status=status, rows_processed=manifest.rows_read,
+            rows_inserted=result.rows_inserted, rows_updated=result.rows_updated, rows_deleted=result.rows_deleted,
+            bigquery_job_id=plan.bigquery_job_id or manifest.read_session, metadata=metadata,
+        )
+    return {
+        "table": table, "status": status, "audit_id": audit_id, "rows_read": manifest.rows_read,
         "rows_inserted": result.rows_inserted, "rows_updated": result.rows_updated,
         "rows_deleted": result.rows_deleted, "execution_time_ms": elapsed_ms, **metadata,
     }
+
+
+def announce_run(res: Resources, summary: dict[str, Any], plan: sync.RefreshPlan, manifest: sync.StageManifest,
+                 result: sync.PublishResult, *, previous: str | None, run_id: str | None, dry_run: bool,
+                 refresh_views: bool) -> dict[str, Any]:
+    """After a published run: its alerts (recovered, drift, rejected rows, future cursors, slow), the empty-read
+    check, the dependent views (when this run refreshes them) and the run's artifact."""
+    logger = get_run_logger()
+    settings = res.settings
+    table, status, audit_id = summary["table"], summary["status"], summary["audit_id"]
     counts = {k: summary[k] for k in ("rows_read", "rows_inserted", "rows_updated", "rows_deleted")}
     url = _flow_run_url(run_id)
-    with audit(autocommit=True) as conn:
+    with res.target.connect(autocommit=True) as conn:
         if previous == "failed" and not dry_run:
-            send_alert(settings, Alert("recovered", status, entry.name, None, run_id, url, counts,
+            send_alert(settings, Alert("recovered", status, table, None, run_id, url, counts,
                                        audit_log_id=audit_id), conn)
         if plan.drift:
-            send_alert(settings, Alert("schema_drift", status, entry.name, None, run_id, url, counts,
+            send_alert(settings, Alert("schema_drift", status, table, None, run_id, url, counts,
                                        {"drift": plan.drift}, audit_log_id=audit_id), conn)
         if manifest.rows_quarantined or result.duplicate_keys:
-            send_alert(settings, Alert("rows_rejected", status, entry.name, _rejected_message(plan, manifest, result),
+            send_alert(settings, Alert("rows_rejected", status, table, _rejected_message(plan, manifest, result),
                                        run_id, url, counts, {"rows_quarantined": manifest.rows_quarantined,
                                                              "duplicate_keys": result.duplicate_keys,
                                                              "key": plan.key}, audit_log_id=audit_id), conn)
         if result.future_cursor_rows:
             send_alert(settings, Alert(
-                "future_cursor", status, entry.name,
-                f"{entry.name}: {result.future_cursor_rows} row(s) with {plan.cursor} more than 5 minutes past the read"
+                "future_cursor", status, table,
+                f"{table}: {result.future_cursor_rows} row(s) with {plan.cursor} more than 5 minutes past the read"
                 f" snapshot {plan.session.get('snapshot_time')}; loaded, the watermark held at the snapshot",
                 run_id, url, counts, {"future_cursor_rows": result.future_cursor_rows, "cursor": plan.cursor},
                 audit_log_id=audit_id), conn)
-        if slow:
-            logger.warning("%s took %d ms, over REFRESH_TIMEOUT_WARNING_MS=%d", entry.name, elapsed_ms,
+        if summary["slow"]:
+            logger.warning("%s took %d ms, over REFRESH_TIMEOUT_WARNING_MS=%d", table, summary["execution_time_ms"],
                            settings.timeout_warning_ms)
-            send_alert(settings, Alert("timeout_warning", status, entry.name, None, run_id, url, counts,
-                                       {"execution_time_ms": elapsed_ms}, audit_log_id=audit_id), conn)
+            send_alert(settings, Alert("timeout_warning", status, table, None, run_id, url, counts,
+                                       {"execution_time_ms": summary["execution_time_ms"]}, audit_log_id=audit_id),
+                       conn)
     if not dry_run:
-        _note_empty_read(res, entry.name, manifest.rows_read, run_id, audit_id)
+        _note_empty_read(res, table, manifest.rows_read, run_id, audit_id)
     changed = result.rows_inserted + result.rows_updated + result.rows_deleted > 0
     if refresh_views and not dry_run and not plan.shadow:
         summary["views"] = views_task([plan.target_label] if changed else [], [plan.target_label])
         report_view_failures(summary["views"], {plan.target_label: summary}, run_id)
     summary["changed"] = changed and not dry_run
-    publish_table_artifact([summary], key=None, title=f"refresh of {entry.name}")
-    logger.info("%s %s: read %d, inserted %d, updated %d, deleted %d", entry.name, status, manifest.rows_read,
+    publish_table_artifact([summary], key=None, title=f"refresh of {table}")
+    logger.info("%s %s: read %d, inserted %d, updated %d, deleted %d", table, summary["status"], manifest.rows_read,
                 result.rows_inserted, result.rows_updated, result.rows_deleted)
     return summary

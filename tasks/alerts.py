@@ -45,6 +45,8 @@ ALERT_TYPES: dict[str, tuple[str, str]] = {
     "stale": ("stale_data", "high"),
     "source_stale": ("stale_data", "warning"),
     "view_refresh_failed": ("view_failure", "high"),
+    # a publish group held at its previous data by a member that was skipped (not ready, already running)
+    "group_held": ("refresh_failure", "high"),
 }
 EVENTS = frozenset(ALERT_TYPES)
 ALERT_TYPE_NAMES = tuple(sorted({t for t, _ in ALERT_TYPES.values()}))

@@ -40,6 +40,28 @@ class RegistryEntry:
     def spec(self) -> TableSpec:
         return TableSpec.parse_for(self.name, self.params)
 
+    @property
+    def publish_group(self) -> str | None:
+        """The publish group the table belongs to (None when its parameters are invalid: its run says so)."""
+        try:
+            return self.spec().publish_group
+        except ConfigError:
+            return None
+
+
+def complete_groups(selected: list[RegistryEntry], every: list[RegistryEntry]) -> tuple[list[RegistryEntry], dict[str, str]]:
+    """The tables a run refreshes, with every enabled member of each publish group one of them belongs to
+    (a group publishes together, so it refreshes together).
+
+    Returns:
+        The completed list (registry order) and the tables added, each with its group.
+    """
+    groups = {e.publish_group for e in selected} - {None}
+    chosen = {e.name for e in selected}
+    added = {e.name: str(e.publish_group) for e in every
+             if e.name not in chosen and e.is_enabled and e.publish_group in groups}
+    return [e for e in every if e.name in chosen or e.name in added], added
+
 
 def _row_to_entry(row: dict[str, Any]) -> RegistryEntry:
     return RegistryEntry(

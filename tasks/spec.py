@@ -118,6 +118,10 @@ class TableSpec(BaseModel):
     readiness: Readiness | None = Field(default=None, description="Wait for the source to be loaded before reading.")
     direct_initial_load: bool = Field(default=True, description="Load an empty target straight from the source "
                                       "and build its indexes afterwards, in one transaction.")
+    publish_group: str | None = Field(default=None, min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$",
+                                      description="Tables that dashboards join: the group's tables are staged and "
+                                      "checked each on its own and published together in one transaction, all or "
+                                      "none (a member that fails holds the whole group at its previous data).")
 
     @field_validator("lookback")
     @classmethod

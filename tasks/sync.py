@@ -20,7 +20,14 @@ from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
 from blocks.resources import Resources
-from bq_refresh.errors import ConfigError, QualityCheckFailed, SchemaDriftError, SourceError, StagingLost
+from bq_refresh.errors import (
+    ConfigError,
+    GroupHeld,
+    QualityCheckFailed,
+    SchemaDriftError,
+    SourceError,
+    StagingLost,
+)
 from tasks import extract, fastpath, load, quality, reconcile, registry
 from tasks.artifacts import Progress
 from tasks.fastpath import HASH_COLUMN, LocalSource
@@ -85,6 +92,7 @@ class RefreshPlan(BaseModel):
     expected_periods: list[tuple[str | None, int]] | None = None
     expected_rows: int | None = None  # full mode / delete reconciliation: the rows the whole target must hold
     source_timezone: str = "UTC"  # DATE and DATETIME cursors are compared with the snapshot in this zone
+    publish_group: str | None = None  # published together with the group's other members (publish_group)
 
     @property
     def same_table(self) -> str:
@@ -236,12 +244,13 @@ def plan_refresh(
                                 (ident(target_schema, target_table).as_string(conn),)).fetchone()
         empty = not (has_rows and has_rows[0])
         owner = bool(has_rows and has_rows[1])  # only the owner may drop and build the indexes
-        direct = (spec.direct_initial_load and empty and owner and not dry_run
+        # A group member stages (the group publishes together): no direct load, which publishes as it loads.
+        direct = (spec.direct_initial_load and spec.publish_group is None and empty and owner and not dry_run
                   and all(c.staging_type == c.pg_type for c in columns))
         hash_skip = row_hash and not empty and not full_refresh
         fingerprint = hashlib.sha1(repr((columns, key, full, spec.mode, entry.watermark, spec.lookback, target_schema,
                                          spec.checks, spec.critical_fields, row_hash, direct, hash_skip,
-                                         local is not None)).encode()).hexdigest()
+                                         local is not None, spec.publish_group)).encode()).hexdigest()
         if active is not None:
             why = ("the plan changed" if active[1].get("fingerprint") != fingerprint
                    else _staging_lost(conn, staging_schema, stage_table, active[1], int(active[2] or 0)))
@@ -319,7 +328,7 @@ def plan_refresh(
             critical_fields=[spec.target_name(c) for c in spec.critical_fields], checks=spec.checks, shadow=spec.shadow,
             row_hash=row_hash, hash_skip=hash_skip, direct=direct, local=local is not None,
             periods=periods, expected_periods=expected_periods, expected_rows=expected_rows,
-            source_timezone=spec.source_timezone,
+            source_timezone=spec.source_timezone, publish_group=spec.publish_group,
             verify_sample=(res.settings.verify_sample if (session.estimated_rows or 0) >= res.settings.verify_sample_min_rows
                            else 1) if row_hash else 1,
         )
@@ -782,121 +791,184 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
     In the same transaction: deletes by mode and policy, the watermark, the registry's times,
     the checkpoint marked completed, and staging dropped.
     """
+    with res.target.connect() as conn:
+        conn.execute("SET LOCAL lock_timeout = '60s'")
+        earlier = _published_before(conn, plan)
+        if earlier is not None:
+            conn.rollback()
+            return earlier
+        result = _publish_in(conn, res, plan, dry_run=dry_run, audit_id=audit_id)
+        if dry_run:
+            conn.rollback()
+        else:
+            conn.commit()
+    return result
+
+
+def publish_group(res: Resources, group: str, plans: list[RefreshPlan], *, dry_run: bool = False,
+                  audit_ids: dict[str, int] | None = None) -> dict[str, PublishResult]:
+    """Publish the staged rows of every member of a publish group in ONE transaction: all or none.
+
+    Each member is published as ``publish`` does it (deletes, checks after publish, watermark, checkpoint,
+    staging dropped), one after the other on the same connection; a member whose publish fails (a check
+    after publish, the delete guard, a staging crash recovery emptied) rolls the whole transaction back, so
+    every member keeps its previous data. The failing member's staging is discarded by the failure itself;
+    the caller discards the others' (GroupHeld.member names the member).
+
+    Raises:
+        GroupHeld: a member's publish failed; nothing of the group was published.
+    """
+    audit_ids = audit_ids or {}
+    with res.target.connect() as conn:
+        conn.execute("SET LOCAL lock_timeout = '60s'")
+        earlier = {p.table: _published_before(conn, p) for p in plans}
+        done = {t: r for t, r in earlier.items() if r is not None}
+        if done and len(done) == len(plans):  # the group's COMMIT landed, its answer was lost: report it
+            conn.rollback()
+            return done
+        if done:
+            conn.rollback()
+            first = sorted(done)[0]
+            raise GroupHeld(f"publish group {group!r}: {', '.join(sorted(done))} already published by another run,"
+                            " the others not: the group is not published together tonight", table=first,
+                            group=group, member=first)
+        results: dict[str, PublishResult] = {}
+        for plan in plans:
+            try:
+                results[plan.table] = _publish_in(conn, res, plan, dry_run=dry_run, audit_id=audit_ids.get(plan.table))
+            except BaseException as exc:
+                if not conn.closed:
+                    conn.rollback()
+                raise GroupHeld(f"publish group {group!r} held at its previous data: {exc}", table=plan.table,
+                                group=group, member=plan.table) from exc
+        if dry_run:
+            conn.rollback()
+        else:
+            conn.commit()
+    return results
+
+
+def _published_before(conn: Any, plan: RefreshPlan) -> PublishResult | None:
+    """What an earlier attempt of this run published, when its COMMIT landed though its answer was lost
+    (the checkpoint row is locked for the rest of the transaction either way)."""
+    ckpt = conn.execute(sql.SQL("SELECT status, checkpoint_data FROM {} WHERE id = %s FOR UPDATE").format(
+        ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,)).fetchone()
+    if ckpt is not None and ckpt[0] == "completed" and "published" in (ckpt[1] or {}):
+        log.warning("%s: already published by an earlier attempt of this run (its COMMIT's answer was lost)",
+                    plan.table)
+        return PublishResult(**ckpt[1]["published"])
+    return None
+
+
+def _publish_in(conn: Any, res: Resources, plan: RefreshPlan, *, dry_run: bool, audit_id: int | None) -> PublishResult:
+    """The publish of one table inside the caller's transaction (the caller commits, or rolls back a dry run).
+    A failure rolls the transaction back, discards this table's staging where it cannot be trusted, and raises."""
     target = ident(plan.target_schema, plan.target_table)
     staging = ident(plan.staging_schema, plan.staging_table)
     p = load.PublishSQL(target, staging, plan.columns, plan.key, plan.cursor, (HASH_COLUMN,) if plan.row_hash else ())
     same = ident(plan.staging_schema, plan.same_table)
     soft = plan.soft_delete_column if plan.delete_mode == "soft" else None
     ckpt_table = ident(plan.registry_schema, "refresh_checkpoints")
-    with res.target.connect() as conn:
-        conn.execute("SET LOCAL lock_timeout = '60s'")
-        ckpt = conn.execute(sql.SQL("SELECT status, last_processed_row, checkpoint_data FROM {} WHERE id = %s"
-                                    " FOR UPDATE").format(ckpt_table), (plan.checkpoint_id,)).fetchone()
-        if ckpt is not None and ckpt[0] == "completed" and "published" in (ckpt[2] or {}):
-            # An earlier attempt's COMMIT landed though its answer was lost: report what it published.
-            conn.rollback()
-            log.warning("%s: already published by an earlier attempt of this run (its COMMIT's answer was lost)",
-                        plan.table)
-            return PublishResult(**ckpt[2]["published"])
-        if ckpt is None or ckpt[0] != "active":
-            raise StagingLost(f"its checkpoint is {ckpt[0] if ckpt else 'gone'}: the staged rows cannot be trusted;"
-                              " nothing published, the next run starts over", table=plan.table)
-        counts = conn.execute(
-            sql.SQL("SELECT count(*), count(DISTINCT ({})) FROM {}").format(idents(plan.key), staging)
-        ).fetchone()
-        assert counts is not None
-        staged, distinct = int(counts[0]), int(counts[1])
-        skipped = int((ckpt[2] or {}).get("unchanged") or 0)
-        lost = _staging_lost(conn, plan.staging_schema, plan.staging_table, ckpt[2] or {}, int(ckpt[1] or 0))
-        if lost:
-            # Publishing or deleting from a staging that crash recovery emptied would lose rows: the run fails
-            # with nothing published, and the next one starts over.
-            conn.rollback()
-            discard_staging(res, plan, lost)
-            raise StagingLost(f"{lost}; nothing published, the next run starts over", table=plan.table)
-        # A bulk load into an empty table is faster with its secondary indexes built afterwards
-        # (measured: bench/index_rebuild.py). Same transaction: readers never see the table without them.
-        rebuilt: list[tuple[str, str]] = []
-        if not dry_run and staged >= res.settings.index_rebuild_min_rows:
-            # Only the owner may drop and build indexes (a least-privilege role may just write the rows).
-            empty = conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {}) AND pg_has_role("
-                                         "(SELECT relowner FROM pg_class WHERE oid = %s::regclass), 'USAGE')").format(target),
-                                 (target.as_string(conn),)).fetchone()
-            if empty and empty[0]:
-                rebuilt = load.secondary_indexes(conn, plan.target_schema, plan.target_table)
-                for name, _definition in rebuilt:
-                    conn.execute(sql.SQL("DROP INDEX {}").format(ident(plan.target_schema, name)))
-        merged = conn.execute(p.merge(revive_column=soft)).fetchone()
-        assert merged is not None
-        inserted, updated = int(merged[0]), int(merged[1])
+    ckpt = conn.execute(sql.SQL("SELECT status, last_processed_row, checkpoint_data FROM {} WHERE id = %s"
+                                " FOR UPDATE").format(ckpt_table), (plan.checkpoint_id,)).fetchone()
+    if ckpt is None or ckpt[0] != "active":
+        conn.rollback()
+        raise StagingLost(f"its checkpoint is {ckpt[0] if ckpt else 'gone'}: the staged rows cannot be trusted;"
+                          " nothing published, the next run starts over", table=plan.table)
+    counts = conn.execute(
+        sql.SQL("SELECT count(*), count(DISTINCT ({})) FROM {}").format(idents(plan.key), staging)
+    ).fetchone()
+    assert counts is not None
+    staged, distinct = int(counts[0]), int(counts[1])
+    skipped = int((ckpt[2] or {}).get("unchanged") or 0)
+    lost = _staging_lost(conn, plan.staging_schema, plan.staging_table, ckpt[2] or {}, int(ckpt[1] or 0))
+    if lost:
+        # Publishing or deleting from a staging that crash recovery emptied would lose rows: the run fails
+        # with nothing published, and the next one starts over.
+        conn.rollback()
+        discard_staging(res, plan, lost)
+        raise StagingLost(f"{lost}; nothing published, the next run starts over", table=plan.table)
+    # A bulk load into an empty table is faster with its secondary indexes built afterwards
+    # (measured: bench/index_rebuild.py). Same transaction: readers never see the table without them.
+    rebuilt: list[tuple[str, str]] = []
+    if not dry_run and staged >= res.settings.index_rebuild_min_rows:
+        # Only the owner may drop and build indexes (a least-privilege role may just write the rows).
+        empty = conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {}) AND pg_has_role("
+                                     "(SELECT relowner FROM pg_class WHERE oid = %s::regclass), 'USAGE')").format(target),
+                             (target.as_string(conn),)).fetchone()
+        if empty and empty[0]:
+            rebuilt = load.secondary_indexes(conn, plan.target_schema, plan.target_table)
+            for name, _definition in rebuilt:
+                conn.execute(sql.SQL("DROP INDEX {}").format(ident(plan.target_schema, name)))
+    merged = conn.execute(p.merge(revive_column=soft)).fetchone()
+    assert merged is not None
+    inserted, updated = int(merged[0]), int(merged[1])
 
-        delete_scope: sql.Composable | None = None
-        if plan.mode == "window":
-            if plan.periods is not None and plan.window_column:  # every period in it was read whole
-                delete_scope = reconcile.period_scope("t", plan.window_column, _pg_type(plan, plan.window_column),
-                                                      plan.periods)
-            source_keys = staging
-        elif plan.full and (plan.mode == "full" or plan.delete_mode != "none"):
-            delete_scope, source_keys = sql.SQL("true"), staging
-        elif plan.reconcile_keys:
-            delete_scope, source_keys = sql.SQL("true"), ident(plan.staging_schema, plan.staging_table + "_keys")
-        deleted = 0
-        if (delete_scope is not None and plan.hash_skip and source_keys is staging and not soft
-                and (plan.mode != "window" or plan.window_column in plan.key)):
-            # Every target row in scope accounted for by a source row (unchanged by hash, or a staged key that
-            # was there already): nothing to delete, and the anti-join over the whole scope is not needed.
-            in_scope = conn.execute(sql.SQL("SELECT count(*) FROM {} t WHERE {}").format(target, delete_scope)).fetchone()
-            if in_scope is not None and int(in_scope[0]) == skipped + distinct - inserted:
-                delete_scope = None
-        if delete_scope is not None and (plan.delete_mode != "none" or plan.mode in {"window", "full"}):
-            gone = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(
-                delete_scope, source_keys, p.key_match("s", "t"))
-            if plan.hash_skip and source_keys is staging:  # rows read but not staged: unchanged, still there
-                gone = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} u WHERE u.h = t.{})").format(
-                    gone, same, ident(HASH_COLUMN))
-            if soft:
-                row = conn.execute(sql.SQL("WITH d AS (UPDATE {} t SET {} = now() WHERE {} AND t.{} IS NULL RETURNING 1)"
-                                           " SELECT count(*) FROM d").format(target, ident(soft), gone, ident(soft))).fetchone()
-            else:
-                row = conn.execute(sql.SQL("WITH d AS (DELETE FROM {} t WHERE {} RETURNING 1) SELECT count(*) FROM d").format(
-                    target, gone)).fetchone()
-            deleted = int(row[0]) if row else 0
-            total = 0
-            if deleted:  # the guard's denominator, counted only when it is needed
-                total_row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target)).fetchone()
-                total = int(total_row[0]) + (0 if soft else deleted) if total_row else 0
-            before = max(total - inserted, 0)
-            if before > 0 and deleted > plan.max_delete_fraction * before and plan.mode != "window":
-                conn.rollback()
-                raise QualityCheckFailed(
-                    f"refusing to delete {deleted} of {before} rows (over max_delete_fraction "
-                    f"{plan.max_delete_fraction}); nothing published", table=plan.table, deleted=deleted, total=before)
-
-        for _name, definition in rebuilt:
-            conn.execute(definition.encode())  # pg_get_indexdef output: quoted by PostgreSQL itself
-        post = quality.published_checks(conn, target=target, staged=p.deduped(), key=plan.key,
-                                        distinct_staged=distinct, config=plan.checks,
-                                        hash_column=HASH_COLUMN if plan.row_hash else None)
-        post += _reconciliation(conn, plan, target, soft)
-        _record_and_gate(res, plan, audit_id, post, conn.rollback, "failed quality check after publish")
-
-        watermark, future = _new_watermark(conn, plan, staging)
-        result = PublishResult(
-            rows_inserted=inserted, rows_updated=updated, rows_unchanged=distinct - inserted - updated + skipped,
-            rows_deleted=deleted, duplicate_keys=staged - distinct, watermark=watermark, dry_run=dry_run,
-            checks_failed_soft=[r.name for r in post if not r.ok and not r.hard],
-            indexes_rebuilt=[name for name, _ in rebuilt], future_cursor_rows=future,
-        )
-        if dry_run:
+    delete_scope: sql.Composable | None = None
+    if plan.mode == "window":
+        if plan.periods is not None and plan.window_column:  # every period in it was read whole
+            delete_scope = reconcile.period_scope("t", plan.window_column, _pg_type(plan, plan.window_column),
+                                                  plan.periods)
+        source_keys = staging
+    elif plan.full and (plan.mode == "full" or plan.delete_mode != "none"):
+        delete_scope, source_keys = sql.SQL("true"), staging
+    elif plan.reconcile_keys:
+        delete_scope, source_keys = sql.SQL("true"), ident(plan.staging_schema, plan.staging_table + "_keys")
+    deleted = 0
+    if (delete_scope is not None and plan.hash_skip and source_keys is staging and not soft
+            and (plan.mode != "window" or plan.window_column in plan.key)):
+        # Every target row in scope accounted for by a source row (unchanged by hash, or a staged key that
+        # was there already): nothing to delete, and the anti-join over the whole scope is not needed.
+        in_scope = conn.execute(sql.SQL("SELECT count(*) FROM {} t WHERE {}").format(target, delete_scope)).fetchone()
+        if in_scope is not None and int(in_scope[0]) == skipped + distinct - inserted:
+            delete_scope = None
+    if delete_scope is not None and (plan.delete_mode != "none" or plan.mode in {"window", "full"}):
+        gone = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(
+            delete_scope, source_keys, p.key_match("s", "t"))
+        if plan.hash_skip and source_keys is staging:  # rows read but not staged: unchanged, still there
+            gone = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} u WHERE u.h = t.{})").format(
+                gone, same, ident(HASH_COLUMN))
+        if soft:
+            row = conn.execute(sql.SQL("WITH d AS (UPDATE {} t SET {} = now() WHERE {} AND t.{} IS NULL RETURNING 1)"
+                                       " SELECT count(*) FROM d").format(target, ident(soft), gone, ident(soft))).fetchone()
+        else:
+            row = conn.execute(sql.SQL("WITH d AS (DELETE FROM {} t WHERE {} RETURNING 1) SELECT count(*) FROM d").format(
+                target, gone)).fetchone()
+        deleted = int(row[0]) if row else 0
+        total = 0
+        if deleted:  # the guard's denominator, counted only when it is needed
+            total_row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target)).fetchone()
+            total = int(total_row[0]) + (0 if soft else deleted) if total_row else 0
+        before = max(total - inserted, 0)
+        if before > 0 and deleted > plan.max_delete_fraction * before and plan.mode != "window":
             conn.rollback()
-            return result
-        _advance_watermark(conn, plan, watermark, res.settings.schedule_anchor)
-        conn.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s,"
-                             " checkpoint_data = checkpoint_data || %s WHERE id = %s").format(ckpt_table),
-                     (staged, Jsonb({"published": result.model_dump(mode="json")}), plan.checkpoint_id))
-        for leftover in load.run_tables(plan.staging_table):
-            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, leftover)))
-        conn.commit()
+            raise QualityCheckFailed(
+                f"refusing to delete {deleted} of {before} rows (over max_delete_fraction "
+                f"{plan.max_delete_fraction}); nothing published", table=plan.table, deleted=deleted, total=before)
+
+    for _name, definition in rebuilt:
+        conn.execute(definition.encode())  # pg_get_indexdef output: quoted by PostgreSQL itself
+    post = quality.published_checks(conn, target=target, staged=p.deduped(), key=plan.key,
+                                    distinct_staged=distinct, config=plan.checks,
+                                    hash_column=HASH_COLUMN if plan.row_hash else None)
+    post += _reconciliation(conn, plan, target, soft)
+    _record_and_gate(res, plan, audit_id, post, conn.rollback, "failed quality check after publish")
+
+    watermark, future = _new_watermark(conn, plan, staging)
+    result = PublishResult(
+        rows_inserted=inserted, rows_updated=updated, rows_unchanged=distinct - inserted - updated + skipped,
+        rows_deleted=deleted, duplicate_keys=staged - distinct, watermark=watermark, dry_run=dry_run,
+        checks_failed_soft=[r.name for r in post if not r.ok and not r.hard],
+        indexes_rebuilt=[name for name, _ in rebuilt], future_cursor_rows=future,
+    )
+    if dry_run:
+        return result
+    _advance_watermark(conn, plan, watermark, res.settings.schedule_anchor)
+    conn.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s,"
+                         " checkpoint_data = checkpoint_data || %s WHERE id = %s").format(ckpt_table),
+                 (staged, Jsonb({"published": result.model_dump(mode="json")}), plan.checkpoint_id))
+    for leftover in load.run_tables(plan.staging_table):
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, leftover)))
     return result
 
 

@@ -20,6 +20,11 @@ def _slow(frame: pl.LazyFrame) -> pl.LazyFrame:
 
 
 if __name__ == "__main__":
-    from flows.refresh_table import refresh_table
+    if sys.argv[1] == "--nightly":  # the parent flow, every table forced (publish groups publish there)
+        from flows.daily_refresh import daily_refresh
 
-    refresh_table(sys.argv[1])
+        daily_refresh(force=True)
+    else:
+        from flows.refresh_table import refresh_table
+
+        refresh_table(sys.argv[1])

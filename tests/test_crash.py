@@ -229,3 +229,70 @@ def test_a_postgres_crash_then_one_rerun_is_exact(
             assert audit[-1][1:] == (10, TOTAL // 10, 1), audit  # what the rerun changed, exactly
         else:
             assert audit[-1][1] == TOTAL, audit
+
+
+def test_a_postgres_crash_inside_a_group_publish_leaves_every_member_as_before_then_one_rerun_is_exact(
+    env: Settings, crashable: CrashablePostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A publish group's transaction has published its first member and waits (on a lock the test holds) to
+    publish the second when the server dies: after the restart both live tables are exactly as before (the first
+    member's publish was never visible), and one rerun of the night publishes both, exact."""
+    schema = env.schema_name
+    monkeypatch.setenv("BQ_REFRESH_DATABASE_URL", crashable.uri)
+    monkeypatch.setenv("REFRESH_RETRIES", "0")
+    source = BigQuerySource.from_settings(env)
+    rows = sqp_rows(TOTAL // 2, weeks=WEEKS).to_pylist()
+    spec: dict[str, Any] = {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "batch_size": BATCH,
+                            "lookback": "1d", "delete_policy": {"mode": "hard"}, "publish_group": "joined"}
+    conn = psycopg.connect(crashable.uri, autocommit=True)
+    try:
+        apply_migrations(conn, schema)
+        conn.execute(f'DROP TABLE IF EXISTS "{schema}".sqp, "{schema}".sqp_copy')
+        register_table(conn, schema, "sqp", spec, priority=200)  # published first in the group's transaction
+        register_table(conn, schema, "sqp_copy", spec)
+        put(source, rows)
+        from flows.daily_refresh import daily_refresh
+
+        assert daily_refresh(force=True, return_state=True).is_completed()
+        put(source, changed_source(rows, "late"))
+        before = {t: pg_rows(conn, f'"{schema}".{t}', "1, 2, 3") for t in ("sqp", "sqp_copy")}
+
+        from prefect.settings import PREFECT_API_URL
+
+        blocker = psycopg.connect(crashable.uri)
+        blocker.execute(f'LOCK TABLE "{schema}".sqp_copy IN SHARE MODE')
+        child = subprocess.Popen([sys.executable, "-m", "tests.killable_refresh", "--nightly"], cwd=ROOT,
+                                 env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+                                      "PYTHONPATH": str(ROOT)},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            # sqp merged inside the group's transaction (its rows locked), sqp_copy's merge waiting on our lock.
+            wait_for(lambda: bool(conn.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE 'WITH up AS%'"
+            ).fetchone()), child, "the group's publish waiting on its second member")
+            crashable.crash()
+        finally:
+            rc = child.wait(timeout=180)
+            blocker.close()
+        assert rc != 0, "the crashed night must not report success"
+    finally:
+        conn.close()
+
+    crashable.start()
+    with psycopg.connect(crashable.uri, autocommit=True) as conn:
+        for t in ("sqp", "sqp_copy"):  # neither member half-published, the first one not alone
+            assert pg_rows(conn, f'"{schema}".{t}', "1, 2, 3") == before[t], t
+        assert daily_refresh(force=True, return_state=True).is_completed()
+        expected = source_rows(source, "sqp")
+        for t in ("sqp", "sqp_copy"):
+            assert_same_rows(expected, pg_rows(conn, f'"{schema}".{t}', "1, 2, 3"), SQP_KEY)
+        writers = {r[0] for t in ("sqp", "sqp_copy")
+                   for r in conn.execute(f'SELECT DISTINCT xmin::text FROM "{schema}".{t} WHERE updated_at > %s',
+                                         (T0 + timedelta(days=2),))}
+        assert len(writers) == 1  # tonight's rows of both members written by one transaction
+        audit = conn.execute(f'SELECT table_name, status, rows_inserted, rows_updated, rows_deleted'
+                             f' FROM "{schema}".refresh_audit_log ORDER BY id').fetchall()
+        for t in ("sqp", "sqp_copy"):
+            mine = [a[1:] for a in audit if a[0] == t]
+            assert mine[-1] == ("success", 10, TOTAL // 20, 1), audit  # what the rerun changed, exactly
+            assert mine[-2][0] == "failed", audit  # the crashed night's row, closed as interrupted

@@ -174,6 +174,8 @@ def test_every_alert_event_delivered_validates_against_the_schema(
         Alert("source_stale", "warning", f"{s}.broken", "source not modified since 2026-01-01", None, None),
         Alert("view_refresh_failed", "warning", f"{s}.evolving", "REFRESH MATERIALIZED VIEW failed", None, None,
               details={"view": f"{s}.weekly_summary"}),
+        Alert("group_held", "skipped", f"{s}.broken", "source not ready; publish group 'sqp' held", None, None,
+              details={"publish_group": "sqp", "held": [f"{s}.evolving"]}),
     ]
     for alert in direct:
         assert [d.delivered for d in send_alert(settings, alert, pg)] == [True]
