@@ -44,4 +44,5 @@ def resolve_resources(
         from bq_refresh.services import start_embedded_postgres
 
         target = PostgresTarget(url=start_embedded_postgres(settings.state_dir))  # type: ignore[arg-type]
+    target = target.model_copy(update={"session_timeouts": settings.session_timeouts})
     return Resources(source=source, target=target, settings=settings)

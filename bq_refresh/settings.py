@@ -62,6 +62,16 @@ class Settings(BaseSettings):
     retry_delay_s: float = Field(default=2.0, ge=0, validation_alias="REFRESH_RETRY_DELAY_SECONDS")
     retries: int = Field(default=3, ge=0, validation_alias="REFRESH_RETRIES")
     table_timeout_s: float = Field(default=3600.0, gt=0, validation_alias="REFRESH_TABLE_TIMEOUT_SECONDS")
+    # Every session the refresh opens sets these itself (a role's own defaults, e.g. Supabase's statement_timeout,
+    # must not kill a COPY, a merge or an index build); a value given in the URI's options (-c ...) wins.
+    statement_timeout_s: float | None = Field(
+        default=None, gt=0, validation_alias="REFRESH_STATEMENT_TIMEOUT_SECONDS",
+        description="Longest statement (a COPY, a merge, an index build); default REFRESH_TABLE_TIMEOUT_SECONDS.")
+    lock_timeout_s: float = Field(default=60.0, gt=0, validation_alias="REFRESH_LOCK_TIMEOUT_SECONDS",
+                                  description="Longest wait for a table lock (DDL, the publish).")
+    idle_in_transaction_timeout_s: float = Field(
+        default=600.0, gt=0, validation_alias="REFRESH_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS",
+        description="A session of ours left idle inside a transaction this long is ended by the server.")
     index_rebuild_min_rows: int = Field(
         default=100_000, ge=0, validation_alias="REFRESH_INDEX_REBUILD_MIN_ROWS",
         description="Loads of at least this many rows into an EMPTY table drop and rebuild its secondary indexes "
@@ -127,6 +137,13 @@ class Settings(BaseSettings):
         if value & (value - 1):
             raise ValueError("REFRESH_VERIFY_SAMPLE must be a power of 2 (1, 2, 4, ... 16, ...)")
         return value
+
+    @property
+    def session_timeouts(self) -> dict[str, int]:
+        """The timeouts (ms) every PostgreSQL session of the refresh sets for itself."""
+        return {"statement_timeout": int((self.statement_timeout_s or self.table_timeout_s) * 1000),
+                "lock_timeout": int(self.lock_timeout_s * 1000),
+                "idle_in_transaction_session_timeout": int(self.idle_in_transaction_timeout_s * 1000)}
 
     @property
     def shadow_schema(self) -> str:

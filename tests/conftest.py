@@ -155,7 +155,7 @@ def resources(settings: Settings) -> Resources:
     assert settings.database_url is not None
     return Resources(
         source=BigQuerySource.from_settings(settings),
-        target=PostgresTarget(url=settings.database_url),
+        target=PostgresTarget(url=settings.database_url, session_timeouts=settings.session_timeouts),
         settings=settings,
     )
 
