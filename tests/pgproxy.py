@@ -24,6 +24,10 @@ class CommitCutter:
         # a Unix-socket server (the embedded one) is reached on its socket file; anything else over TCP
         self.upstream: Any = (f"{socket_dir}/.s.PGSQL.{query.pop('port', parts.port or 5432)}" if socket_dir
                               else (parts.hostname or "127.0.0.1", parts.port or 5432))
+        # The proxy reads the protocol's messages, so its client speaks plain text to it; it forwards bytes as
+        # they are (a TLS server behind it must accept plain clients, as the Supabase-like pooler does).
+        query.pop("sslrootcert", None)
+        query["sslmode"] = "disable"
         self.marker = marker
         self.armed = False
         self.cuts = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 from typing import Any
 
 import psycopg
@@ -156,11 +157,12 @@ def test_storage_read_api_returns_arrow(emulator: EmulatorEndpoints, dataset: st
 
 def test_without_superuser_rights_the_trigger_is_a_notice_not_a_failure(pg_uri: str, schema: str,
                                                                         pg: psycopg.Connection[Any]) -> None:
-    role = f"{schema}_app"
-    pg.execute(f'CREATE ROLE "{role}" LOGIN NOSUPERUSER')
+    role, password = f"{schema}_app", uuid.uuid4().hex  # a password: servers that check it (scram) log it in
+    pg.execute(f'CREATE ROLE "{role}" LOGIN NOSUPERUSER PASSWORD \'{password}\'')
+    pg.execute(f'GRANT "{role}" TO CURRENT_USER')  # so that a test role without superuser may drop its schema
     pg.execute(f'GRANT CREATE ON DATABASE {pg.info.dbname} TO "{role}"')
     try:
-        with psycopg.connect(pg_uri, user=role, autocommit=True) as limited:
+        with psycopg.connect(pg_uri, user=role, password=password, autocommit=True) as limited:
             report = apply_migrations(limited, schema)
         assert report.applied[0] == "001_refresh_system.sql"
         assert report.event_trigger.startswith("not created")

@@ -127,6 +127,7 @@ def test_a_dashboard_role_reads_freshness_and_nothing_else(settings: Settings, p
     register_table(pg, s, "t", {"source": "t", "key": ["id"], "cursor": "updated_at"})
     role = f"dash_{uuid.uuid4().hex[:8]}"
     pg.execute(f'CREATE ROLE "{role}" NOLOGIN')
+    pg.execute(f'GRANT "{role}" TO CURRENT_USER')  # SET ROLE without superuser (Supabase's postgres) needs it
     try:
         pg.execute(f'GRANT USAGE ON SCHEMA "{s}" TO "{role}"')
         pg.execute(f'GRANT SELECT ON "{s}".refresh_freshness TO "{role}"')
