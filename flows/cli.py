@@ -48,7 +48,7 @@ def init(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
     conn, settings = _conn()
     with conn:
-        report = apply_migrations(conn, settings.schema_name)
+        report = apply_migrations(conn, settings.schema_name, settings.staging_schema)
     data = {
         "schema": settings.schema_name,
         "applied": report.applied,
@@ -430,6 +430,11 @@ def run(
 
     from flows.daily_refresh import daily_refresh
 
+    from blocks import resolve_resources
+    from tasks.preflight import require_session_state
+
+    require_session_state(resolve_resources(load_settings()).target)  # a transaction pooler: one line, nothing run
+
     def start() -> Any:
         return daily_refresh(tables=table or None, full_refresh=full_refresh, dry_run=dry_run, force=force,
                              allow_deletes=allow_deletes, max_concurrency=max_concurrency, return_state=True)
@@ -573,7 +578,7 @@ def main() -> None:
     except RefreshError as exc:
         if DEBUG["on"]:
             raise
-        err_console.print(f"[red]error:[/] {exc}")
+        err_console.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one error, one line (no wrap at 80 columns)
         sys.exit(1)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))

@@ -14,7 +14,7 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.resources import resolve_resources
-from bq_refresh.errors import DependencyCycle, RefreshError
+from bq_refresh.errors import ConfigError, DependencyCycle, RefreshError
 from bq_refresh.redact import redact
 from bq_refresh.settings import load_settings
 from flows.publish_group import settle_group
@@ -24,6 +24,7 @@ from tasks.artifacts import publish_markdown, publish_table_artifact
 from tasks.audit import finish_audit, start_audit
 from tasks.freshness import check_freshness
 from tasks.planning import plan_waves, split_cycles
+from tasks.preflight import require_session_state
 from tasks.registry import RegistryEntry, complete_groups, due_entries, list_dependencies, list_entries
 
 REFRESH_TABLE_DEPLOYMENT = "refresh-table/refresh-table"
@@ -97,6 +98,13 @@ def daily_refresh(
     settings = load_settings()
     res = resolve_resources(settings)
     schema = settings.schema_name
+    run_id = str(current_flow_run.id) if current_flow_run.id else None
+    try:
+        require_session_state(res.target)  # before anything is touched: a transaction pooler is refused
+    except ConfigError as exc:
+        with res.target.connect(autocommit=True) as conn:
+            send_alert(settings, Alert("run_failed", "failed", None, str(exc), run_id, None), conn)
+        raise
     with res.target.connect(autocommit=True) as conn:
         entries = due_entries(conn, schema, names=tables, force=force,
                               tolerance=timedelta(minutes=settings.due_tolerance_minutes))
@@ -110,7 +118,6 @@ def daily_refresh(
     # Tables caught in a dependency cycle fail (audit row, alert) and the others still run.
     acyclic, cyclic = split_cycles({e.name: e.priority for e in entries}, deps)
     results: dict[str, dict[str, Any]] = {}
-    run_id = str(current_flow_run.id) if current_flow_run.id else None
     for name, message in cyclic.items():
         e = by_name[name]
         error = DependencyCycle(message, table=name)

@@ -35,6 +35,7 @@ from tasks.audit import (
     start_audit,
 )
 from tasks.locks import table_lock
+from tasks.preflight import require_session_state
 from tasks.registry import get_entry, list_entries
 
 
@@ -286,6 +287,7 @@ def refresh_table(
     # Audit writes open a short connection each: a run that lost its connections (PostgreSQL restarted)
     # can still record its outcome once the server is back.
     audit = res.target.connect
+    require_session_state(res.target)  # before anything is touched: a transaction pooler is refused
     with audit(autocommit=True) as conn:
         entry = get_entry(conn, schema, table)
         previous = last_status(conn, schema, entry.table_schema, entry.table_name)
