@@ -428,9 +428,8 @@ def run(
     """Run the daily-refresh flow now with these parameters; exit 1 when a table failed."""
     from rich.table import Table
 
-    from flows.daily_refresh import daily_refresh
-
     from blocks import resolve_resources
+    from flows.daily_refresh import daily_refresh
     from tasks.preflight import require_session_state
 
     require_session_state(resolve_resources(load_settings()).target)  # a transaction pooler: one line, nothing run
