@@ -190,7 +190,7 @@ def prepare_demo(state_dir: Any, asins: int, queries: int, weeks: int, reset: bo
         if reset:
             for name in (settings.schema_name, settings.staging_schema, settings.shadow_schema):
                 conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-        apply_migrations(conn, settings.schema_name)
+        apply_migrations(conn, settings.schema_name, settings.staging_schema)
         register_demo_tables(conn, settings.schema_name, source)
     return {"rows": data.num_rows, "emulator": endpoints.rest_url}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -78,22 +79,41 @@ def load_migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
-def render(text: str, schema: str) -> str:
-    """Put the quoted schema name (and its string literal) into a migration's text."""
-    literal = "'" + schema.replace("'", "''") + "'"
-    return text.replace("__SCHEMA_LITERAL__", literal).replace("__SCHEMA__", quote_ident(schema))
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def render(text: str, schema: str, staging_schema: str | None = None) -> str:
+    """Put the quoted schema names (and their string literals) into a migration's text: ``__SCHEMA__`` is the
+    registry's schema, ``__STAGING__`` the staging schema (default: "<schema>_staging")."""
+    staging = staging_schema or f"{schema}_staging"
+    text = text.replace("__STAGING_LITERAL__", _literal(staging)).replace("__STAGING__", quote_ident(staging))
+    return text.replace("__SCHEMA_LITERAL__", _literal(schema)).replace("__SCHEMA__", quote_ident(schema))
+
+
+_CREATED_TABLE = re.compile(r"CREATE\s+TABLE\s+IF\s+NOT\s+EXISTS\s+__SCHEMA__\.(\w+)", re.IGNORECASE)
+
+
+def system_tables() -> list[str]:
+    """The tables of the refresh system's own schema: every table a migration creates, and the migrations'
+    record. Its schema may hold the users' tables too (sqp), so this list, not the schema, says what is ours."""
+    names = ["schema_migrations"]
+    for migration in load_migrations():
+        names += [n for n in _CREATED_TABLE.findall(migration.text) if n not in names]
+    return names
 
 
 def event_trigger_name(schema: str) -> str:
     return f"bq_refresh_auto_register_{hashlib.md5(schema.encode()).hexdigest()[:10]}"
 
 
-def apply_migrations(conn: psycopg.Connection[Any], schema: str) -> MigrationReport:
+def apply_migrations(conn: psycopg.Connection[Any], schema: str, staging_schema: str | None = None) -> MigrationReport:
     """Apply the migrations not yet recorded for ``schema``; a second run changes nothing.
 
     Runs under an advisory lock so two processes never migrate at once. The auto-registration
     event trigger needs superuser rights (Supabase's roles may lack them): without them the rest
-    still applies and the report says why the trigger is missing.
+    still applies and the report says why the trigger is missing. ``staging_schema`` (default
+    "<schema>_staging") is created closed to everyone but its owner.
     """
     applied: list[str] = []
     already: list[str] = []
@@ -116,7 +136,7 @@ def apply_migrations(conn: psycopg.Connection[Any], schema: str) -> MigrationRep
                     log.warning("migration %s changed after it was applied", migration.name)
                 already.append(migration.name)
                 continue
-            conn.execute(render(migration.text, schema).encode())
+            conn.execute(render(migration.text, schema, staging_schema).encode())
             conn.execute(
                 sql.SQL("INSERT INTO {} (version, name, checksum) VALUES (%s, %s, %s)").format(
                     ident(schema, "schema_migrations")

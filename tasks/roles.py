@@ -2,10 +2,13 @@
 
 What the role may do, and nothing more:
 - log in; no superuser, no CREATEDB/CREATEROLE/REPLICATION, no BYPASSRLS (row-level security applies);
-- read and write the registry's own tables (registry, audit log, checkpoints, quarantine, alerts);
+- read and write the registry's own tables (registry, audit log, checkpoints, quarantine, alerts): they keep
+  row-level security on (migration 007, so that dashboard roles read none of them), and this role gets a policy
+  of its own on each (the owner needs none);
 - own its staging schema (it creates and drops its UNLOGGED staging tables there);
-- write only the registered targets: SELECT/INSERT/UPDATE/DELETE on each target that exists; CREATE in the
-  target's schema only where the target does not exist yet (the first run creates it and owns it);
+- write only the registered targets: SELECT/INSERT/UPDATE/DELETE on each target that exists (and a policy of its
+  own on a target with row-level security on); CREATE in the target's schema only where the target does not exist
+  yet (the first run creates it and owns it);
 - refresh the materialized views downstream of its targets: MAINTAIN on PostgreSQL 17+, ownership before.
 
 Migrations (`bq-refresh init`) stay with an administrator: the DDL event trigger needs a superuser.
@@ -19,6 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from tasks.migrations import system_tables
 from tasks.registry import list_entries
 
 
@@ -39,8 +43,19 @@ def least_privilege_sql(conn: psycopg.Connection[Any], registry_schema: str, sta
         f"  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {sql.Literal(role).as_string(conn)}) THEN",
         f"    {_q(conn, sql.SQL('CREATE ROLE {} LOGIN').format(r))};",
         "  END IF;",
+        # Only a superuser may name these attributes at all before PostgreSQL 16, even to take them away: an
+        # administrator without superuser rights (Supabase's postgres) runs the script when there is nothing to take.
+        f"  IF EXISTS (SELECT FROM pg_roles WHERE rolname = {sql.Literal(role).as_string(conn)}"
+        " AND (rolsuper OR rolreplication OR rolbypassrls)) THEN",
+        f"    {_q(conn, sql.SQL('ALTER ROLE {} NOSUPERUSER NOREPLICATION NOBYPASSRLS').format(r))};",
+        "  END IF;",
+        # Handing the staging schema (and older materialized views) to the role needs membership in it, which an
+        # administrator without superuser rights does not get by creating the role.
+        f"  IF NOT pg_has_role(current_user, {sql.Literal(role).as_string(conn)}, 'MEMBER') THEN",
+        f"    {_q(conn, sql.SQL('GRANT {} TO CURRENT_USER').format(r))};",
+        "  END IF;",
         "END $bqr$;",
-        _q(conn, sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;").format(r)),
+        _q(conn, sql.SQL("ALTER ROLE {} LOGIN NOCREATEDB NOCREATEROLE;").format(r)),
         _q(conn, sql.SQL("GRANT CONNECT ON DATABASE {} TO {};").format(sql.Identifier(database), r)),
         "-- the registry, audit, checkpoint, quarantine and alert tables",
         _q(conn, sql.SQL("GRANT USAGE ON SCHEMA {} TO {};").format(sql.Identifier(registry_schema), r)),
@@ -48,6 +63,8 @@ def least_privilege_sql(conn: psycopg.Connection[Any], registry_schema: str, sta
             sql.Identifier(registry_schema), r)),
         _q(conn, sql.SQL("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {} TO {};").format(
             sql.Identifier(registry_schema), r)),
+        "-- row-level security is on for those tables (no dashboard role reads them): this role's own policy",
+        *_system_table_policies(conn, registry_schema, role),
         "-- its own staging schema",
         _q(conn, sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {};").format(sql.Identifier(staging_schema), r)),
         _q(conn, sql.SQL("ALTER SCHEMA {} OWNER TO {};").format(sql.Identifier(staging_schema), r)),
@@ -62,11 +79,14 @@ def least_privilege_sql(conn: psycopg.Connection[Any], registry_schema: str, sta
         if target_schema not in schemas_done:
             schemas_done.add(target_schema)
             lines.append(_q(conn, sql.SQL("GRANT USAGE ON SCHEMA {} TO {};").format(sql.Identifier(target_schema), r)))
-        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                              (_q(conn, sql.Identifier(target_schema, target_table)),)).fetchone()
-        if exists and exists[0]:
-            lines.append(_q(conn, sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {} TO {};").format(
-                sql.Identifier(target_schema, target_table), r)))
+        target = sql.Identifier(target_schema, target_table)
+        rls = conn.execute("SELECT relrowsecurity FROM pg_class WHERE oid = to_regclass(%s)",
+                           (_q(conn, target),)).fetchone()
+        if rls is not None:
+            lines.append(_q(conn, sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {} TO {};").format(target, r)))
+            if rls[0]:  # the users' policies are for their readers; the refresh reads and writes every row
+                lines.append(f"-- {target_schema}.{target_table} has row-level security on: a policy for this role")
+                lines += _full_access_policy(conn, target, role)
         else:
             lines.append(f"-- {target_schema}.{target_table} does not exist yet: the first run creates (and owns) it")
             lines.append(_q(conn, sql.SQL("GRANT CREATE ON SCHEMA {} TO {};").format(sql.Identifier(target_schema), r)))
@@ -80,6 +100,24 @@ def least_privilege_sql(conn: psycopg.Connection[Any], registry_schema: str, sta
             lines.append(_q(conn, sql.SQL("ALTER MATERIALIZED VIEW {} OWNER TO {};").format(
                 sql.Identifier(schema, name), r)))
     return "\n".join(lines) + "\n"
+
+
+def _full_access_policy(conn: psycopg.Connection[Any], table: sql.Identifier, role: str) -> list[str]:
+    """DROP + CREATE POLICY (so the script can run again) giving ``role`` every row of ``table``."""
+    policy = sql.Identifier(f"bq_refresh_{role}"[:63])
+    return [_q(conn, sql.SQL("DROP POLICY IF EXISTS {} ON {};").format(policy, table)),
+            _q(conn, sql.SQL("CREATE POLICY {} ON {} TO {} USING (true) WITH CHECK (true);").format(
+                policy, table, sql.Identifier(role)))]
+
+
+def _system_table_policies(conn: psycopg.Connection[Any], registry_schema: str, role: str) -> list[str]:
+    """The role's policy on each system table that exists."""
+    lines = []
+    for table in system_tables():
+        name = sql.Identifier(registry_schema, table)
+        if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_q(conn, name),)).fetchone() == (True,):
+            lines += _full_access_policy(conn, name, role)
+    return lines
 
 
 def _downstream_matviews(conn: psycopg.Connection[Any], targets: list[tuple[str, str]]) -> list[tuple[str, str]]:

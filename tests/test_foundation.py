@@ -168,6 +168,6 @@ def test_without_superuser_rights_the_trigger_is_a_notice_not_a_failure(pg_uri: 
         assert report.event_trigger.startswith("not created")
         assert pg.execute("SELECT 1 FROM pg_event_trigger WHERE evtname = %s", (event_trigger_name(schema),)).fetchone() is None
     finally:
-        pg.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        pg.execute(f'DROP SCHEMA IF EXISTS "{schema}", "{schema}_staging" CASCADE')  # init makes both
         pg.execute(f'REVOKE CREATE ON DATABASE {pg.info.dbname} FROM "{role}"')
         pg.execute(f'DROP ROLE "{role}"')
