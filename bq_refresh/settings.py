@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     statement_timeout_s: float | None = Field(
         default=None, gt=0, validation_alias="REFRESH_STATEMENT_TIMEOUT_SECONDS",
         description="Longest statement (a COPY, a merge, an index build); default REFRESH_TABLE_TIMEOUT_SECONDS.")
+    max_connections: int | None = Field(
+        default=None, ge=5, validation_alias="REFRESH_MAX_CONNECTIONS",
+        description="Most PostgreSQL sessions a night's run holds at once: tables start only while their sessions "
+                    "(3 + read streams each, + 1 for the parent flow) fit, and a table's streams are capped to fit "
+                    "alone. Set it to the pooler's pool size (or less) on a small Supabase plan.")
     lock_timeout_s: float = Field(default=60.0, gt=0, validation_alias="REFRESH_LOCK_TIMEOUT_SECONDS",
                                   description="Longest wait for a table lock (DDL, the publish).")
     idle_in_transaction_timeout_s: float = Field(
@@ -80,6 +85,12 @@ class Settings(BaseSettings):
     index_build_memory_mb: int = Field(
         default=256, ge=64, validation_alias="REFRESH_INDEX_BUILD_MEMORY_MB",
         description="maintenance_work_mem of the transaction that builds a target's indexes after a direct load.",
+    )
+    analyze_changed_fraction: float = Field(
+        default=0.1, ge=0, validation_alias="REFRESH_ANALYZE_CHANGED_FRACTION",
+        description="A publish that inserted, updated and deleted more rows than this share of the table (the "
+                    "planner's row estimate before it) is followed by ANALYZE of the table (after its COMMIT; a "
+                    "failure is recorded in the audit row, never fails the run).",
     )
     verify_sample: int = Field(
         default=16, ge=1, validation_alias="REFRESH_VERIFY_SAMPLE",

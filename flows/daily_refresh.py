@@ -23,7 +23,7 @@ from tasks.alerts import Alert, send_alert
 from tasks.artifacts import publish_markdown, publish_table_artifact
 from tasks.audit import finish_audit, start_audit
 from tasks.freshness import check_freshness
-from tasks.planning import plan_waves, split_cycles
+from tasks.planning import admits, plan_waves, split_cycles, streams_within, table_sessions
 from tasks.preflight import require_session_state
 from tasks.registry import RegistryEntry, complete_groups, due_entries, list_dependencies, list_entries
 
@@ -66,6 +66,13 @@ def _time_limit(entry: RegistryEntry, table_timeout_s: float) -> float:
     except RefreshError:  # invalid parameters: the table's own run fails and says so
         return table_timeout_s
     return table_timeout_s + (readiness.wait_minutes * 60 if readiness is not None else 0)
+
+
+def _streams(entry: RegistryEntry) -> int:
+    try:
+        return entry.spec().streams
+    except RefreshError:  # invalid parameters: the table's own run fails and says so
+        return 1
 
 
 @flow(name="daily-refresh", task_runner=ThreadPoolTaskRunner(max_workers=16))  # type: ignore[arg-type]
@@ -115,6 +122,7 @@ def daily_refresh(
     by_name = {e.name: e for e in entries}
     groups = {e.name: str(e.publish_group) for e in entries if e.publish_group is not None}
     settled: set[str] = set()
+    needs = {e.name: table_sessions(streams_within(_streams(e), settings.max_connections)) for e in entries}
     # Tables caught in a dependency cycle fail (audit row, alert) and the others still run.
     acyclic, cyclic = split_cycles({e.name: e.priority for e in entries}, deps)
     results: dict[str, dict[str, Any]] = {}
@@ -154,7 +162,9 @@ def daily_refresh(
         active: list[tuple[str, PrefectFuture[dict[str, Any]]]] = []
         queue = list(runnable)
         while queue or active:
-            while queue and len(active) < max(1, max_concurrency):
+            # Concurrency, and the sessions the running tables may hold against REFRESH_MAX_CONNECTIONS.
+            while (queue and len(active) < max(1, max_concurrency)
+                   and admits([needs[n] for n, _ in active], needs[queue[0]], settings.max_connections)):
                 name = queue.pop(0)
                 active.append((name, run_table.submit(name, full_refresh, dry_run, table_deployment if use_deployments else None,
                                                       _time_limit(by_name[name], settings.table_timeout_s),

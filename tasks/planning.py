@@ -89,3 +89,29 @@ def _cycle_from(parents: dict[str, set[str]], remaining: set[str], start: str) -
             return list(reversed(path[seen[node]:] + [node]))
         seen[node] = len(path)
         path.append(node)
+
+
+# PostgreSQL sessions one table's run holds at its peak: its lock, its main psycopg session, a short one for audit
+# and checkpoint writes, and one ADBC session per Storage Read stream while it stages.
+SESSIONS_PER_TABLE = 3
+PARENT_SESSIONS = 1  # the parent flow's own short sessions (registry, audit of skipped tables, alerts)
+
+
+def table_sessions(streams: int) -> int:
+    """The sessions one table's run may hold at once with ``streams`` read streams."""
+    return SESSIONS_PER_TABLE + max(1, streams)
+
+
+def streams_within(streams: int, budget: int | None) -> int:
+    """A table's read streams, fewer when its sessions alone would not fit in ``budget`` (REFRESH_MAX_CONNECTIONS)."""
+    if budget is None:
+        return streams
+    return max(1, min(streams, budget - PARENT_SESSIONS - SESSIONS_PER_TABLE))
+
+
+def admits(running: list[int], need: int, budget: int | None) -> bool:
+    """Whether a table needing ``need`` sessions may start beside tables holding ``running``: always when nothing
+    runs (a table fits alone once its streams are capped by ``streams_within``)."""
+    if budget is None or not running:
+        return True
+    return PARENT_SESSIONS + sum(running) + need <= budget

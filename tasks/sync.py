@@ -31,6 +31,7 @@ from bq_refresh.errors import (
 from tasks import extract, fastpath, load, quality, reconcile, registry
 from tasks.artifacts import Progress
 from tasks.fastpath import HASH_COLUMN, LocalSource
+from tasks.planning import streams_within
 from tasks.registry import RegistryEntry
 from tasks.spec import QualityConfig, TableSpec
 from tasks.sqlnames import ident, idents, quote_ident
@@ -307,7 +308,7 @@ def plan_refresh(
         else:
             session = extract.create_session(
                 res.source, source, selected_fields=selected, row_restriction=restriction,
-                snapshot_time=snapshot, max_streams=spec.streams, table_name=table,
+                snapshot_time=snapshot, max_streams=streams_within(spec.streams, settings.max_connections), table_name=table,
             )
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(staging_schema, stage_table)))
         load.create_staging(conn, staging_schema, stage_table, columns, row_hash=row_hash,
