@@ -34,6 +34,7 @@ from tasks.audit import (
     mark_views_failed,
     start_audit,
 )
+from tasks.load import analyze_after_publish
 from tasks.locks import table_lock
 from tasks.preflight import require_session_state
 from tasks.registry import get_entry, list_entries
@@ -401,8 +402,16 @@ def finish_run(res: Resources, table: str, plan: sync.RefreshPlan, manifest: syn
         # the BigQuery snapshot the published data reflects (refresh_freshness.data_as_of)
         "data_as_of": (plan.session or {}).get("snapshot_time"),
         "publish_group": plan.publish_group,
+        "analyzed": False,
     }
     with res.target.connect(autocommit=True) as conn:
+        if not dry_run:  # after the publish's COMMIT: the dashboards' plans see the new contents at once
+            analysis = analyze_after_publish(conn, plan.target_schema, plan.target_table,
+                                             result.rows_inserted + result.rows_updated + result.rows_deleted,
+                                             settings.analyze_changed_fraction)
+            metadata["analyzed"] = analysis.analyzed
+            if analysis.error:
+                metadata["analyze_error"] = analysis.error
         finish_audit(
             conn, settings.schema_name, audit_id, status=status, rows_processed=manifest.rows_read,
             rows_inserted=result.rows_inserted, rows_updated=result.rows_updated, rows_deleted=result.rows_deleted,

@@ -1,8 +1,10 @@
-"""Loading into PostgreSQL: target and staging DDL, ADBC COPY with its checkpoint, and the publish SQL."""
+"""Loading into PostgreSQL: target and staging DDL, ADBC COPY with its checkpoint, the publish SQL, and the
+statistics after a publish."""
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +16,8 @@ from bq_refresh.errors import ConfigError
 from tasks.fastpath import HASH_COLUMN
 from tasks.sqlnames import ident, idents, quote_ident
 from tasks.typemap import Column
+
+log = logging.getLogger(__name__)
 
 SEQ_COLUMN = "_bqr_seq"
 # The tables one run owns in the staging schema: its staged rows, the source's keys (delete reconciliation)
@@ -282,3 +286,57 @@ def secondary_indexes(conn: psycopg.Connection[Any], schema: str, table: str) ->
         (f"{quote_ident(schema)}.{quote_ident(table)}",),
     ).fetchall()
     return [(str(r[0]), str(r[1])) for r in rows]
+
+
+# ANALYZE waits behind a VACUUM or an index build of the same table (its lock conflicts with theirs): it gives up
+# after this long and autovacuum analyzes the table later instead.
+ANALYZE_LOCK_TIMEOUT = "5s"
+
+
+def analyze_due(changed: int, estimated_rows: float, fraction: float) -> bool:
+    """Whether a publish that inserted, updated and deleted ``changed`` rows of a table the planner believed held
+    ``estimated_rows`` (pg_class.reltuples before the publish; -1 or 0 when never analyzed) left its statistics so
+    stale that the table is analyzed at once rather than whenever autovacuum gets to it."""
+    if changed <= 0:
+        return False
+    return estimated_rows <= 0 or changed > fraction * estimated_rows
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What ``analyze_after_publish`` did: analyzed or not, and why not when it was due."""
+
+    analyzed: bool
+    error: str | None = None
+
+
+def analyze_after_publish(conn: psycopg.Connection[Any], schema: str, table: str, changed: int,
+                          fraction: float) -> Analysis:
+    """ANALYZE a live table after a publish that changed more than ``fraction`` of it, so that the dashboards'
+    queries are planned on its new contents. Runs on an autocommit connection, after the publish's COMMIT (never
+    inside it); it never fails the run: a refusal or an error is logged and returned.
+
+    Only the owner (or, from PostgreSQL 17, a role with MAINTAIN) may ANALYZE: others leave it to autovacuum.
+    """
+    target = ident(schema, table)
+    row = conn.execute(
+        "SELECT c.reltuples, CASE WHEN current_setting('server_version_num')::int >= 170000"
+        " THEN has_table_privilege(c.oid, 'MAINTAIN')"
+        " ELSE pg_has_role(c.relowner, 'USAGE') OR pg_has_role((SELECT datdba FROM pg_database"
+        " WHERE datname = current_database()), 'USAGE') END FROM pg_class c WHERE c.oid = to_regclass(%s)",
+        (target.as_string(conn),)).fetchone()
+    if row is None or not analyze_due(changed, float(row[0]), fraction):
+        return Analysis(False)
+    if not row[1]:
+        reason = "not the table's owner (nor MAINTAIN): its statistics are left to autovacuum"
+        log.info("%s.%s: %d rows changed, not analyzed: %s", schema, table, changed, reason)
+        return Analysis(False, reason)
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(ANALYZE_LOCK_TIMEOUT)))
+            conn.execute(sql.SQL("ANALYZE {}").format(target))
+    except psycopg.Error as exc:
+        message = (exc.diag.message_primary or str(exc)).strip()
+        log.warning("%s.%s: ANALYZE after the publish failed (the data is published): %s", schema, table, message)
+        return Analysis(False, message)
+    return Analysis(True)
