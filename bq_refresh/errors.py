@@ -61,6 +61,11 @@ class GroupHeld(RefreshError):
     ``table`` and ``context['member']`` name the member that failed, ``context['group']`` the group."""
 
 
+class DiskBudgetExceeded(RefreshError):
+    """A full or initial load would need more disk than REFRESH_DISK_BUDGET_MB leaves; nothing was loaded.
+    ``context`` holds need_bytes, headroom_bytes and budget_mb."""
+
+
 class AlreadyRunning(RefreshError):
     """Another refresh of the same table holds its lock."""
 

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
                     "planner's row estimate before it) is followed by ANALYZE of the table (after its COMMIT; a "
                     "failure is recorded in the audit row, never fails the run).",
     )
+    disk_budget_mb: float | None = Field(
+        default=None, gt=0, validation_alias="REFRESH_DISK_BUDGET_MB",
+        description="The disk the database may fill (a Supabase plan's disk size): a full or initial load whose "
+                    "estimated need exceeds it minus what the database (and WAL, where readable) uses is refused "
+                    "before it loads anything. Unset: PostgreSQL cannot tell the free space, nothing is refused.",
+    )
     verify_sample: int = Field(
         default=16, ge=1, validation_alias="REFRESH_VERIFY_SAMPLE",
         description="Tables with row hashes: 1 row in N (a power of 2) is read back after the load and verified "

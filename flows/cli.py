@@ -342,6 +342,21 @@ def shadow_enable(name: str) -> None:
     console.print(f"{name}: shadow mode (publishes into {_set_shadow(name, True)})")
 
 
+@app.command()
+def doctor(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Preflight checks, one line each: OK, or what to do (exit 1 when one fails)."""
+    from tasks.headroom import disk_report, registered_targets
+
+    conn, settings = _conn()
+    with conn:
+        checks = [disk_report(conn, registered_targets(conn, settings.schema_name), settings.disk_budget_mb)]
+    if not _emit({"checks": checks}, as_json):
+        for check in checks:  # plain lines: never wrapped, whatever the terminal
+            typer.echo(f"{check['status'].upper():<8}{check['name']}: {check['message']}")
+    if any(check["status"] == "fail" for check in checks):
+        raise typer.Exit(1)
+
+
 @app.command("role-sql")
 def role_sql(role: Annotated[str, typer.Option(help="Name of the login role the refresh runs as.")] = "bq_refresh") -> None:
     """Print the least-privilege role script for the registered tables (run it as an administrator)."""

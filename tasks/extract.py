@@ -44,6 +44,8 @@ class SourceTable:
     ref: str  # project.dataset.table
     fields: list[SourceField]
     job_id: str | None = None
+    num_rows: int = 0  # the table's metadata (0: not known), for the disk a full or initial load needs
+    num_bytes: int = 0
 
     @property
     def read_path(self) -> str:
@@ -76,11 +78,13 @@ def resolve_source(source: BigQuerySource, *, table: str, source_ref: str | None
             job = client.query(ddl, retry=retry, job_retry=None)
             job.result(timeout=source.timeout_s, retry=retry)
             bq_table = client.get_table(dest, retry=retry, timeout=source.timeout_s)
-            return SourceTable(dest, _fields(bq_table.schema), job.job_id)
+            return SourceTable(dest, _fields(bq_table.schema), job.job_id, int(bq_table.num_rows or 0),
+                               int(bq_table.num_bytes or 0))
         assert source_ref is not None
         ref = source.table_ref(source_ref)
         bq_table = client.get_table(ref, retry=retry, timeout=source.timeout_s)
-        return SourceTable(ref, _fields(bq_table.schema))
+        return SourceTable(ref, _fields(bq_table.schema), num_rows=int(bq_table.num_rows or 0),
+                           num_bytes=int(bq_table.num_bytes or 0))
     except gexc.NotFound:
         raise SourceError(f"source table {source_ref or 'of the query'} not found in BigQuery", table=table) from None
     except gexc.Forbidden as exc:
@@ -185,6 +189,7 @@ class ReadSessionInfo:
     selected_fields: list[str]
     offsets: dict[str, int] = field(default_factory=dict)
     estimated_rows: int = 0
+    estimated_bytes: int = 0  # what the session scans (selected columns, restriction applied); not checkpointed
 
 
 def create_session(
@@ -240,6 +245,7 @@ def create_session(
         selected_fields=selected_fields,
         offsets={s: 0 for s in streams},
         estimated_rows=int(getattr(session, "estimated_row_count", 0) or 0),
+        estimated_bytes=int(getattr(session, "estimated_total_bytes_scanned", 0) or 0),
     )
 
 

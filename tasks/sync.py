@@ -28,7 +28,7 @@ from bq_refresh.errors import (
     SourceError,
     StagingLost,
 )
-from tasks import extract, fastpath, load, quality, reconcile, registry
+from tasks import extract, fastpath, headroom, load, quality, reconcile, registry
 from tasks.artifacts import Progress
 from tasks.fastpath import HASH_COLUMN, LocalSource
 from tasks.planning import streams_within
@@ -310,6 +310,11 @@ def plan_refresh(
                 res.source, source, selected_fields=selected, row_restriction=restriction,
                 snapshot_time=snapshot, max_streams=streams_within(spec.streams, settings.max_connections), table_name=table,
             )
+        if full or empty:  # may need about twice the table's size while it runs: refused now if it cannot fit
+            headroom.check_load_fits(conn, table=table, target_schema=target_schema, target_table=target_table,
+                                     empty=empty, direct=direct, source_rows=max(session.estimated_rows, source.num_rows),
+                                     source_bytes=session.estimated_bytes or source.num_bytes,
+                                     budget_mb=settings.disk_budget_mb)
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(staging_schema, stage_table)))
         load.create_staging(conn, staging_schema, stage_table, columns, row_hash=row_hash,
                             same=stage_table + "_same" if hash_skip else None, logged=settings.staging_logged)
