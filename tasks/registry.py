@@ -11,7 +11,8 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from bq_refresh.errors import ConfigError
+from bq_refresh.errors import ConfigError, DependencyCycle
+from tasks.planning import split_cycles
 from tasks.spec import TableSpec
 from tasks.sqlnames import ident, split_qualified
 
@@ -135,11 +136,24 @@ def register_table(
 def add_dependency(
     conn: psycopg.Connection[Any], schema: str, parent: str, dependent: str, kind: str = "hard"
 ) -> None:
-    """Record that ``dependent`` refreshes after ``parent``."""
+    """Record that ``dependent`` refreshes after ``parent``.
+
+    Raises:
+        ConfigError: a table is not registered, or the kind is neither hard nor soft.
+        DependencyCycle: the dependency would put ``dependent`` on a cycle, or behind one, that it is not on
+            today (a night would fail it); nothing is recorded.
+    """
     if kind not in {"hard", "soft"}:
         raise ConfigError(f"dependency type must be hard or soft, not {kind!r}", table=dependent)
     p = get_entry(conn, schema, parent)
     d = get_entry(conn, schema, dependent)
+    tables = {e.name: e.priority for e in list_entries(conn, schema)}
+    edges = [(x.parent, x.dependent, x.kind) for x in list_dependencies(conn, schema)]
+    before = split_cycles(tables, edges)[1]
+    after = split_cycles(tables, [*edges, (p.name, d.name, kind)])[1]
+    if d.name in after and d.name not in before:
+        raise DependencyCycle(f"refused: depending on {p.name} makes a {after[d.name]}; nothing changed",
+                              table=d.name)
     conn.execute(
         sql.SQL(
             "INSERT INTO {} (parent_config_id, dependent_config_id, dependency_type) VALUES (%s, %s, %s)"
@@ -147,6 +161,26 @@ def add_dependency(
         ).format(ident(schema, "refresh_dependencies")),
         (p.id, d.id, kind),
     )
+    if not conn.autocommit:
+        conn.commit()
+
+
+def remove_dependency(conn: psycopg.Connection[Any], schema: str, parent: str, dependent: str) -> None:
+    """Forget that ``dependent`` refreshes after ``parent`` (hard or soft).
+
+    Raises:
+        ConfigError: a table is not registered, or ``dependent`` does not depend on ``parent``.
+    """
+    p = get_entry(conn, schema, parent)
+    d = get_entry(conn, schema, dependent)
+    gone = conn.execute(
+        sql.SQL("DELETE FROM {} WHERE parent_config_id = %s AND dependent_config_id = %s").format(
+            ident(schema, "refresh_dependencies")),
+        (p.id, d.id),
+    ).rowcount
+    if not gone:
+        raise ConfigError(f"does not depend on {p.name} (bq-refresh tables show {d.name} lists its dependencies)",
+                          table=d.name)
     if not conn.autocommit:
         conn.commit()
 
@@ -211,7 +245,8 @@ def due_entries(
         wanted = {".".join(split_qualified(n, schema)) for n in names}
         unknown = wanted - {e.name for e in entries}
         if unknown:
-            raise ConfigError(f"not registered: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"not registered: {', '.join(sorted(unknown))} (bq-refresh tables list shows the"
+                              " registered tables)")
         return [e for e in entries if e.name in wanted]
     if now is None:
         row = conn.execute("SELECT now()").fetchone()
@@ -260,6 +295,17 @@ def update_table(
         if not conn.autocommit:
             conn.commit()
     return get_entry(conn, schema, entry.name)
+
+
+def enable_all(conn: psycopg.Connection[Any], schema: str) -> list[str]:
+    """Enable every disabled table (after ``bq-refresh rollback``); returns the tables it enabled."""
+    rows = conn.execute(
+        sql.SQL("UPDATE {} SET is_enabled = true WHERE NOT is_enabled"
+                " RETURNING table_schema || '.' || table_name").format(ident(schema, "refresh_config"))
+    ).fetchall()
+    if not conn.autocommit:
+        conn.commit()
+    return sorted(str(r[0]) for r in rows)
 
 
 def remove_table(conn: psycopg.Connection[Any], schema: str, name: str) -> None:
