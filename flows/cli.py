@@ -1,10 +1,15 @@
-"""The bq-refresh command line."""
+"""The bq-refresh command line.
+
+Exit codes, for scripts (README "Command line"): 0 all good; 1 a table failed or a check found a difference;
+2 usage or configuration (an option, a setting, the registry); 3 a service (PostgreSQL, BigQuery) unreachable.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Annotated, Any
 
 from bq_refresh.offline import configure_offline_prefect
@@ -14,17 +19,76 @@ configure_offline_prefect()
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from bq_refresh.errors import RefreshError  # noqa: E402
+from bq_refresh.errors import (  # noqa: E402
+    ConfigError,
+    DependencyCycle,
+    RefreshError,
+    SourceUnavailable,
+    TargetUnavailable,
+)
 from bq_refresh.settings import load_settings  # noqa: E402
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Keep PostgreSQL tables in sync with BigQuery.")
-console = Console(width=None if sys.stdout.isatty() else 150)  # full-width tables in logs and CI too
-err_console = Console(stderr=True)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+app = typer.Typer(no_args_is_help=True, add_completion=True, help="Keep PostgreSQL tables in sync with BigQuery.")
+# Full-width tables in logs and CI too; a message is never wrapped (soft_wrap): one error, one line for scripts.
+console = Console(width=None if sys.stdout.isatty() else 150, soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 DEBUG = {"on": False}
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+TableName = Annotated[str, typer.Argument(help="Registered table: schema.table, or table in BQ_REFRESH_SCHEMA.")]
+
+
+class SyncMode(StrEnum):
+    """How a table is read (the sync parameters' mode)."""
+
+    incremental = "incremental"
+    window = "window"
+    full = "full"
+
+
+class AuditStatus(StrEnum):
+    """The status of an audit row (refresh_audit_log.status)."""
+
+    running = "running"
+    success = "success"
+    failed = "failed"
+    warning = "warning"
+    skipped = "skipped"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"bq-refresh {version('bq-refresh')}")
+        except PackageNotFoundError:  # a source tree that was never installed
+            typer.echo("bq-refresh (not installed)")
+        raise typer.Exit()
+
+
+def _json_object(value: str | None) -> str | None:
+    """Validate a --params value: a JSON object (a usage error naming --params otherwise)."""
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not valid JSON ({exc.msg} at column {exc.colno}); give a JSON object, "
+                                 """e.g. '{"lookback": "3d"}'""") from None
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter(f"""give a JSON object, e.g. '{{"lookback": "3d"}}', not {type(parsed).__name__}""")
+    return value
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    _show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False,
+) -> None:
     DEBUG["on"] = debug
 
 
@@ -42,7 +106,7 @@ def _conn() -> Any:
 
 
 @app.command()
-def init(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def init(as_json: JsonOption = False) -> None:
     """Create or upgrade the refresh system's schema (idempotent)."""
     from tasks.migrations import apply_migrations
 
@@ -71,14 +135,16 @@ def tables_add(
     query: Annotated[str | None, typer.Option(help="A SQL query as the source, instead of --source.")] = None,
     key: Annotated[str, typer.Option(help="Key columns, comma-separated.")] = "",
     cursor: Annotated[str | None, typer.Option(help="Cursor column for incremental reads.")] = None,
-    mode: Annotated[str, typer.Option(help="incremental, window or full.")] = "incremental",
+    mode: Annotated[SyncMode, typer.Option(help="incremental (rows past the cursor), window (whole periods"
+                                                " restated) or full (everything, every run).")] = SyncMode.incremental,
     window_column: Annotated[str | None, typer.Option(help="Period column (window mode).")] = None,
     lookback: Annotated[str, typer.Option(help="Re-read window behind the watermark, e.g. 7d.")] = "0",
-    params: Annotated[str | None, typer.Option(help="More sync parameters as a JSON object.")] = None,
-    priority: Annotated[int, typer.Option()] = 100,
-    frequency_hours: Annotated[int, typer.Option()] = 24,
-    disabled: Annotated[bool, typer.Option("--disabled")] = False,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    params: Annotated[str | None, typer.Option(help="More sync parameters as a JSON object.",
+                                               callback=_json_object)] = None,
+    priority: Annotated[int, typer.Option(help="Higher first, among tables that may run at the same time.")] = 100,
+    frequency_hours: Annotated[int, typer.Option(help="Refresh every this many hours (24: nightly).")] = 24,
+    disabled: Annotated[bool, typer.Option("--disabled", help="Register it disabled (not refreshed).")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Register (or update) a table; its sync parameters are validated first."""
     from tasks.registry import register_table
@@ -89,7 +155,7 @@ def tables_add(
             spec[k] = v
     if key:
         spec["key"] = [k.strip() for k in key.split(",") if k.strip()]
-    spec.setdefault("mode", mode)
+    spec.setdefault("mode", mode.value)
     if lookback != "0":
         spec["lookback"] = lookback
     conn, settings = _conn()
@@ -101,7 +167,7 @@ def tables_add(
 
 
 @tables_app.command("list")
-def tables_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def tables_list(as_json: JsonOption = False) -> None:
     """List registered tables."""
     from rich.table import Table
 
@@ -132,7 +198,7 @@ def _print_rows(rows: list[dict[str, Any]], columns: list[str], title: str | Non
 
 
 @tables_app.command("show")
-def tables_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def tables_show(name: TableName, as_json: JsonOption = False) -> None:
     """Show one table's registry row and sync parameters."""
     from tasks.registry import get_entry, list_dependencies
 
@@ -157,19 +223,34 @@ def _set_enabled(name: str, enabled: bool) -> None:
 
 
 @tables_app.command("enable")
-def tables_enable(name: str) -> None:
-    """Enable a table."""
-    _set_enabled(name, True)
+def tables_enable(
+    name: Annotated[str | None, typer.Argument(help="Registered table: schema.table, or table in BQ_REFRESH_SCHEMA.")]
+    = None,
+    all_: Annotated[bool, typer.Option("--all", help="Enable every disabled table (after bq-refresh rollback).")]
+    = False,
+) -> None:
+    """Enable a table, or every disabled one (--all)."""
+    if (name is None) == (not all_):
+        raise typer.BadParameter("give a table or --all (one of them)", param_hint="'NAME' / '--all'")
+    if name is not None:
+        _set_enabled(name, True)
+        return
+    from tasks.registry import enable_all
+
+    conn, settings = _conn()
+    with conn:
+        enabled = enable_all(conn, settings.schema_name)
+    console.print(f"{len(enabled)} table(s) enabled" + (f": {', '.join(enabled)}" if enabled else ""))
 
 
 @tables_app.command("disable")
-def tables_disable(name: str) -> None:
+def tables_disable(name: TableName) -> None:
     """Disable a table (it is no longer refreshed)."""
     _set_enabled(name, False)
 
 
 @tables_app.command("remove")
-def tables_remove(name: str) -> None:
+def tables_remove(name: TableName) -> None:
     """Unregister a table (the live table and its audit rows stay)."""
     from tasks.registry import remove_table
 
@@ -181,20 +262,27 @@ def tables_remove(name: str) -> None:
 
 @tables_app.command("set")
 def tables_set(
-    name: str,
-    priority: Annotated[int | None, typer.Option()] = None,
-    frequency_hours: Annotated[int | None, typer.Option()] = None,
-    params: Annotated[str | None, typer.Option(help="Sync parameters to merge, as a JSON object.")] = None,
+    name: TableName,
+    priority: Annotated[int | None, typer.Option(help="Higher first, among tables that may run at the same time.")]
+    = None,
+    frequency_hours: Annotated[int | None, typer.Option(help="Refresh every this many hours (24: nightly).")] = None,
+    params: Annotated[str | None, typer.Option(help="Sync parameters to merge, as a JSON object.",
+                                               callback=_json_object)] = None,
     depends_on: Annotated[list[str] | None, typer.Option(help="Parent table (repeatable): hard dependency.")] = None,
     soft_depends_on: Annotated[list[str] | None, typer.Option(help="Parent table (repeatable): soft dependency.")] = None,
+    no_depends_on: Annotated[list[str] | None, typer.Option(
+        "--no-depends-on", help="Parent table (repeatable): remove the dependency on it (hard or soft).")] = None,
 ) -> None:
-    """Change priority, frequency, sync parameters or dependencies of a table."""
-    from tasks.registry import add_dependency, update_table
+    """Change priority, frequency, sync parameters or dependencies of a table (all or nothing: a dependency cycle,
+    like any invalid change, is refused with nothing changed)."""
+    from tasks.registry import add_dependency, remove_dependency, update_table
 
     conn, settings = _conn()
-    with conn:
+    with conn, conn.transaction():
         e = update_table(conn, settings.schema_name, name, priority=priority, frequency_hours=frequency_hours,
                          params=json.loads(params) if params else None)
+        for parent in no_depends_on or []:
+            remove_dependency(conn, settings.schema_name, parent, e.name)
         for parent in depends_on or []:
             add_dependency(conn, settings.schema_name, parent, e.name, "hard")
         for parent in soft_depends_on or []:
@@ -203,7 +291,7 @@ def tables_set(
 
 
 @app.command()
-def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(as_json: JsonOption = False) -> None:
     """Per table: last result, data as of (its age against its frequency), next due, health."""
     from tasks import status as q
 
@@ -219,26 +307,27 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 @app.command()
 def history(
-    table: Annotated[str | None, typer.Option()] = None,
-    status_: Annotated[str | None, typer.Option("--status")] = None,
-    since: Annotated[datetime | None, typer.Option()] = None,
-    limit: Annotated[int, typer.Option()] = 20,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    table: Annotated[str | None, typer.Option(help="Only this table's rows.")] = None,
+    status_: Annotated[AuditStatus | None, typer.Option("--status", help="Only rows with this status.")] = None,
+    since: Annotated[datetime | None, typer.Option(help="Only runs started at or after this time.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 20,
+    as_json: JsonOption = False,
 ) -> None:
     """Audit rows, newest first."""
     from tasks import status as q
 
     conn, settings = _conn()
     with conn:
-        rows = q.history(conn, settings.schema_name, table=table, status=status_, since=since, limit=limit)
+        rows = q.history(conn, settings.schema_name, table=table, status=status_.value if status_ else None,
+                         since=since, limit=limit)
     if not _emit(rows, as_json):
         _print_rows(rows, ["id", "table_name", "status", "refresh_started_at", "rows_processed", "rows_inserted",
                            "rows_updated", "rows_deleted", "execution_time_ms", "error_message"], "history")
 
 
 @app.command()
-def quality(table: Annotated[str | None, typer.Option()] = None,
-            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def quality(table: Annotated[str | None, typer.Option(help="Only this table's checks.")] = None,
+            as_json: JsonOption = False) -> None:
     """Data-quality check results."""
     from tasks import status as q
 
@@ -256,7 +345,7 @@ app.add_typer(checkpoints_app, name="checkpoints")
 
 @checkpoints_app.command("list")
 def checkpoints_list(all_: Annotated[bool, typer.Option("--all", help="Not only active ones.")] = False,
-                     as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+                     as_json: JsonOption = False) -> None:
     """List checkpoints (active ones by default)."""
     from tasks import status as q
 
@@ -289,7 +378,7 @@ def rollback(yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = F
     with conn:
         done = q.rollback(conn, settings.schema_name)
     console.print(f"{done['tables_disabled']} table(s) disabled, {done['checkpoints_expired']} checkpoint(s) expired;"
-                  " re-enable with: bq-refresh tables enable NAME")
+                  " re-enable with: bq-refresh tables enable --all (or NAME)")
 
 
 shadow_app = typer.Typer(no_args_is_help=True, help="Shadow mode: publish beside the live table, compare, cut over.")
@@ -297,7 +386,7 @@ app.add_typer(shadow_app, name="shadow")
 
 
 @shadow_app.command("compare")
-def shadow_compare(name: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def shadow_compare(name: TableName, as_json: JsonOption = False) -> None:
     """Differences between the shadow copy and the live table, by key (exit 1 when they differ)."""
     from tasks import shadow
     from tasks.registry import get_entry
@@ -330,20 +419,20 @@ def _set_shadow(name: str, on: bool) -> str:
 
 
 @shadow_app.command("cutover")
-def shadow_cutover(name: str) -> None:
+def shadow_cutover(name: TableName) -> None:
     """Switch the table to live: the next run reads everything and publishes into the live table."""
     _set_shadow(name, False)
     console.print(f"{name}: live (run it now to publish: bq-refresh run --table {name})")
 
 
 @shadow_app.command("enable")
-def shadow_enable(name: str) -> None:
+def shadow_enable(name: TableName) -> None:
     """Switch the table (back) to shadow mode: the rollback of a cutover. The live table is left as it is."""
     console.print(f"{name}: shadow mode (publishes into {_set_shadow(name, True)})")
 
 
 @app.command()
-def doctor(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def doctor(as_json: JsonOption = False) -> None:
     """Preflight checks, one line each: OK, or what to do (exit 1 when one fails)."""
     from tasks.headroom import disk_report, registered_targets
 
@@ -362,13 +451,14 @@ def role_sql(role: Annotated[str, typer.Option(help="Name of the login role the 
     """Print the least-privilege role script for the registered tables (run it as an administrator)."""
     from tasks.roles import least_privilege_sql
 
-    settings = load_settings()
-    with _conn() as conn:
+    conn, settings = _conn()
+    with conn:
         typer.echo(least_privilege_sql(conn, settings.schema_name, settings.staging_schema, role), nl=False)
 
 
 @app.command()
-def serve(host: Annotated[str, typer.Option()] = "127.0.0.1", port: Annotated[int, typer.Option()] = 8080) -> None:
+def serve(host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080) -> None:
     """Serve the HTTP API (health, status, history, metrics, config, trigger)."""
     import uvicorn
 
@@ -438,16 +528,26 @@ def run(
     allow_deletes: Annotated[bool, typer.Option("--allow-deletes", help="Window mode: delete more vanished periods "
                                                 "than max_vanished_periods in this run.")] = False,
     max_concurrency: Annotated[int, typer.Option(help="Tables refreshed at the same time.")] = 4,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Run the daily-refresh flow now with these parameters; exit 1 when a table failed."""
     from rich.table import Table
 
     from blocks import resolve_resources
-    from flows.daily_refresh import daily_refresh
     from tasks.preflight import require_session_state
+    from tasks.registry import due_entries, list_entries
 
-    require_session_state(resolve_resources(load_settings()).target)  # a transaction pooler: one line, nothing run
+    # Before Prefect starts, what a run would only report after it: an unknown table, a transaction pooler (nothing
+    # run), a BigQuery project or dataset that is not there. Each is one line and exit 2 (3 for a service down).
+    settings = load_settings()
+    res = resolve_resources(settings)
+    with res.target.connect(autocommit=True) as conn:
+        due = due_entries(conn, settings.schema_name, names=table or None, force=force,
+                          tolerance=timedelta(minutes=settings.due_tolerance_minutes))
+        registered = list_entries(conn, settings.schema_name)
+    require_session_state(res.target)
+    _require_source_datasets(res.source, due)
+    from flows.daily_refresh import daily_refresh
 
     def start() -> Any:
         return daily_refresh(tables=table or None, full_refresh=full_refresh, dry_run=dry_run, force=force,
@@ -464,9 +564,69 @@ def run(
             out.add_row(r["table"], r["status"], str(r.get("mode", "")), *(str(r.get(k, "")) for k in
                         ("rows_read", "rows_inserted", "rows_updated", "rows_deleted", "execution_time_ms")),
                         str(r.get("error") or r.get("reason") or "")[:80])
-        console.print(out if summary["tables"] else "nothing due (use --force or --table)")
+        console.print(out if summary["tables"] else _nothing_ran(registered, force))
     if summary["failed"]:
-        raise typer.Exit(1)
+        failed = summary["failed"]
+        err_console.print(f"error: {len(failed)} table(s) failed: {', '.join(failed)}"
+                          " (bq-refresh history --status failed says why)", markup=False)
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _nothing_ran(registered: list[Any], force: bool) -> str:
+    """Why a run refreshed nothing, and what to do."""
+    if not registered:
+        return "no table registered (bq-refresh tables add NAME --source ...)"
+    if not any(e.is_enabled for e in registered):
+        return (f"every table is disabled ({len(registered)}; bq-refresh rollback disables them all): "
+                "bq-refresh tables enable --all (or NAME), or bq-refresh run --table NAME")
+    return "nothing due" if force else "nothing due (use --force or --table)"
+
+
+def _require_source_datasets(source: Any, entries: list[Any]) -> None:
+    """Every BigQuery dataset the tables of a run read exists and answers.
+
+    Raises:
+        ConfigError: a dataset is not found or not readable (naming BIGQUERY_PROJECT_ID and BIGQUERY_DATASET when
+            it is theirs), or the credentials are refused.
+        SourceUnavailable: BigQuery did not answer.
+    """
+    import google.auth.exceptions
+    from google.api_core import exceptions as gexc
+
+    from tasks.extract import TRANSIENT, short_retry
+
+    default = f"{source.project_id}.{source.dataset}"
+    readers: dict[str, list[str]] = {}
+    for e in entries:
+        try:
+            spec = e.spec()
+        except ConfigError:
+            continue  # the run fails that table naming its parameters; the others still run
+        dataset = default if spec.source is None else source.table_ref(spec.source).rsplit(".", 1)[0]
+        readers.setdefault(dataset, []).append(e.name)
+    where = source.api_endpoint or "bigquery.googleapis.com"
+    deadline = min(source.timeout_s, 30.0)
+    try:
+        client = source.get_bigquery_client()
+        for dataset, tables in sorted(readers.items()):
+            names = ", ".join(tables)
+            fix = (f"set BIGQUERY_PROJECT_ID ({source.project_id}) and BIGQUERY_DATASET ({source.dataset}) to where"
+                   f" the sources are" if dataset == default else "fix the table's source (bq-refresh tables set"
+                   """ NAME --params '{"source": "project.dataset.table"}')""")
+            try:
+                client.get_dataset(dataset, retry=short_retry(deadline), timeout=deadline)
+            except gexc.NotFound:
+                raise ConfigError(f"BigQuery dataset {dataset} not found (read by {names}): {fix}") from None
+            except gexc.Forbidden as exc:
+                raise ConfigError(f"BigQuery refused access to dataset {dataset} (read by {names}): {exc.message};"
+                                  " grant roles/bigquery.dataViewer on it, or " + fix) from None
+    except (google.auth.exceptions.DefaultCredentialsError, google.auth.exceptions.RefreshError,
+            gexc.Unauthorized) as exc:
+        raise ConfigError(f"BigQuery refused the credentials ({_one_line(exc)}): set"
+                          " GOOGLE_APPLICATION_CREDENTIALS_JSON to a service account key") from None
+    except (*TRANSIENT, OSError) as exc:
+        raise SourceUnavailable(f"BigQuery unreachable at {where} ({_one_line(exc)}): check BIGQUERY_API_ENDPOINT"
+                                " and the network") from None
 
 
 @app.command()
@@ -477,7 +637,7 @@ def maintenance(
         help="Delete finished checkpoints, alert and view-refresh log rows older than this many days"
              " (default REFRESH_LOG_RETENTION_DAYS, 30).")] = None,
     discover: Annotated[bool, typer.Option("--discover/--no-discover", help="Register new BigQuery tables (disabled).")] = True,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Expire checkpoints, delete old log rows, archive old audit rows, drop orphaned staging, discover tables."""
     from flows.maintenance import maintenance_flow
@@ -509,7 +669,7 @@ def demo(
     weeks: Annotated[int, typer.Option(help="Weeks of data (rows = asins x queries x weeks).")] = 12,
     keep_up: Annotated[bool, typer.Option("--keep-up", help="Leave the emulator and PostgreSQL running.")] = False,
     reset: Annotated[bool, typer.Option("--reset/--reuse", help="Start from an empty source and target.")] = True,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Nightly refresh of generated SQP data from the local BigQuery emulator into the embedded PostgreSQL,
     then a simulated next day (new week, restated week, deleted row, new column) and the second night."""
@@ -583,32 +743,98 @@ def _demo_night(daily_refresh: Any, title: str, as_json: bool) -> dict[str, Any]
     return summary
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line (libraries put hints on further lines)."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__
+
+
+def _without_password(text: str) -> str:
+    """``text`` with the database URL's password (if any) masked: messages may echo the connection string."""
+    try:
+        from urllib.parse import urlsplit
+
+        url = load_settings().database_url
+        password = urlsplit(url.get_secret_value()).password if url is not None else None
+    except Exception:  # noqa: BLE001 - an unreadable setting has no password to hide
+        password = None
+    return text.replace(password, "***") if password else text
+
+
+def _registry_schema() -> str | None:
+    try:
+        return load_settings().schema_name
+    except Exception:  # noqa: BLE001 - the settings are what failed
+        return None
+
+
+def explain(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the one line that say why a command stopped, naming what the user must change.
+
+    0 all good; 1 a table failed or a check found a difference; 2 usage or configuration; 3 a service unreachable.
+    """
+    import psycopg
+    import pydantic
+
+    if isinstance(exc, ConfigError | DependencyCycle):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, SourceUnavailable | TargetUnavailable):
+        return EXIT_UNAVAILABLE, str(exc)
+    if isinstance(exc, RefreshError):
+        return EXIT_FAILED, str(exc)
+    if isinstance(exc, pydantic.ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or exc.title
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        return EXIT_USAGE, f"invalid setting {where}: {first['msg']}{more}"
+    if isinstance(exc, psycopg.errors.UndefinedTable):
+        schema = _registry_schema()
+        if schema and (f'"{schema}.' in str(exc) or f'"{schema}".' in str(exc)):
+            missing = exc.diag.message_primary or _one_line(exc)
+            return EXIT_USAGE, (f"schema {schema} is not initialised ({missing}): run bq-refresh init"
+                                " (or set BQ_REFRESH_SCHEMA to the schema it was run for)")
+        return EXIT_FAILED, f"PostgreSQL: {_one_line(exc)}"
+    if isinstance(exc, psycopg.OperationalError):
+        text = _without_password(_one_line(exc))
+        refused_login = ("authentication failed", "no pg_hba.conf entry", "does not exist", "password", "SSL")
+        if any(marker in text for marker in refused_login):
+            return EXIT_USAGE, f"PostgreSQL refused the connection ({text}): check BQ_REFRESH_DATABASE_URL"
+        return EXIT_UNAVAILABLE, (f"cannot reach PostgreSQL ({text}): check BQ_REFRESH_DATABASE_URL and that the"
+                                  " server is running")
+    if isinstance(exc, psycopg.Error):
+        return EXIT_FAILED, f"PostgreSQL: {_without_password(_one_line(exc))}"
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return EXIT_UNAVAILABLE, f"{type(exc).__name__}: {_one_line(exc)}"
+    return EXIT_FAILED, f"{type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)"
+
+
 def main() -> None:
-    """Console entry point: one clear line on error (--debug for the traceback)."""
+    """Console entry point: click's usage errors (exit 2), else one line naming what to change (--debug for the
+    traceback) and an exit code a script can use (see ``explain``)."""
     try:
         code = app(standalone_mode=False)  # click returns the code of typer.Exit here instead of raising
-        if isinstance(code, int) and code:
-            sys.exit(code)
-    except RefreshError as exc:
-        if DEBUG["on"]:
-            raise
-        err_console.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one error, one line (no wrap at 80 columns)
-        sys.exit(1)
-    except (typer.Exit, SystemExit) as exc:
-        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
-        sys.exit(code if isinstance(code, int) else 0)
+    except typer.TyperException as exc:  # click's own: a usage error, "Try '... --help'", one Error line
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help is printed already: asking for it is no error
+            sys.exit(EXIT_OK)
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            err_console.print(f"Error: {exc.format_message()}", markup=False)
+        sys.exit(exc.exit_code)
     except typer.Abort:
+        err_console.print("aborted", markup=False)
+        sys.exit(130)
+    except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line, not a traceback
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
         if DEBUG["on"]:
             raise
-        err_console.print(f"[red]error:[/] {type(exc).__name__}: {exc}\n[dim]hint: rerun with --debug for the traceback[/]")
-        sys.exit(1)
+        code, message = explain(exc)
+        err_console.print(f"error: {message}", markup=False)
+        sys.exit(code)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ def test_operator_commands_end_to_end(settings: Settings, pg: psycopg.Connection
     assert shown["priority"] == 7 and shown["frequency_hours"] == 12 and shown["params"]["lookback"] == "3d"
     assert shown["dependencies"] == [{"parent": f"{schema}.a", "dependent": f"{schema}.b", "kind": "hard"}]
     bad = cli("tables", "set", "b", "--params", '{"mode": "sideways"}', env=env)
-    assert bad.returncode == 1 and "mode" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "mode" in bad.stderr and "Traceback" not in bad.stderr  # configuration
 
     audit(pg, schema, "a", "failed", 1, "boom")
     status = json.loads(cli("status", "--json", env=env).stdout)
@@ -187,7 +187,7 @@ def test_operator_commands_end_to_end(settings: Settings, pg: psycopg.Connection
     listed = json.loads(cli("tables", "list", "--json", env=env).stdout)
     assert [(t["table"], t["enabled"]) for t in listed] == [(f"{schema}.a", True)]
     missing = cli("tables", "show", "nope", env=env)
-    assert missing.returncode == 1 and "not registered" in missing.stderr
+    assert missing.returncode == 2 and "not registered" in missing.stderr
 
 
 @pytest.mark.emulator
@@ -211,6 +211,7 @@ def test_cli_run_shows_results_and_exits_1_when_a_table_failed(env: Settings, pg
     assert "success" in ok.stdout and "15" in ok.stdout
     failed = cli("run", "--table", "good", "--table", "bad", "--json", env=child)
     assert failed.returncode == 1
+    assert f"error: 1 table(s) failed: {env.schema_name}.bad" in failed.stderr
     summary = json.loads(failed.stdout)
     assert summary["failed"] == [f"{env.schema_name}.bad"]
 

@@ -77,12 +77,12 @@ def test_init_stops_at_the_earlier_syncs_tables_and_goes_on_once_they_are_rename
         assert f"{schema}.{kept}" not in message
     assert snapshot(pg, schema, staging) == before
 
-    # The command line says the same in one line and exits 1.
+    # The command line says the same in one line and exits 2 (configuration).
     env = {**os.environ, "BQ_REFRESH_DATABASE_URL": pg_uri, "BQ_REFRESH_SCHEMA": schema,
            "BQ_REFRESH_STAGING_SCHEMA": staging, "BQ_REFRESH_STATE_DIR": str(tmp_path), "COLUMNS": "400"}
     cli = subprocess.run([str(ROOT / ".venv" / "bin" / "bq-refresh"), "init"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
-    assert cli.returncode == 1 and f"{schema}.refresh_audit_log: missing columns" in cli.stderr, cli.stderr
+    assert cli.returncode == 2 and f"{schema}.refresh_audit_log: missing columns" in cli.stderr, cli.stderr
     assert "Traceback" not in cli.stderr
     assert snapshot(pg, schema, staging) == before
 

@@ -68,7 +68,7 @@ def test_cli_init_is_idempotent_and_errors_are_one_line(pg_uri: str, schema: str
     assert added.returncode == 0, added.stderr
     bad = run_cli("tables", "add", "sqp_y", "--source", "ds.t", "--key", "id", "--params", '{"batch_sise": 5}',
                   env=env)
-    assert bad.returncode == 1
+    assert bad.returncode == 2  # configuration
     assert f"{schema}.sqp_y: invalid sync parameters: batch_sise" in bad.stderr
     assert "Traceback" not in bad.stderr
     listed = json.loads(run_cli("tables", "list", "--json", env=env).stdout)
