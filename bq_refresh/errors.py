@@ -74,6 +74,15 @@ class DependencyCycle(RefreshError):
     """The registry's dependencies form a cycle."""
 
 
+class NightFailed(RefreshError):
+    """A night's run ended with failed tables: the message names them, ``summary`` is the night's summary (what
+    the run returns when nothing failed), so that a caller of a failed run still reads every table's outcome."""
+
+    def __init__(self, message: str, *, summary: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.summary: dict[str, Any] = summary or {}
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors a retry may cure: network, 5xx, deadlines, lost connections, serialization failures.
 

@@ -547,16 +547,14 @@ def run(
         registered = list_entries(conn, settings.schema_name)
     require_session_state(res.target)
     _require_source_datasets(res.source, due)
-    from flows.daily_refresh import daily_refresh
+    from flows.daily_refresh import daily_refresh, night_summary
 
     def start() -> Any:
         return daily_refresh(tables=table or None, full_refresh=full_refresh, dry_run=dry_run, force=force,
                              allow_deletes=allow_deletes, max_concurrency=max_concurrency, return_state=True)
 
     state: Any = start() if as_json else _run_with_progress(start)
-    summary = state.result(raise_on_failure=False)
-    if not isinstance(summary, dict):
-        raise summary if isinstance(summary, BaseException) else RefreshError(str(state.message))
+    summary = night_summary(state)  # Completed, or Failed with the failed tables: the summary either way
     if not _emit(summary, as_json):
         out = Table("table", "status", "mode", "read", "inserted", "updated", "deleted", "ms", "note",
                     title="dry run: nothing published" if dry_run else None)
@@ -713,13 +711,13 @@ def demo(
 def _demo_night(daily_refresh: Any, title: str, as_json: bool) -> dict[str, Any]:
     from rich.table import Table
 
+    from flows.daily_refresh import night_summary
+
     def start() -> Any:
         return daily_refresh(force=True, return_state=True)
 
     state = start() if as_json else _run_with_progress(start)
-    summary = state.result(raise_on_failure=False)
-    if not isinstance(summary, dict):
-        raise summary if isinstance(summary, BaseException) else RefreshError(str(state.message))
+    summary = night_summary(state)  # Completed, or Failed with the failed tables: the summary either way
     from tasks.status import checks_passed
 
     conn, settings = _conn()

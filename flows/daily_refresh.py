@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.resources import resolve_resources
-from bq_refresh.errors import ConfigError, DependencyCycle, RefreshError
+from bq_refresh.errors import DependencyCycle, NightFailed, RefreshError
 from bq_refresh.redact import redact
 from bq_refresh.settings import load_settings
+from flows.automations import mark_alerted
 from flows.publish_group import settle_group
 from flows.refresh_table import refresh_table, report_view_failures, views_task
-from tasks.alerts import Alert, send_alert
+from tasks.alerts import Alert, failure_alerts, send_alert
 from tasks.artifacts import publish_markdown, publish_table_artifact
 from tasks.audit import finish_audit, start_audit
 from tasks.freshness import check_freshness
@@ -27,7 +31,96 @@ from tasks.planning import admits, plan_waves, split_cycles, streams_within, tab
 from tasks.preflight import require_session_state
 from tasks.registry import RegistryEntry, complete_groups, due_entries, list_dependencies, list_entries
 
-REFRESH_TABLE_DEPLOYMENT = "refresh-table/refresh-table"
+REFRESH_TABLE_DEPLOYMENT = "refresh-table/refresh-table"  # scale-out's last resort: the docker pool's
+
+
+class _NightOutcomeFilter(logging.Filter):
+    """A worker's engine re-raises a failed run's own outcome for the process and logs it as "Engine execution
+    exited with unexpected exception" with a traceback. For a night that ended Failed with NightFailed the state
+    already says which tables failed (and each table's run says why): that line says nothing new, and is dropped.
+    Any other exception is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, NightFailed) and record.getMessage().startswith("Engine execution exited"))
+
+
+_run_logger = logging.getLogger("prefect.flow_runs")  # the logger of the worker engine's error line
+if not any(isinstance(f, _NightOutcomeFilter) for f in _run_logger.filters):
+    _run_logger.addFilter(_NightOutcomeFilter())
+
+
+def pick_table_deployment(explicit: str | None, pool: str | None, on_pool: list[str]) -> str:
+    """The "flow/deployment" scale-out runs go to: the one named, else the refresh-table deployment on the work
+    pool this night runs on (the first by name), else REFRESH_TABLE_DEPLOYMENT.
+
+    Args:
+        explicit: the ``table_deployment`` parameter.
+        pool: the work pool of this night's run (None: not run from a deployment).
+        on_pool: names of the refresh-table deployments on that pool.
+    """
+    if explicit:
+        return explicit
+    if pool and on_pool:
+        return f"refresh-table/{sorted(on_pool)[0]}"
+    return REFRESH_TABLE_DEPLOYMENT
+
+
+def _table_deployment(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
+    context = FlowRunContext.get()
+    pool = context.flow_run.work_pool_name if context and context.flow_run else None
+    on_pool: list[str] = []
+    if pool:
+        with get_client(sync_client=True) as client:
+            on_pool = [d.name for d in client.read_deployments(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["refresh-table"])),
+                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])))]
+    return pick_table_deployment(explicit, pool, on_pool)
+
+
+def night_summary(state: State[Any]) -> dict[str, Any]:
+    """The summary of a night's run from its final state, Completed or Failed with failed tables.
+
+    Raises:
+        The run's error when it failed before it had tables to report (e.g. a refused connection).
+    """
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, NightFailed):
+        return data.summary
+    if isinstance(data, dict):
+        return data
+    if isinstance(data, BaseException):
+        raise data
+    raise RefreshError(state.message or "the night's run ended without a summary")
+
+
+def _on_night_failure(flow: Flow[Any, Any], flow_run: FlowRun, state: State[Any]) -> None:
+    """A night that failed or crashed outside its tables (a refused connection, an unreadable registry, a killed
+    process whose hooks still ran) sends run_failed; failed tables were reported by their own runs. Never raises."""
+    try:
+        try:
+            state.result()
+            error: BaseException | None = None
+        except BaseException as exc:  # noqa: BLE001 - the run's own failure
+            error = exc
+        if isinstance(error, NightFailed):
+            return
+        settings = load_settings()
+        message = redact(str(error) if error is not None and str(error) else (state.message or state.type.value))
+        alert = Alert("run_failed", state.type.value.lower(), None, message[:2000], str(flow_run.id), None)
+        try:
+            with resolve_resources(settings).target.connect(autocommit=True) as conn:
+                deliveries = send_alert(settings, alert, conn)
+        except Exception:  # noqa: BLE001 - the database may be why the night failed: alert without a record
+            deliveries = send_alert(settings, alert)
+        if any(d.delivered for d in deliveries):
+            mark_alerted(flow_run.id, flow_run.flow_id, flow.name)
+    except Exception as exc:  # noqa: BLE001 - a failing hook logs and never hides the run's outcome
+        logging.getLogger(__name__).warning("daily-refresh failure hook failed: %s", exc)
 
 
 @task(name="plan-waves", cache_policy=INPUTS, cache_expiration=timedelta(hours=1))
@@ -36,7 +129,7 @@ def plan_waves_task(tables: dict[str, int], dependencies: list[tuple[str, str, s
     return plan_waves(tables, dependencies)
 
 
-@task(name="refresh", cache_policy=NO_CACHE)
+@task(name="refresh", cache_policy=NO_CACHE, task_run_name="refresh-{table}")
 def run_table(table: str, full_refresh: bool, dry_run: bool, deployment: str | None, timeout_s: float,
               allow_deletes: bool = False, hold_publish: bool = False) -> dict[str, Any]:
     """Run one table's subflow here, or as a flow run of the refresh-table deployment (scale-out); a publish
@@ -44,7 +137,7 @@ def run_table(table: str, full_refresh: bool, dry_run: bool, deployment: str | N
     if deployment:
         from prefect.deployments import run_deployment
 
-        run = run_deployment(deployment, timeout=timeout_s, as_subflow=True,
+        run = run_deployment(deployment, timeout=timeout_s, as_subflow=True, flow_run_name=table,
                              parameters={"table": table, "full_refresh": full_refresh, "dry_run": dry_run,
                                          "allow_deletes": allow_deletes, "hold_publish": hold_publish,
                                          "refresh_views": False})
@@ -75,7 +168,8 @@ def _streams(entry: RegistryEntry) -> int:
         return 1
 
 
-@flow(name="daily-refresh", task_runner=ThreadPoolTaskRunner(max_workers=16))  # type: ignore[arg-type]
+@flow(name="daily-refresh", task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type]
+      on_failure=[_on_night_failure], on_crashed=[_on_night_failure])
 def daily_refresh(
     tables: list[str] | None = None,
     full_refresh: bool = False,
@@ -84,7 +178,7 @@ def daily_refresh(
     max_concurrency: int = 4,
     allow_deletes: bool = False,
     use_deployments: bool = False,
-    table_deployment: str = REFRESH_TABLE_DEPLOYMENT,
+    table_deployment: str | None = None,
 ) -> Any:
     """Refresh every due table (or the named ones) in dependency order, several at once.
 
@@ -96,23 +190,24 @@ def daily_refresh(
         allow_deletes: window mode: delete more vanished periods than a table's max_vanished_periods.
         max_concurrency: tables refreshed at the same time.
         use_deployments: start each table as a flow run of the refresh-table deployment (work-pool scale-out).
-        table_deployment: the "flow/deployment" name runs go to when use_deployments is on.
+        table_deployment: the "flow/deployment" runs go to when use_deployments is on; default: the
+            refresh-table deployment on the work pool this run came from (refresh-table-process on the process
+            pool), else refresh-table/refresh-table.
 
     Returns:
-        A summary per table; the run ends Failed when any table failed.
+        A summary per table. When a table failed, the run ends Failed naming the failed tables, with the
+        summary in a NightFailed as its data (``night_summary(state)`` reads it either way).
     """
     logger = get_run_logger()
     settings = load_settings()
     res = resolve_resources(settings)
     schema = settings.schema_name
     run_id = str(current_flow_run.id) if current_flow_run.id else None
-    try:
-        require_session_state(res.target)  # before anything is touched: a transaction pooler is refused
-    except ConfigError as exc:
-        with res.target.connect(autocommit=True) as conn:
-            send_alert(settings, Alert("run_failed", "failed", None, str(exc), run_id, None), conn)
-        raise
+    # Before anything is touched: a transaction pooler is refused (run_failed from the failure hook).
+    require_session_state(res.target)
+    deployment = _table_deployment(table_deployment) if use_deployments else None
     with res.target.connect(autocommit=True) as conn:
+        started_at = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]  # the alerts' clock
         entries = due_entries(conn, schema, names=tables, force=force,
                               tolerance=timedelta(minutes=settings.due_tolerance_minutes))
         deps = [(d.parent, d.dependent, d.kind) for d in list_dependencies(conn, schema)]
@@ -126,6 +221,7 @@ def daily_refresh(
     # Tables caught in a dependency cycle fail (audit row, alert) and the others still run.
     acyclic, cyclic = split_cycles({e.name: e.priority for e in entries}, deps)
     results: dict[str, dict[str, Any]] = {}
+    own_run_failed: set[str] = set()  # tables whose own run ended failed: its hooks (or the automation) report it
     for name, message in cyclic.items():
         e = by_name[name]
         error = DependencyCycle(message, table=name)
@@ -166,7 +262,7 @@ def daily_refresh(
             while (queue and len(active) < max(1, max_concurrency)
                    and admits([needs[n] for n, _ in active], needs[queue[0]], settings.max_connections)):
                 name = queue.pop(0)
-                active.append((name, run_table.submit(name, full_refresh, dry_run, table_deployment if use_deployments else None,
+                active.append((name, run_table.submit(name, full_refresh, dry_run, deployment,
                                                       _time_limit(by_name[name], settings.table_timeout_s),
                                                       allow_deletes, name in groups)))
             still = []
@@ -176,6 +272,7 @@ def daily_refresh(
                         results[name] = fut.result()
                     except BaseException as exc:  # noqa: BLE001 - one table's failure never stops the others
                         results[name] = {"table": name, "status": "failed", "error": redact(str(exc))[:2000]}
+                        own_run_failed.add(name)
                 else:
                     still.append((name, fut))
             active = still
@@ -226,11 +323,37 @@ def daily_refresh(
                            freshness.stale)
         counts = {"tables": len(ordered), "failed": len(failed),
                   "skipped": sum(1 for r in ordered if r["status"] == "skipped")}
-        if failed:
-            send_alert(settings, Alert("run_failed", "failed", None, f"tables failed: {', '.join(failed)}", run_id,
-                                       None, counts, {"failed": failed}), conn)
-        elif settings.daily_summary_alert:
-            send_alert(settings, Alert("daily_summary", "success", None, None, run_id, None, counts), conn)
+        reported = _report_failures(settings, conn, [r for r in ordered if r["status"] == "failed"],
+                                    own_run_failed, started_at, run_id)
+        if settings.daily_summary_alert:
+            send_alert(settings, Alert("daily_summary", "failed" if failed else "success", None, None, run_id, None,
+                                       counts, {"failed": failed}), conn)
     if failed:
-        return Failed(message=f"{len(failed)} table(s) failed: {', '.join(failed)}", data=summary)
+        context = FlowRunContext.get()
+        if reported and context is not None and context.flow_run is not None:  # the automation need not report it
+            mark_alerted(context.flow_run.id, context.flow_run.flow_id, "daily-refresh")
+        message = f"{len(failed)} table(s) failed: {', '.join(failed)}"
+        return Failed(message=message, data=NightFailed(message, summary=summary))
     return Completed(message=f"{len(ordered)} table(s) refreshed", data=summary)
+
+
+def _report_failures(settings: Any, conn: Any, failures: list[dict[str, Any]], own_run_failed: set[str],
+                     since: Any, run_id: str | None) -> bool:
+    """One report per failed table: a table whose own run failed was reported by that run's hook (or, when the
+    hook could not run, by the failure automation); any other failed table (a dependency cycle, a publish group
+    that could not publish, a view that failed) that no alert has named since the night began gets its
+    table_failed here. True when each of those was delivered somewhere (else the automation reports the night)."""
+    others = [r for r in failures if r["table"] not in own_run_failed]
+    if not others:
+        return True
+    seen = failure_alerts(conn, settings.schema_name, [r["table"] for r in others], since)
+    delivered = True
+    for r in others:
+        if r["table"] in seen:
+            delivered = delivered and seen[r["table"]]
+            continue
+        deliveries = send_alert(settings, Alert("table_failed", "failed", r["table"], r.get("error"), run_id, None,
+                                                details={k: r[k] for k in ("publish_group",) if r.get(k)},
+                                                audit_log_id=r.get("audit_id")), conn)
+        delivered = delivered and any(d.delivered for d in deliveries)
+    return delivered

@@ -22,6 +22,7 @@ from bq_refresh.errors import (
     name_failure,
 )
 from bq_refresh.settings import load_settings
+from flows.automations import mark_alerted
 from tasks import sync
 from tasks.alerts import Alert, send_alert
 from tasks.artifacts import publish_table_artifact
@@ -38,6 +39,7 @@ from tasks.load import analyze_after_publish
 from tasks.locks import table_lock
 from tasks.preflight import require_session_state
 from tasks.registry import get_entry, list_entries
+from tasks.status import checks_passed
 
 
 def _resources() -> Resources:
@@ -53,7 +55,7 @@ def _retry_transient(task: Any, task_run: Any, state: State[Any]) -> bool:
     return False
 
 
-@task(name="plan", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
+@task(name="plan", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient, task_run_name="plan-{table}")
 def plan_task(table: str, full_refresh: bool, batch_size: int | None, dry_run: bool = False,
               allow_deletes: bool = False) -> sync.RefreshPlan:
     res = _resources()
@@ -63,20 +65,21 @@ def plan_task(table: str, full_refresh: bool, batch_size: int | None, dry_run: b
                              allow_deletes=allow_deletes)
 
 
-@task(name="stage", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
+@task(name="stage", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient, task_run_name="stage-{plan.table}")
 def stage_task(plan: sync.RefreshPlan, audit_id: int) -> sync.StageManifest:
     # A retry resumes from the checkpoint: batches already committed are not read again.
     return sync.stage_rows(_resources(), plan, audit_id=audit_id)
 
 
-@task(name="check", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
+@task(name="check", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient, task_run_name="check-{plan.table}")
 def check_task(plan: sync.RefreshPlan, audit_id: int) -> list[str]:
     """The quality gate on staged rows; returns the names of failed soft checks (hard ones raise)."""
     results = sync.check_staged(_resources(), plan, audit_id=audit_id)
     return [r.name for r in results if not r.ok]
 
 
-@task(name="publish", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient)
+@task(name="publish", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient,
+      task_run_name="publish-{plan.table}")
 def publish_task(plan: sync.RefreshPlan, dry_run: bool, audit_id: int) -> sync.PublishResult:
     res = _resources()
     result = sync.publish(res, plan, dry_run=dry_run, audit_id=audit_id)
@@ -134,11 +137,13 @@ def _on_failure(flow: Flow[Any, Any], flow_run: FlowRun, state: State[Any]) -> N
             event = "quality_check_failed"
         with res.target.connect(autocommit=True) as conn:
             close_running_audit(conn, settings.schema_name, str(flow_run.id), f"{state.type.value}: {message}")
-            send_alert(settings, Alert(
+            deliveries = send_alert(settings, Alert(
                 event=event, status=state.type.value.lower(), table=table, error=message[:2000],
                 flow_run_id=str(flow_run.id), flow_run_url=_flow_run_url(str(flow_run.id)), details=details,
                 audit_log_id=audit_id_of_flow_run(conn, settings.schema_name, str(flow_run.id)),
             ), conn)
+        if any(d.delivered for d in deliveries):  # reported: the failure automation leaves this run to us
+            mark_alerted(flow_run.id, flow_run.flow_id, flow.name)
     except Exception as exc:  # noqa: BLE001 - a failing hook logs and never hides the run's outcome
         import logging
 
@@ -253,7 +258,12 @@ def _note_empty_read(res: Resources, table: str, rows_read: int, run_id: str | N
                 audit_log_id=audit_id), conn)
 
 
-@flow(name="refresh-table", on_failure=[_on_failure], on_crashed=[_on_failure], on_cancellation=[_on_failure])
+# Runs are named after their table (the parent passes registry names, "schema.table"), so that the Prefect UI
+# shows which table each run refreshed. The summary is persisted: a parent that started this run through its
+# deployment (scale-out) reads it from the result storage (Prefect's local storage on one host; shared storage,
+# PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, across hosts).
+@flow(name="refresh-table", flow_run_name="{table}", on_failure=[_on_failure], on_crashed=[_on_failure],
+      on_cancellation=[_on_failure], persist_result=True)
 def refresh_table(
     table: str,
     full_refresh: bool = False,
@@ -417,10 +427,12 @@ def finish_run(res: Resources, table: str, plan: sync.RefreshPlan, manifest: syn
             rows_inserted=result.rows_inserted, rows_updated=result.rows_updated, rows_deleted=result.rows_deleted,
             bigquery_job_id=plan.bigquery_job_id or manifest.read_session, metadata=metadata,
         )
+        passed, ran = checks_passed(conn, settings.schema_name, [audit_id]).get(audit_id, (0, 0))
     return {
         "table": table, "status": status, "audit_id": audit_id, "rows_read": manifest.rows_read,
         "rows_inserted": result.rows_inserted, "rows_updated": result.rows_updated,
-        "rows_deleted": result.rows_deleted, "execution_time_ms": elapsed_ms, **metadata,
+        "rows_deleted": result.rows_deleted, "execution_time_ms": elapsed_ms, "checks_run": ran,
+        "checks_passed": passed, **metadata,
     }
 
 

@@ -206,3 +206,16 @@ def record(conn: psycopg.Connection[Any], schema: str, alert: Alert, deliveries:
         )
     if not conn.autocommit:
         conn.commit()
+
+
+def failure_alerts(conn: psycopg.Connection[Any], schema: str, tables: list[str],
+                   since: datetime) -> dict[str, bool]:
+    """The tables (registry names) of ``tables`` that some run reported failed (an alert of type refresh_failure or
+    view_failure) since ``since``, each with whether one of those alerts was delivered to some channel."""
+    rows = conn.execute(
+        sql.SQL("SELECT table_schema || '.' || table_name, bool_or(status = 'delivered') FROM {}"
+                " WHERE created_at >= %s AND table_schema || '.' || table_name = ANY(%s)"
+                " AND payload->>'type' IN ('refresh_failure', 'view_failure') GROUP BY 1").format(
+            ident(schema, "refresh_alerts")),
+        (since, tables)).fetchall()
+    return {str(r[0]): bool(r[1]) for r in rows}

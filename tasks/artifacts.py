@@ -24,10 +24,20 @@ def publish_table_artifact(rows: list[dict[str, Any]], *, key: str | None, title
     try:
         from prefect.artifacts import create_table_artifact
 
-        table = [{c: _cell(r.get(c)) if c == "views_failed" else r.get(c) for c in ARTIFACT_COLUMNS} for r in rows]
+        cells = {"views_failed": lambda r: _cell(r.get("views_failed")), "checks": _checks}
+        table = [{c: cells[c](r) if c in cells else r.get(c) for c in ARTIFACT_COLUMNS} for r in rows]
         create_table_artifact(table=table, key=key, description=title)
     except Exception as exc:  # noqa: BLE001 - artifacts never fail a refresh
         log.warning("table artifact not created: %s", exc)
+
+
+def _checks(run: dict[str, Any]) -> str | None:
+    """A run's quality checks as one cell: "5/6 passed; warned: null_fraction" (the soft checks that failed)."""
+    warned = run.get("checks_warned") or []
+    parts = [f"{run['checks_passed']}/{run['checks_run']} passed"] if run.get("checks_run") else []
+    if warned:
+        parts.append(f"warned: {', '.join(map(str, warned))}")
+    return "; ".join(parts) or None
 
 
 def _cell(views_failed: Any) -> str | None:

@@ -16,7 +16,7 @@ import pytest
 from blocks import BigQuerySource
 from bq_refresh.errors import ConfigError
 from bq_refresh.settings import Settings
-from flows.daily_refresh import daily_refresh
+from flows.daily_refresh import daily_refresh, night_summary
 from flows.refresh_table import refresh_table
 from tasks.registry import RegistryEntry, complete_groups, register_table
 from tests.bqdata import assert_same_rows, bq_schema, pg_rows, put_table, source_rows
@@ -72,7 +72,7 @@ def group(env: Settings, pg: psycopg.Connection[Any], registry: str, source: Big
     register_table(pg, s, "loner", {"source": "parent", "key": ["asin"], "cursor": "updated_at"})
     state = daily_refresh(return_state=True)
     assert state.is_completed(), state.message
-    runs = {r["table"]: r for r in state.result(raise_on_failure=False)["tables"]}
+    runs = {r["table"]: r for r in night_summary(state)["tables"]}
     assert {runs[f"{s}.parent"]["status"], runs[f"{s}.child"]["status"]} == {"success"}
     assert runs[f"{s}.parent"]["direct_load"] is False  # a member stages: a direct load publishes alone
     assert_same_rows(source_rows(source, "parent"), live(pg, s, "parent"), ["asin"])
@@ -97,7 +97,7 @@ def test_a_member_failing_its_quality_gate_holds_the_group_then_both_publish_tog
     put_table(source, "child", CHILD, children(30, 200, T0 + timedelta(days=1), negative=3))
     state = daily_refresh(force=True, return_state=True)
     assert state.is_failed()
-    runs = {r["table"]: r for r in state.result(raise_on_failure=False)["tables"]}
+    runs = {r["table"]: r for r in night_summary(state)["tables"]}
     assert runs[f"{s}.child"]["status"] == "failed" and "range" in runs[f"{s}.child"]["error"]
     assert runs[f"{s}.parent"]["status"] == "skipped" and "held: publish group 'sqp'" in runs[f"{s}.parent"]["reason"]
     assert runs[f"{s}.loner"]["status"] == "success"  # not in the group: published
@@ -137,7 +137,7 @@ def test_a_member_failing_inside_the_group_publish_rolls_back_the_members_publis
     put_table(source, "child", CHILD, children(6, 200, T0 + timedelta(days=1)))
     state = daily_refresh(tables=[f"{s}.parent"], return_state=True)  # the group's other member comes along
     assert state.is_failed()
-    runs = {r["table"]: r for r in state.result(raise_on_failure=False)["tables"]}
+    runs = {r["table"]: r for r in night_summary(state)["tables"]}
     assert set(runs) == {f"{s}.parent", f"{s}.child"}
     assert runs[f"{s}.child"]["status"] == "failed" and "refusing to delete 48 of 60" in runs[f"{s}.child"]["error"]
     assert runs[f"{s}.parent"]["status"] == "skipped"
@@ -171,7 +171,7 @@ def test_a_skipped_member_holds_the_group_with_one_group_held_alert_and_a_member
         other.execute("SELECT pg_advisory_lock(hashtext('bq-refresh:' || %s))", (f"{s}.child",))
         state = daily_refresh(force=True, return_state=True)
     assert state.is_completed()  # nothing failed: one table skipped, its group held
-    runs = {r["table"]: r for r in state.result(raise_on_failure=False)["tables"]}
+    runs = {r["table"]: r for r in night_summary(state)["tables"]}
     assert runs[f"{s}.child"]["status"] == "skipped" and runs[f"{s}.parent"]["status"] == "skipped"
     assert "child (skipped) did not refresh" in runs[f"{s}.parent"]["reason"]
     assert_same_rows(before, live(pg, s, "parent"), ["asin"], ignore=())

@@ -20,7 +20,7 @@ from blocks import BigQuerySource
 from bq_refresh.redact import redact
 from bq_refresh.services import free_port
 from bq_refresh.settings import Settings
-from flows.daily_refresh import daily_refresh
+from flows.daily_refresh import daily_refresh, night_summary
 from flows.refresh_table import refresh_table
 from tasks.migrations import apply_migrations
 from tasks.registry import register_table
@@ -92,7 +92,7 @@ def test_the_refresh_runs_as_a_least_privilege_role(
                                 " WHERE rolname = current_user").fetchone() == (False, False, False, False)
 
         state = daily_refresh(force=True, return_state=True)
-        tables = {t["table"]: t for t in state.result(raise_on_failure=False)["tables"]}
+        tables = {t["table"]: t for t in night_summary(state)["tables"]}
         for name in ("fresh", "existing"):
             assert tables[f"{app}.{name}"]["status"] == "success", tables
             assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{app}".{name}', "1"), SQP_KEY)
@@ -224,7 +224,7 @@ def test_secrets_never_leave_the_process(
     register_table(pg, schema, "bad", {"source": "missing", "key": SQP_KEY, "cursor": "updated_at"})
     with tags(run_tag):
         state = daily_refresh(return_state=True)  # a success, a failure, alerts, artifacts
-        texts.append(json.dumps(state.result(raise_on_failure=False), default=str))
+        texts.append(json.dumps(night_summary(state), default=str))
 
         # The wrong service-account key: the official client's token exchange fails.
         monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS_JSON", token_server.key_json)

@@ -149,6 +149,8 @@ def test_every_alert_event_delivered_validates_against_the_schema(
     put_table(source, "sqp", [*SQP_SCHEMA, *bq_schema([("currency", "STRING")])], data)
     monkeypatch.setenv("REFRESH_TIMEOUT_WARNING_MS", "0")
     assert daily_refresh(tables=["broken", "frozen", "evolving"], return_state=True).is_failed()
+    # A run that fails outside its tables (a table name not registered): run_failed.
+    assert daily_refresh(tables=["not_registered"], return_state=True).is_failed()
     # Night 3: all well, with the daily summary on.
     monkeypatch.setenv("REFRESH_TIMEOUT_WARNING_MS", "600000")
     monkeypatch.setenv("REFRESH_DAILY_SUMMARY_ALERT", "true")
