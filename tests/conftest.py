@@ -99,6 +99,12 @@ def schema(pg_uri: str) -> Iterator[str]:
     yield name
     with psycopg.connect(pg_uri, autocommit=True) as conn:
         for s in (name, f"{name}_staging", f"{name}_shadow"):
+            # A schema another role made (a test's least-privilege role) is dropped by a member of that role:
+            # the test's own role need not be a superuser (the Supabase-like server's postgres is not).
+            owner = conn.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = %s"
+                                 " AND NOT pg_has_role(current_user, nspowner, 'USAGE')", (s,)).fetchone()
+            if owner:
+                conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(owner[0])))
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(s)))
 
 

@@ -220,6 +220,8 @@ def stop_pgbouncer(folder: Path) -> None:
     """Stop the PgBouncer whose pid file is in ``folder``, if it runs."""
     try:
         pid = int((folder / "pgbouncer.pid").read_text().strip())
+        if Path(f"/proc/{pid}/comm").read_text().strip() != "pgbouncer":  # a stale pid file, its pid reused
+            return
     except (OSError, ValueError):
         return
     try:

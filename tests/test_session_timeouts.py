@@ -55,6 +55,7 @@ def role_uri(pg: psycopg.Connection[Any], pg_uri: str) -> Iterator[str]:
             pytest.skip(f"cannot log in as a new role through this server's front ({exc})")
         yield uri
     finally:
+        pg.execute(f"GRANT {role} TO CURRENT_USER")  # dropping its objects without superuser needs its membership
         pg.execute(f"DROP OWNED BY {role} CASCADE")
         pg.execute(f"DROP ROLE {role}")
 
