@@ -25,7 +25,7 @@ from psycopg import pq
 from psycopg.pq.abc import PGconn
 
 from blocks.postgres import PostgresTarget
-from bq_refresh.errors import ConfigError
+from bq_refresh.errors import ConfigError, TargetUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _open(uri: str) -> PGconn:
     if conn.status != pq.ConnStatus.OK:
         message = (conn.error_message or b"").decode(errors="replace").strip()
         conn.finish()
-        raise ConfigError(f"cannot connect to BQ_REFRESH_DATABASE_URL: {message}")
+        raise TargetUnavailable(f"cannot connect to BQ_REFRESH_DATABASE_URL: {message}")
     return conn
 
 
