@@ -76,11 +76,13 @@ class DependencyCycle(RefreshError):
 
 class NightFailed(RefreshError):
     """A night's run ended with failed tables: the message names them, ``summary`` is the night's summary (what
-    the run returns when nothing failed), so that a caller of a failed run still reads every table's outcome."""
+    the run returns when nothing failed), so that a caller of a failed run still reads every table's outcome;
+    ``reported``: each failure was delivered to an alert channel."""
 
-    def __init__(self, message: str, *, summary: dict[str, Any] | None = None) -> None:
+    def __init__(self, message: str, *, summary: dict[str, Any] | None = None, reported: bool = False) -> None:
         super().__init__(message)
         self.summary: dict[str, Any] = summary or {}
+        self.reported = reported
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -107,7 +107,9 @@ def _on_night_failure(flow: Flow[Any, Any], flow_run: FlowRun, state: State[Any]
             error: BaseException | None = None
         except BaseException as exc:  # noqa: BLE001 - the run's own failure
             error = exc
-        if isinstance(error, NightFailed):
+        if isinstance(error, NightFailed):  # its tables were reported; the automation waits for this event after
+            if error.reported:  # the Failed state, so it is sent from here
+                mark_alerted(flow_run.id, flow_run.flow_id, flow.name)
             return
         settings = load_settings()
         message = redact(str(error) if error is not None and str(error) else (state.message or state.type.value))
@@ -329,11 +331,8 @@ def daily_refresh(
             send_alert(settings, Alert("daily_summary", "failed" if failed else "success", None, None, run_id, None,
                                        counts, {"failed": failed}), conn)
     if failed:
-        context = FlowRunContext.get()
-        if reported and context is not None and context.flow_run is not None:  # the automation need not report it
-            mark_alerted(context.flow_run.id, context.flow_run.flow_id, "daily-refresh")
         message = f"{len(failed)} table(s) failed: {', '.join(failed)}"
-        return Failed(message=message, data=NightFailed(message, summary=summary))
+        return Failed(message=message, data=NightFailed(message, summary=summary, reported=reported))
     return Completed(message=f"{len(ordered)} table(s) refreshed", data=summary)
 
 
