@@ -434,11 +434,14 @@ def shadow_enable(name: TableName) -> None:
 @app.command()
 def doctor(as_json: JsonOption = False) -> None:
     """Preflight checks, one line each: OK, or what to do (exit 1 when one fails)."""
+    from blocks import resolve_resources
     from tasks.headroom import disk_report, registered_targets
+    from tasks.preflight import session_check
 
     conn, settings = _conn()
     with conn:
-        checks = [disk_report(conn, registered_targets(conn, settings.schema_name), settings.disk_budget_mb)]
+        checks = [session_check(resolve_resources(settings).target),
+                  disk_report(conn, registered_targets(conn, settings.schema_name), settings.disk_budget_mb)]
     if not _emit({"checks": checks}, as_json):
         for check in checks:  # plain lines: never wrapped, whatever the terminal
             typer.echo(f"{check['status'].upper():<8}{check['name']}: {check['message']}")

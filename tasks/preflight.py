@@ -19,8 +19,10 @@ import select
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
 from psycopg import pq
 from psycopg.pq.abc import PGconn
 
@@ -68,13 +70,12 @@ def _ask(conn: PGconn, query: str, wait_s: float) -> object:
     return value
 
 
-def _open(uri: str) -> PGconn:
-    conn = pq.PGconn.connect(uri.encode())
-    if conn.status != pq.ConnStatus.OK:
-        message = (conn.error_message or b"").decode(errors="replace").strip()
-        conn.finish()
-        raise TargetUnavailable(f"cannot connect to BQ_REFRESH_DATABASE_URL: {message}")
-    return conn
+def _open(uri: str) -> psycopg.Connection[Any]:
+    """A plain session (none of the refresh's settings); the probe talks to it through its libpq handle."""
+    try:
+        return psycopg.connect(uri, autocommit=True, connect_timeout=15, application_name="bq-refresh probe")
+    except psycopg.OperationalError as exc:
+        raise TargetUnavailable(f"cannot connect to BQ_REFRESH_DATABASE_URL: {str(exc).strip()}") from None
 
 
 def probe_session_state(uri: str, *, wait_s: float = 3.0, rounds: int = 4) -> SessionProbe:
@@ -105,13 +106,15 @@ def probe_session_state(uri: str, *, wait_s: float = 3.0, rounds: int = 4) -> Se
 def _probe_round(uri: str, wait_s: float) -> object:
     """One round: None when the session kept its state, else why not (or _WAITED when it could not start)."""
     token = uuid.uuid4().hex
-    first = _open(uri)
-    second: PGconn | None = None
+    first_conn = _open(uri)
+    first = first_conn.pgconn
+    second_conn: psycopg.Connection[Any] | None = None
     try:
         pid = _ask(first, f"SELECT set_config('{PROBE_SETTING}', '{token}', false), pg_backend_pid()::text", wait_s)
         if pid is _WAITED:
             return _WAITED
-        second = _open(uri)
+        second_conn = _open(uri)
+        second = second_conn.pgconn
         # The second client opens a transaction and keeps it: its server connection is its own until it ends.
         seen = _ask(second, f"BEGIN; SELECT current_setting('{PROBE_SETTING}', true)", wait_s)
         if seen == token:
@@ -126,9 +129,9 @@ def _probe_round(uri: str, wait_s: float) -> object:
                     " server connections are pooled per transaction")
         return None
     finally:
-        if second is not None:
-            second.finish()
-        first.finish()
+        if second_conn is not None:
+            second_conn.close()
+        first_conn.close()
 
 
 def require_session_state(target: PostgresTarget) -> None:
@@ -151,3 +154,16 @@ def require_session_state(target: PostgresTarget) -> None:
             " settings), so nothing was touched. Use a session-mode connection instead: Supabase's session pooler"
             " (the pooler host, port 5432) or the direct connection (db.<project>.supabase.co:5432); with PgBouncer,"
             " pool_mode = session")
+
+
+def session_check(target: PostgresTarget) -> dict[str, str]:
+    """The probe as a ``bq-refresh doctor`` line: ok, warn (a hint, e.g. port 6543) or fail (a transaction pooler)."""
+    probe = probe_session_state(target.uri())
+    if probe.problem:
+        return {"name": "session", "status": "fail",
+                "message": f"BQ_REFRESH_DATABASE_URL goes through a transaction pooler ({probe.problem}): use the"
+                           " session pooler (port 5432) or the direct connection"}
+    if probe.hint:
+        return {"name": "session", "status": "warn", "message": probe.hint}
+    return {"name": "session", "status": "ok",
+            "message": "session state survives across transactions (direct connection or session pooler)"}

@@ -133,20 +133,21 @@ def test_doctor_shows_the_headroom_or_says_it_is_unknown(
 
     unknown = doctor(base)
     assert unknown.returncode == 0, unknown.stderr
-    line = unknown.stdout.strip()
-    assert line.startswith("UNKNOWN disk: ") and "\n" not in line
+    session, line = unknown.stdout.strip().split("\n")  # one line per check, never wrapped
+    assert session.startswith("OK      session: session state survives"), session  # the pooler probe
+    assert line.startswith("UNKNOWN disk: ")
     assert f"a full reload of the largest target, {registry}.sqp (" in line
     assert "free space unknown: PostgreSQL does not report a disk's free space over SQL; set REFRESH_DISK_BUDGET_MB" in line
-    report = json.loads(doctor(base, "--json").stdout)["checks"][0]
+    report = next(c for c in json.loads(doctor(base, "--json").stdout)["checks"] if c["name"] == "disk")
     assert report["status"] == "unknown" and report["headroom_bytes"] is None and report["budget_bytes"] is None
     assert report["database_bytes"] > 0 and report["largest_target"] == f"{registry}.sqp"
     size = pg.execute("SELECT pg_total_relation_size(%s::regclass)", (f'"{registry}".sqp',)).fetchone()
     assert size is not None and report["largest_target_bytes"] == size[0] and report["full_reload_need_bytes"] == 2 * size[0]
 
     roomy = doctor({**base, "REFRESH_DISK_BUDGET_MB": str(1024 * 1024)})
-    assert roomy.returncode == 0 and roomy.stdout.startswith("OK      disk: headroom "), roomy.stdout
+    assert roomy.returncode == 0 and "\nOK      disk: headroom " in roomy.stdout, roomy.stdout
     assert "of REFRESH_DISK_BUDGET_MB=1048576 (" in roomy.stdout
 
     full = doctor({**base, "REFRESH_DISK_BUDGET_MB": "1"})
-    assert full.returncode == 1 and full.stdout.startswith("FAIL    disk: "), full.stdout
+    assert full.returncode == 1 and "\nFAIL    disk: " in full.stdout, full.stdout
     assert "over REFRESH_DISK_BUDGET_MB=1 by " in full.stdout and "every full or initial load is refused" in full.stdout

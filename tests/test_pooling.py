@@ -102,3 +102,8 @@ def test_a_run_through_the_transaction_pooler_stops_before_touching_data_with_on
     assert pg.execute("SELECT to_regclass(%s)", (f'"{s}".sqp',)).fetchone() == (None,)  # no target created
     assert pg.execute(f'SELECT count(*) FROM "{s}".refresh_audit_log').fetchone() == before
     assert pg.execute(f'SELECT count(*) FROM "{s}".refresh_checkpoints').fetchone() == (0,)
+    # bq-refresh doctor says the same, as its session line (the probe is shared).
+    doctor = subprocess.run([sys.executable, "-m", "flows.cli", "doctor"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "BQ_REFRESH_DATABASE_URL": transaction_pooler})
+    assert doctor.returncode == 1, doctor.stderr[-2000:]
+    assert doctor.stdout.startswith("FAIL    session: BQ_REFRESH_DATABASE_URL goes through a transaction pooler")
