@@ -76,3 +76,13 @@ def create_sqp_target(conn: psycopg.Connection[Any], schema: str) -> None:
                  " click_share numeric(38,9), median_price numeric(38,9), updated_at timestamptz,"
                  " PRIMARY KEY (start_date, asin, search_query))")
     conn.execute(f'CREATE INDEX sqp_by_asin ON "{schema}".sqp (asin, start_date)')
+
+
+def force_dependency(conn: psycopg.Connection[Any], schema: str, parent: str, dependent: str,
+                     kind: str = "hard") -> None:
+    """Record a dependency straight in the registry, past the check that refuses a cycle (a registry edited by
+    hand, or written by an older version): the night must still survive it."""
+    conn.execute(
+        f'INSERT INTO "{schema}".refresh_dependencies (parent_config_id, dependent_config_id, dependency_type)'  # noqa: S608
+        f' SELECT p.id, d.id, %s FROM "{schema}".refresh_config p, "{schema}".refresh_config d'
+        " WHERE p.table_name = %s AND d.table_name = %s", (kind, parent, dependent))

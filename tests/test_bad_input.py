@@ -18,7 +18,7 @@ from bq_refresh.settings import Settings
 from flows.daily_refresh import daily_refresh, night_summary
 from tasks.migrations import apply_migrations
 from tasks.registry import add_dependency, register_table
-from tests.bqdata import assert_same_rows, bq_schema, pg_rows, put_table, source_rows
+from tests.bqdata import assert_same_rows, bq_schema, force_dependency, pg_rows, put_table, source_rows
 from tests.conftest import WebhookReceiver
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, T0, sqp_rows
 
@@ -75,7 +75,7 @@ def test_each_bad_table_is_named_audited_and_alerted_while_the_good_ones_refresh
     register_table(pg, schema, "cycle_a", ok)
     register_table(pg, schema, "cycle_b", ok)
     add_dependency(pg, schema, "cycle_a", "cycle_b")
-    add_dependency(pg, schema, "cycle_b", "cycle_a")
+    force_dependency(pg, schema, "cycle_b", "cycle_a")
 
     state = daily_refresh(return_state=True)
     assert state.is_failed()

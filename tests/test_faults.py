@@ -192,7 +192,7 @@ def test_a_storage_read_stream_that_stays_broken_fails_the_table_cleanly_and_the
     ..._long_deadline: the same with a 60 s deadline, so the table's time limit (20 s) ends it first, and the
     audit row names the table and REFRESH_TABLE_TIMEOUT_SECONDS.
     refused: the Storage Read port resets every connection; opening the read session fails within our deadline."""
-    from flows.daily_refresh import daily_refresh
+    from flows.daily_refresh import daily_refresh, night_summary
 
     schema = env.schema_name
     source, before = loaded_then_changed(env, pg, n=8000)
@@ -205,7 +205,7 @@ def test_a_storage_read_stream_that_stays_broken_fails_the_table_cleanly_and_the
         grpc_proxy.refuse = True
 
     started = time.monotonic()
-    summary = daily_refresh(tables=["sqp"], return_state=True).result(raise_on_failure=False)
+    summary = night_summary(daily_refresh(tables=["sqp"], return_state=True))
     assert time.monotonic() - started < 90
     assert summary["failed"] == [f"{schema}.sqp"], summary
     error = summary["tables"][0]["error"]

@@ -19,7 +19,7 @@ from flows.refresh_table import refresh_table
 from tasks.alerts import SIGNATURE_HEADER, verify
 from tasks.registry import add_dependency, register_table
 from tasks.transform import register_transform
-from tests.bqdata import put_table
+from tests.bqdata import force_dependency, put_table
 from tests.conftest import WebhookReceiver
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
 
@@ -140,7 +140,7 @@ def test_a_dependency_cycle_fails_the_run_naming_it(env: Settings, registry: str
     register_table(pg, registry, "a", spec)
     register_table(pg, registry, "b", spec)
     add_dependency(pg, registry, "a", "b")
-    add_dependency(pg, registry, "b", "a")
+    force_dependency(pg, registry, "b", "a")
     state = daily_refresh(return_state=True)
     assert state.is_failed() and "dependency cycle" in str(state.message) + str(night_summary(state))
 

@@ -29,7 +29,7 @@ from tasks.alerts import (
 )
 from tasks.migrations import apply_migrations
 from tasks.registry import add_dependency, register_table
-from tests.bqdata import bq_schema, put_table
+from tests.bqdata import bq_schema, force_dependency, put_table
 from tests.conftest import ROOT, WebhookReceiver
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, T0, sqp_rows
 
@@ -138,7 +138,7 @@ def test_every_alert_event_delivered_validates_against_the_schema(
     register_table(pg, s, "cyc_a", spec)
     register_table(pg, s, "cyc_b", spec)
     add_dependency(pg, s, "cyc_a", "cyc_b")
-    add_dependency(pg, s, "cyc_b", "cyc_a")
+    force_dependency(pg, s, "cyc_b", "cyc_a")
 
     # Night 1: rows rejected and a future cursor (noisy), a missing source (broken), a failed quality gate (gated),
     # a dependency cycle (cyc_a, cyc_b): the run fails.
