@@ -78,13 +78,11 @@ class HashSet:
         return np.asarray(self.values[pos] == h)
 
 
-def load_target_hashes(adbc_conn: Any, schema: str, table: str, where: str = "") -> HashSet:
-    """Read the target's stored row hashes (optionally restricted) in Arrow batches."""
-    text = (f"SELECT {quote_ident(HASH_COLUMN)} FROM {quote_ident(schema)}.{quote_ident(table)} t"  # noqa: S608
-            f" WHERE {quote_ident(HASH_COLUMN)} IS NOT NULL" + (f" AND {where}" if where else ""))
+def load_hashes(adbc_conn: Any, query: str) -> HashSet:
+    """Read row hashes (the first column of ``query``'s rows) in Arrow batches."""
     parts = []
     with adbc_conn.cursor() as cur:
-        cur.execute(text)
+        cur.execute(query)
         for batch in cur.fetch_record_batch():
             parts.append(batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
     adbc_conn.rollback()
@@ -278,8 +276,9 @@ def sampled(hashes: pa.Array, sample: int) -> int:
     return int(np.count_nonzero((h & (sample - 1)) == 0))
 
 
-def verify_rows(adbc_conn: Any, schema: str, table: str, columns: list[Column], sample: int) -> tuple[int, int]:
-    """Read back the sampled rows with their stored hash, recompute each row's hash from the values PostgreSQL
+def verify_rows(adbc_conn: Any, schema: str, table: str, columns: list[Column], sample: int,
+                relation: str | None = None) -> tuple[int, int]:
+    """Read back the sampled rows (of ``schema.table``, or of the query ``relation``) with their stored hash, recompute each row's hash from the values PostgreSQL
     holds, and return (rows read back, rows whose values hash to their stored hash).
 
     Every value of every sampled row is checked; the sample is chosen by the hash itself (deterministic, the
@@ -287,7 +286,8 @@ def verify_rows(adbc_conn: Any, schema: str, table: str, columns: list[Column], 
     """
     names = ", ".join(quote_ident(c.target_name) for c in columns)
     where = f" WHERE ({quote_ident(HASH_COLUMN)} & {sample - 1}) = 0" if sample > 1 else ""
-    text = (f"SELECT {names}, {quote_ident(HASH_COLUMN)} FROM {quote_ident(schema)}.{quote_ident(table)}{where}")  # noqa: S608
+    source = f"({relation}) v" if relation else f"{quote_ident(schema)}.{quote_ident(table)}"
+    text = (f"SELECT {names}, {quote_ident(HASH_COLUMN)} FROM {source}{where}")  # noqa: S608
     seen = good = 0
     with adbc_conn.cursor() as cur:
         cur.execute(text)

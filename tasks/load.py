@@ -3,6 +3,7 @@ statistics after a publish."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -23,6 +24,59 @@ SEQ_COLUMN = "_bqr_seq"
 # The tables one run owns in the staging schema: its staged rows, the source's keys (delete reconciliation)
 # and the hashes of rows found unchanged.
 RUN_TABLE_SUFFIXES = ("", "_keys", "_same")
+
+
+ROWHASH_SUFFIX = "_rowhash"
+
+
+def rowhash_table(target_schema: str, target_table: str) -> str:
+    """The side table (in the staging schema) holding one hash per row of a live table, keyed by its key: what
+    lets a reload skip the rows it already holds without a column in the users' table. Named after the target
+    (a shadow target has its own); no run's staging table ends like it."""
+    digest = hashlib.sha1(f"{target_schema}.{target_table}".encode()).hexdigest()[:8]
+    base = "".join(ch if ch.isalnum() else "_" for ch in target_table)[:40]
+    return f"{base}_{digest}{ROWHASH_SUFFIX}"
+
+
+def ensure_rowhash(conn: psycopg.Connection[Any], staging_schema: str, target_schema: str, target_table: str,
+                   columns: list[Column], key: list[str]) -> str:
+    """Create the target's row-hash side table if missing, and make it afresh when it was kept for another table
+    of that name (the target dropped and made again) or another key: a hash says "the live row with this key is
+    exactly this", so one that outlived its row must go. A live table still carrying the row-hash column of earlier versions gives
+    its hashes to the side table and loses the column (its owner only; else the column stays, unused).
+
+    Returns:
+        The side table's name (in ``staging_schema``).
+    """
+    name = rowhash_table(target_schema, target_table)
+    side = ident(staging_schema, name)
+    target = ident(target_schema, target_table)
+    oid_row = conn.execute("SELECT %s::regclass::oid::text", (target.as_string(conn),)).fetchone()
+    assert oid_row is not None
+    marker = f"bq-refresh row hashes of {target_schema}.{target_table} (oid {oid_row[0]}, key {', '.join(key)})"
+    ensure_schema(conn, staging_schema)
+    if table_exists(conn, staging_schema, name):
+        held = conn.execute("SELECT obj_description(%s::regclass, 'pg_class')", (side.as_string(conn),)).fetchone()
+        if held is not None and held[0] == marker:
+            return name
+        conn.execute(sql.SQL("DROP TABLE {}").format(side))  # kept for another table of that name, or key
+    types = {c.target_name: c.pg_type for c in columns}
+    conn.execute(sql.SQL("CREATE TABLE {} ({}, h bigint NOT NULL, PRIMARY KEY ({}))").format(
+        side, sql.SQL(", ").join(sql.SQL("{} {}").format(ident(k), sql.SQL(types[k])) for k in key), idents(key)))
+    conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(side, sql.Literal(marker)))
+    if HASH_COLUMN in target_columns(conn, target_schema, target_table):  # once, when the side table is made
+        conn.execute(sql.SQL("INSERT INTO {} ({}, h) SELECT {}, {} FROM {} WHERE {} IS NOT NULL"
+                             " ON CONFLICT ({}) DO UPDATE SET h = EXCLUDED.h").format(
+            side, idents(key), idents(key), ident(HASH_COLUMN), target, ident(HASH_COLUMN), idents(key)))
+        conn.execute("SAVEPOINT bqr_drop_hash")
+        try:
+            conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(target, ident(HASH_COLUMN)))
+            conn.execute("RELEASE SAVEPOINT bqr_drop_hash")
+        except psycopg.errors.InsufficientPrivilege:
+            conn.execute("ROLLBACK TO SAVEPOINT bqr_drop_hash")
+            log.warning("%s.%s keeps its old %s column (only its owner may drop it); bq-refresh no longer writes it",
+                        target_schema, target_table, HASH_COLUMN)
+    return name
 
 
 def run_tables(staging_table: str) -> list[str]:
@@ -71,18 +125,15 @@ def ensure_schema(conn: psycopg.Connection[Any], schema: str) -> None:
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
 
 
-def create_target(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column], key: list[str],
-                  *, row_hash: bool = False) -> None:
-    """Create the live table from the contract's types, with a primary key on the key columns (and the
-    row-hash column when the table keeps one)."""
+def create_target(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[Column], key: list[str]) -> None:
+    """Create the live table from the contract's types, with a primary key on the key columns: the users' schema
+    and nothing else (row hashes live in a side table, ``rowhash_table``)."""
     parts = [
         sql.SQL("{} {}{}").format(
             ident(c.target_name), sql.SQL(c.pg_type), sql.SQL(" NOT NULL" if c.target_name in key else "")
         )
         for c in columns
     ]
-    if row_hash:
-        parts.append(sql.SQL("{} bigint").format(ident(HASH_COLUMN)))
     cols = sql.SQL(", ").join(parts)
     ensure_schema(conn, schema)
     conn.execute(
@@ -209,27 +260,46 @@ class PublishSQL:
     columns: list[Column]
     key: list[str]
     cursor: str | None
-    extra: tuple[str, ...] = ()  # columns of the same type in staging and target (the row hash)
+    hashes: sql.Composable | None = None  # the target's row-hash side table, when the staged rows carry hashes
 
-    def typed_select(self, alias: str = "s") -> sql.Composed:
+    def typed_select(self, alias: str = "s", *, only: list[str] | None = None, with_hash: bool = False) -> sql.Composed:
         parts = []
         for c in self.columns:
+            if only is not None and c.target_name not in only:
+                continue
             col = sql.SQL("{}.{}").format(sql.Identifier(alias), ident(c.target_name))
             if c.pg_type != c.staging_type:
                 col = sql.SQL("{}::{}").format(col, sql.SQL(c.pg_type))
             parts.append(col)
-        parts += [sql.SQL("{}.{}").format(sql.Identifier(alias), ident(n)) for n in self.extra]
+        if with_hash:
+            parts.append(sql.SQL("{}.{}").format(sql.Identifier(alias), ident(HASH_COLUMN)))
         return sql.SQL(", ").join(parts)
 
-    def deduped(self) -> sql.Composed:
-        """Staged rows, one per key: the latest cursor wins, then the latest batch."""
+    def deduped(self, *, with_hash: bool = False, only: list[str] | None = None) -> sql.Composed:
+        """Staged rows, one per key: the latest cursor wins, then the latest batch (with their row hash, or
+        only some columns, on demand)."""
         order: list[sql.Composable] = [ident(k) for k in self.key]
         if self.cursor:
             order.append(sql.SQL("{} DESC NULLS LAST").format(ident(self.cursor)))
         order.append(sql.SQL("{} DESC").format(ident(SEQ_COLUMN)))
         return sql.SQL("SELECT DISTINCT ON ({}) {} FROM {} s ORDER BY {}").format(
-            idents(self.key), self.typed_select("s"), self.staging, sql.SQL(", ").join(order)
+            idents(self.key), self.typed_select("s", only=only, with_hash=with_hash), self.staging,
+            sql.SQL(", ").join(order)
         )
+
+    def upsert_hashes(self) -> sql.Composed:
+        """The published rows' hashes into the side table, in the publish's transaction (the same row per key as
+        the merge: same order)."""
+        assert self.hashes is not None
+        return sql.SQL("INSERT INTO {} AS r ({}, h) {} ON CONFLICT ({}) DO UPDATE SET h = EXCLUDED.h"
+                       " WHERE r.h IS DISTINCT FROM EXCLUDED.h").format(
+            self.hashes, idents(self.key), self.deduped(with_hash=True, only=self.key), idents(self.key))
+
+    def hashes_of(self, alias: str, keys_from: str = "d") -> sql.Composed:
+        """Delete the side table's rows whose key is in ``keys_from`` (a CTE of deleted keys)."""
+        assert self.hashes is not None
+        return sql.SQL("DELETE FROM {} {} USING {} WHERE {}").format(
+            self.hashes, sql.Identifier(alias), sql.Identifier(keys_from), self.key_match(alias, keys_from))
 
     def key_match(self, left: str, right: str) -> sql.Composed:
         return sql.SQL(" AND ").join(
@@ -243,7 +313,7 @@ class PublishSQL:
         Args:
             revive_column: a soft-delete column to clear when a deleted key comes back.
         """
-        names = [c.target_name for c in self.columns] + list(self.extra)
+        names = [c.target_name for c in self.columns]
         non_key = [n for n in names if n not in self.key]
         if non_key or revive_column:
             sets = [sql.SQL("{} = EXCLUDED.{}").format(ident(n), ident(n)) for n in non_key]

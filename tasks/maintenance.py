@@ -12,7 +12,7 @@ from psycopg.types.json import Jsonb
 from blocks.bigquery import BigQuerySource
 from bq_refresh.errors import TargetError
 from tasks.extract import short_retry
-from tasks.load import run_of
+from tasks.load import ROWHASH_SUFFIX, run_of
 from tasks.sqlnames import ident, idents
 
 # Live table -> its archive (migration 005). The quality and quarantine rows of an archived audit row go with it:
@@ -182,6 +182,8 @@ def drop_orphaned_staging(conn: psycopg.Connection[Any], schema: str, staging_sc
     tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (staging_schema,))]
     dropped = []
     for t in tables:
+        if t.endswith(ROWHASH_SUFFIX):  # a live table's row hashes, not a run's
+            continue
         if run_of(t) not in active:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(staging_schema, t)))
             dropped.append(t)

@@ -99,10 +99,11 @@ def staged_checks(
     res: Resources, *, table: str, target_schema: str, target_table: str, staging_schema: str, staging_table: str,
     columns: list[Column], key: list[str], critical: list[str], config: QualityConfig, source_ref: str,
     restriction: str, snapshot: str | None, stage_state: dict[str, Any], previous_rows: int | None,
-    conn: Any = None, adbc_conn: Any = None,
+    conn: Any = None, adbc_conn: Any = None, verify_from: str | None = None,
 ) -> list[CheckResult]:
     """Run every configured check on the staged rows (on ``conn``/``adbc_conn`` when given: the open
-    transaction of a direct load, whose "staging" is the target itself)."""
+    transaction of a direct load, whose "staging" is the target itself; ``verify_from`` is then the query of
+    its rows with their kept hashes)."""
     hard = set(config.hard)
     staging = ident(staging_schema, staging_table)
     results: list[CheckResult] = []
@@ -125,7 +126,7 @@ def staged_checks(
             sample = int(stage_state["verify_sample"])
             conn_ = adbc_conn or res.target.connect_adbc()
             try:
-                seen, good = verify_rows(conn_, staging_schema, staging_table, columns, sample)
+                seen, good = verify_rows(conn_, staging_schema, staging_table, columns, sample, relation=verify_from)
             finally:
                 if adbc_conn is None:
                     conn_.close()
@@ -188,23 +189,33 @@ def _orphans(conn: psycopg.Connection[Any], child: sql.Composable, columns: list
 
 def published_checks(
     conn: psycopg.Connection[Any], *, target: sql.Composable, staged: sql.Composable, key: list[str],
-    distinct_staged: int, config: QualityConfig, hash_column: str | None = None,
+    distinct_staged: int, config: QualityConfig, hashes: sql.Composable | None = None,
 ) -> list[CheckResult]:
-    """Inside the publish transaction: every staged key is in the live table (with the staged row hash when
-    the table keeps one, so the row published is the row read); no orphans there.
+    """Inside the publish transaction: every staged key is in the live table (and, when the table's row hashes
+    are kept, in the side table ``hashes`` with the staged row's hash, so the hash kept is the row read); no
+    orphans there.
 
     Args:
-        staged: a query of the staged rows, one per key (the row that was published).
+        staged: a query of the staged rows, one per key (the row that was published), with their row hash
+            (column ``_bqr_row_hash``) when ``hashes`` is given.
     """
+    from tasks.fastpath import HASH_COLUMN
+
     hard = set(config.hard)
-    match = sql.SQL(" AND ").join(sql.SQL("t.{} = s.{}").format(ident(k), ident(k)) for k in [*key, *([hash_column] if hash_column else [])])
+    match = sql.SQL(" AND ").join(sql.SQL("t.{} = s.{}").format(ident(k), ident(k)) for k in key)
+    kept: sql.Composable = sql.SQL("")
+    if hashes is not None:
+        kept = sql.SQL(" AND EXISTS (SELECT 1 FROM {} r WHERE {} AND r.h = s.{})").format(
+            hashes, sql.SQL(" AND ").join(sql.SQL("r.{} = s.{}").format(ident(k), ident(k)) for k in key),
+            ident(HASH_COLUMN))
     # Driven from the staged keys (a probe of the live table's key index each), not a scan of the live table.
-    row = conn.execute(sql.SQL("SELECT count(*) FROM ({}) s WHERE EXISTS (SELECT 1 FROM {} t WHERE {})").format(
-        staged, target, match)).fetchone()
+    row = conn.execute(sql.SQL("SELECT count(*) FROM ({}) s WHERE EXISTS (SELECT 1 FROM {} t WHERE {}){}").format(
+        staged, target, match, kept)).fetchone()
     published = int(row[0]) if row else 0
     results = [CheckResult("published_count", published, distinct_staged, ok=published == distinct_staged,
                            hard="published_count" in hard,
-                           detail="staged keys present in the live table" + (" with the staged row hash" if hash_column else ""))]
+                           detail="staged keys present in the live table"
+                                  + (" with the staged row hash kept" if hashes is not None else ""))]
     for fk in config.foreign_keys:
         results.append(_orphans(conn, target, fk.columns, fk.parent, fk.parent_columns or fk.columns,
                                 hard=fk.hard and "foreign_key" in hard, label="live"))

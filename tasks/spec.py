@@ -113,8 +113,9 @@ class TableSpec(BaseModel):
     critical_fields: list[str] = Field(default_factory=list, description="Columns covered by the checksum (default all).")
     checks: QualityConfig = Field(default_factory=QualityConfig)
     shadow: bool = Field(default=False, description="Publish into the shadow schema instead of the live one.")
-    row_hash: bool = Field(default=True, description="Keep a hash of each row in the target (column _bqr_row_hash) "
-                           "so that unchanged rows are never sent to PostgreSQL again.")
+    row_hash: bool = Field(default=True, description="Keep a hash of each row of the target (in a side table of "
+                           "the staging schema, never in the target) so that unchanged rows are never sent to "
+                           "PostgreSQL again.")
     readiness: Readiness | None = Field(default=None, description="Wait for the source to be loaded before reading.")
     direct_initial_load: bool = Field(default=True, description="Load an empty target straight from the source "
                                       "and build its indexes afterwards, in one transaction.")

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import logging
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -13,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-import psycopg
 import pyarrow as pa
 from psycopg import sql
 from psycopg.types.json import Jsonb
@@ -82,7 +82,8 @@ class RefreshPlan(BaseModel):
     checks: QualityConfig = QualityConfig()
     shadow: bool = False
     audit_id: int | None = None
-    row_hash: bool = False  # the target keeps _bqr_row_hash
+    row_hash: bool = False  # the target's row hashes are kept, in the side table ``rowhash_table``
+    rowhash_table: str | None = None  # in the staging schema (load.rowhash_table)
     verify_sample: int = 1  # with row hashes: 1 row in verify_sample is read back and verified value by value
     hash_skip: bool = False  # rows whose hash the target holds are not staged
     direct: bool = False  # initial load straight into the empty target
@@ -218,17 +219,17 @@ def plan_refresh(
         created = False
         row_hash = spec.row_hash
         if existing is None:
-            load.create_target(conn, target_schema, target_table, columns, key, row_hash=row_hash)
+            load.create_target(conn, target_schema, target_table, columns, key)
             created = True
         else:
             load.check_target_shape(conn, target_schema, target_table, key, table)
             if to_add:
                 load.add_columns(conn, target_schema, target_table, to_add)
-            if row_hash and HASH_COLUMN not in existing:
-                row_hash = _add_hash_column(conn, target_schema, target_table, table)
         if spec.delete_policy.mode == "soft":
             conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} timestamptz").format(
                 ident(target_schema, target_table), ident(spec.delete_policy.soft_delete_column)))
+        hashes = (load.ensure_rowhash(conn, settings.staging_schema, target_schema, target_table, columns, key)
+                  if row_hash else None)
         conn.commit()
 
         staging_schema = settings.staging_schema
@@ -251,7 +252,7 @@ def plan_refresh(
         hash_skip = row_hash and not empty and not full_refresh
         fingerprint = hashlib.sha1(repr((columns, key, full, spec.mode, entry.watermark, spec.lookback, target_schema,
                                          spec.checks, spec.critical_fields, row_hash, direct, hash_skip,
-                                         local is not None, spec.publish_group)).encode()).hexdigest()
+                                         local is not None, spec.publish_group, hashes)).encode()).hexdigest()
         if active is not None:
             why = ("the plan changed" if active[1].get("fingerprint") != fingerprint
                    else _staging_lost(conn, staging_schema, stage_table, active[1], int(active[2] or 0)))
@@ -332,7 +333,7 @@ def plan_refresh(
             reconcile_keys=spec.delete_policy.mode != "none" and spec.mode == "incremental" and not full,
             frequency_hours=entry.refresh_frequency_hours,
             critical_fields=[spec.target_name(c) for c in spec.critical_fields], checks=spec.checks, shadow=spec.shadow,
-            row_hash=row_hash, hash_skip=hash_skip, direct=direct, local=local is not None,
+            row_hash=row_hash, rowhash_table=hashes, hash_skip=hash_skip, direct=direct, local=local is not None,
             periods=periods, expected_periods=expected_periods, expected_rows=expected_rows,
             source_timezone=spec.source_timezone, publish_group=spec.publish_group,
             verify_sample=(res.settings.verify_sample if (session.estimated_rows or 0) >= res.settings.verify_sample_min_rows
@@ -387,20 +388,6 @@ def _session_dict(session: extract.ReadSessionInfo) -> dict[str, Any]:
         "arrow_schema": base64.b64encode(session.arrow_schema).decode(),
         "estimated_rows": session.estimated_rows,
     }
-
-
-def _add_hash_column(conn: Any, schema: str, table: str, label: str) -> bool:
-    """Give an existing target its row-hash column (owner only); False when that is not allowed."""
-    conn.execute("SAVEPOINT bqr_hash")
-    try:
-        conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} bigint").format(
-            ident(schema, table), ident(HASH_COLUMN)))
-        conn.execute("RELEASE SAVEPOINT bqr_hash")
-        return True
-    except psycopg.errors.InsufficientPrivilege:
-        conn.execute("ROLLBACK TO SAVEPOINT bqr_hash")
-        log.info("%s: not the owner of %s.%s; unchanged rows are compared in PostgreSQL instead", label, schema, table)
-        return False
 
 
 ARROW_TO_BQ = [(pa.types.is_boolean, "BOOL"), (pa.types.is_integer, "INT64"), (pa.types.is_floating, "FLOAT64"),
@@ -470,22 +457,29 @@ def _pg_type(plan: RefreshPlan, column: str) -> str:
 
 
 def _target_hashes(res: Resources, plan: RefreshPlan) -> fastpath.HashSet:
-    """The row hashes the target holds for the rows this read can meet again."""
+    """The row hashes the target holds for the rows this read can meet again: the side table's, for keys the live
+    table still holds (a row deleted by hand, or a table emptied, has no hash to skip it by)."""
+    assert plan.rowhash_table is not None
     where = []
+    target = ident(plan.target_schema, plan.target_table)
+    key_match = sql.SQL(" AND ").join(sql.SQL("r.{} = t.{}").format(ident(k), ident(k)) for k in plan.key)
     with res.target.connect() as conn:
         if plan.delete_mode == "soft":
-            where.append(sql.SQL("{} IS NULL").format(ident(plan.soft_delete_column)).as_string(conn))
+            where.append(sql.SQL("t.{} IS NULL").format(ident(plan.soft_delete_column)))
         if plan.periods is not None and plan.window_column:
             # Window mode reads whole periods: the target's rows of those periods are the ones met again.
             where.append(reconcile.period_scope("t", plan.window_column, _pg_type(plan, plan.window_column),
-                                                plan.periods).as_string(conn))
+                                                plan.periods))
         elif plan.watermark_from is not None and plan.cursor and not plan.full:
             # Unchanged rows are re-read only when their cursor is inside the read window; so is the target's copy.
-            where.append(sql.SQL("{} >= {}::{}").format(ident(plan.cursor), sql.Literal(plan.watermark_from),
-                                                        sql.SQL(_pg_type(plan, plan.cursor))).as_string(conn))
+            where.append(sql.SQL("t.{} >= {}::{}").format(ident(plan.cursor), sql.Literal(plan.watermark_from),
+                                                          sql.SQL(_pg_type(plan, plan.cursor))))
+        text = sql.SQL("SELECT r.h FROM {} r JOIN {} t ON {}{}").format(
+            ident(plan.staging_schema, plan.rowhash_table), target, key_match,
+            sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL("")).as_string(conn)
     adbc_conn = res.target.connect_adbc()
     try:
-        return fastpath.load_target_hashes(adbc_conn, plan.target_schema, plan.target_table, " AND ".join(where))
+        return fastpath.load_hashes(adbc_conn, text)
     finally:
         adbc_conn.close()
 
@@ -871,7 +865,8 @@ def _publish_in(conn: Any, res: Resources, plan: RefreshPlan, *, dry_run: bool, 
     A failure rolls the transaction back, discards this table's staging where it cannot be trusted, and raises."""
     target = ident(plan.target_schema, plan.target_table)
     staging = ident(plan.staging_schema, plan.staging_table)
-    p = load.PublishSQL(target, staging, plan.columns, plan.key, plan.cursor, (HASH_COLUMN,) if plan.row_hash else ())
+    hashes = ident(plan.staging_schema, plan.rowhash_table) if plan.row_hash and plan.rowhash_table else None
+    p = load.PublishSQL(target, staging, plan.columns, plan.key, plan.cursor, hashes)
     same = ident(plan.staging_schema, plan.same_table)
     soft = plan.soft_delete_column if plan.delete_mode == "soft" else None
     ckpt_table = ident(plan.registry_schema, "refresh_checkpoints")
@@ -909,6 +904,8 @@ def _publish_in(conn: Any, res: Resources, plan: RefreshPlan, *, dry_run: bool, 
     merged = conn.execute(p.merge(revive_column=soft)).fetchone()
     assert merged is not None
     inserted, updated = int(merged[0]), int(merged[1])
+    if p.hashes is not None:  # the published rows' hashes, in the same transaction
+        conn.execute(p.upsert_hashes())
 
     delete_scope: sql.Composable | None = None
     if plan.mode == "window":
@@ -932,14 +929,19 @@ def _publish_in(conn: Any, res: Resources, plan: RefreshPlan, *, dry_run: bool, 
         gone = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(
             delete_scope, source_keys, p.key_match("s", "t"))
         if plan.hash_skip and source_keys is staging:  # rows read but not staged: unchanged, still there
-            gone = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} u WHERE u.h = t.{})").format(
-                gone, same, ident(HASH_COLUMN))
+            assert p.hashes is not None
+            gone = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} r JOIN {} u ON u.h = r.h WHERE {})").format(
+                gone, p.hashes, same, p.key_match("r", "t"))
+        # A row deleted (or soft-deleted: its return is then staged, not skipped) loses its hash too.
+        forget = (sql.SQL(", x AS ({})").format(p.hashes_of("r")) if p.hashes is not None else sql.SQL(""))
+        keys = sql.SQL(", ").join(sql.SQL("t.{}").format(ident(k)) for k in plan.key)
         if soft:
-            row = conn.execute(sql.SQL("WITH d AS (UPDATE {} t SET {} = now() WHERE {} AND t.{} IS NULL RETURNING 1)"
-                                       " SELECT count(*) FROM d").format(target, ident(soft), gone, ident(soft))).fetchone()
+            row = conn.execute(sql.SQL("WITH d AS (UPDATE {} t SET {} = now() WHERE {} AND t.{} IS NULL RETURNING {}){}"
+                                       " SELECT count(*) FROM d").format(
+                target, ident(soft), gone, ident(soft), keys, forget)).fetchone()
         else:
-            row = conn.execute(sql.SQL("WITH d AS (DELETE FROM {} t WHERE {} RETURNING 1) SELECT count(*) FROM d").format(
-                target, gone)).fetchone()
+            row = conn.execute(sql.SQL("WITH d AS (DELETE FROM {} t WHERE {} RETURNING {}){} SELECT count(*) FROM d").format(
+                target, gone, keys, forget)).fetchone()
         deleted = int(row[0]) if row else 0
         total = 0
         if deleted:  # the guard's denominator, counted only when it is needed
@@ -954,9 +956,9 @@ def _publish_in(conn: Any, res: Resources, plan: RefreshPlan, *, dry_run: bool, 
 
     for _name, definition in rebuilt:
         conn.execute(definition.encode())  # pg_get_indexdef output: quoted by PostgreSQL itself
-    post = quality.published_checks(conn, target=target, staged=p.deduped(), key=plan.key,
+    post = quality.published_checks(conn, target=target, staged=p.deduped(with_hash=p.hashes is not None), key=plan.key,
                                     distinct_staged=distinct, config=plan.checks,
-                                    hash_column=HASH_COLUMN if plan.row_hash else None)
+                                    hashes=p.hashes)
     post += _reconciliation(conn, plan, target, soft)
     _record_and_gate(res, plan, audit_id, post, conn.rollback, "failed quality check after publish")
 
@@ -1051,6 +1053,16 @@ def discard_staging(res: Resources, plan: RefreshPlan, reason: str) -> None:
     log.info("%s: staging discarded (%s)", plan.table, reason)
 
 
+def _with_hashes(plan: RefreshPlan) -> str:
+    """The live rows joined with their kept hashes (column _bqr_row_hash), as a query."""
+    assert plan.rowhash_table is not None
+    cols = ", ".join(f"t.{quote_ident(c.target_name)}" for c in plan.columns)
+    on = " AND ".join(f"r.{quote_ident(k)} = t.{quote_ident(k)}" for k in plan.key)
+    return (f"SELECT {cols}, r.h AS {quote_ident(HASH_COLUMN)} FROM {quote_ident(plan.target_schema)}."  # noqa: S608
+            f"{quote_ident(plan.target_table)} t JOIN {quote_ident(plan.staging_schema)}."
+            f"{quote_ident(plan.rowhash_table)} r ON {on}")
+
+
 def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, audit_id: int | None) -> StageManifest:
     """The initial load of an EMPTY target: COPY straight into it with its indexes dropped, check, build the
     indexes, advance the watermark and close the checkpoint, all in ONE transaction. Readers see an empty
@@ -1071,8 +1083,13 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
     lock = threading.Lock()
     quarantined: list[dict[str, Any]] = []
     progress = Progress(plan.table, int(plan.session.get("estimated_rows") or 0))
-    out_schema = pa.schema([pa.field(c.target_name, c.arrow_type) for c in plan.columns]
-                           + ([pa.field(HASH_COLUMN, pa.int64())] if plan.row_hash else []))
+    out_schema = pa.schema([pa.field(c.target_name, c.arrow_type) for c in plan.columns])
+    hashed_schema = pa.schema([*out_schema, *([pa.field(HASH_COLUMN, pa.int64())] if plan.row_hash else [])])
+    # Row hashes go to the side table, after the live rows and in the same transaction: spilled to a local
+    # Arrow file meanwhile (the one COPY stream carries the live rows), so memory stays bounded.
+    side_names = [*plan.key, HASH_COLUMN]
+    spill_dir = tempfile.TemporaryDirectory(prefix="bqr-hashes-") if plan.row_hash else None
+    spill_path = f"{spill_dir.name}/hashes.arrow" if spill_dir is not None else ""
 
     # No checkpoint per batch here, so no reason for large batches: small ones keep each shaping thread's
     # copies (conform, shape, hash) small; the COPY is one stream whatever their size.
@@ -1101,7 +1118,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
                     counters["checksum"] = (counters["checksum"] + digest) % quality.MOD
                     quarantined.extend(shaped.quarantined)
                     progress.update(counters["read"])
-                put(rows.select(out_schema.names))
+                put(rows.select(hashed_schema.names))
 
             for batch, _ in read(stream, 0, arrow_schema):
                 while batch.num_rows:  # re-cut to exactly batch_size rows, as staging does
@@ -1128,7 +1145,17 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
                                         fastpath.table_indexes(session, plan.target_schema, plan.target_table))
         failures: list[BaseException] = []
         batches = fastpath.pipelined([producer(s) for s in plan.session["streams"]], depth=2, errors=failures)
-        reader = pa.RecordBatchReader.from_batches(out_schema, batches)
+        spill_schema = pa.schema([*(hashed_schema.field(k) for k in plan.key), pa.field("h", pa.int64())])
+        spill = pa.ipc.new_file(spill_path, spill_schema) if spill_dir is not None else None
+
+        def live_rows() -> Iterator[pa.RecordBatch]:
+            for batch in batches:
+                if spill is not None:
+                    spill.write_batch(pa.RecordBatch.from_arrays(batch.select(side_names).columns,
+                                                                 schema=spill_schema))
+                yield batch.select(out_schema.names)
+
+        reader = pa.RecordBatchReader.from_batches(out_schema, live_rows())
         try:
             with adbc_conn.cursor() as cur:  # one COPY for the whole load
                 cur.adbc_ingest(plan.target_table, reader, mode="append", db_schema_name=plan.target_schema)
@@ -1136,6 +1163,21 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
             if failures:  # a producer's own error (bad data, source down) or a cancellation, not the COPY's
                 raise failures[0] from None  # rewording of it (which would look like a transient IO error)
             raise
+        if spill is not None:
+            spill.close()
+            assert plan.rowhash_table is not None
+            # The target was empty: any hash kept for it is stale (its rows were deleted by hand).
+            session.execute(sql.SQL("TRUNCATE {}").format(ident(plan.staging_schema, plan.rowhash_table)))
+            try:
+                with pa.memory_map(spill_path) as source, adbc_conn.cursor() as cur:
+                    spilled = pa.ipc.open_file(source)
+                    cur.adbc_ingest(plan.rowhash_table, pa.RecordBatchReader.from_batches(
+                        spilled.schema, (spilled.get_batch(i) for i in range(spilled.num_record_batches))),
+                        mode="append", db_schema_name=plan.staging_schema)
+            except Exception as exc:
+                if "23505" in str(exc) or "duplicate key" in str(exc):  # as the live table's key would say below
+                    raise fastpath.DirectLoadAbandoned("the source repeats a key", table=plan.table) from None
+                raise
         for row in quarantined:
             session.execute(sql.SQL("INSERT INTO {} (audit_log_id, table_schema, table_name, reason, row_data)"
                                     " VALUES (%s, %s, %s, 'NULL in a key column', %s)").format(
@@ -1150,6 +1192,8 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
             stage_state={"checksum": str(counters["checksum"]), "quarantined": counters["quarantined"],
                          "verify_sample": plan.verify_sample if plan.row_hash else None},
             previous_rows=None, conn=session, adbc_conn=adbc_conn,
+            # the live rows with the hashes kept beside them, re-hashed from what PostgreSQL stored
+            verify_from=_with_hashes(plan) if plan.row_hash else None,
         )
         present = session.execute(sql.SQL("SELECT count(*) FROM {}").format(target)).fetchone()
         present_rows = int(present[0]) if present else -1
@@ -1191,4 +1235,6 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
     finally:
         adbc_conn.close()
         quoting.close()
+        if spill_dir is not None:
+            spill_dir.cleanup()
     return manifest

@@ -18,9 +18,8 @@ from datetime import datetime, time
 from decimal import Decimal
 from typing import Any
 
-# The bookkeeping column the product keeps in every target table today (its row hash). A separate issue moves it
-# out of the target; until then every comparison would have to name it, so it is the default of ``ignore``.
-ROW_HASH_COLUMN = "_bqr_row_hash"
+# The live table is the users' schema: the product keeps no column of its own there (its row hashes live in a side
+# table), so by default nothing is ignored and a bookkeeping column in a target is a difference.
 SHOWN_DIFFERENCES = 10
 SHOWN_CHARS = 160
 
@@ -146,7 +145,7 @@ def _index(rows: list[dict[str, Any]], key: list[str], side: str,
 
 def assert_same_rows(expected: list[dict[str, Any]], actual: list[dict[str, Any]], key: list[str], *,
                      rename: Mapping[str, str] | None = None,
-                     ignore: Collection[str] = frozenset({ROW_HASH_COLUMN})) -> None:
+                     ignore: Collection[str] = frozenset()) -> None:
     """Assert that the target rows are exactly the source rows: same keys, same columns, same typed values.
 
     Args:
@@ -154,10 +153,9 @@ def assert_same_rows(expected: list[dict[str, Any]], actual: list[dict[str, Any]
         actual: target rows as psycopg gives them.
         key: the key columns, by their source names; each side's keys must be unique.
         rename: source column name -> target column name, for columns the product renames.
-        ignore: target columns that stand for nothing in the source (bookkeeping). Defaults to the row hash
-            column, the one the product adds to every target today (a separate issue moves it out of the
-            target); pass e.g. ``{"_bqr_row_hash", "deleted_at"}`` where a test configures soft deletes, or an
-            empty set to ignore nothing. A column of the source with an ignored name is still required.
+        ignore: target columns that stand for nothing in the source: none by default (the live table holds the
+            users' columns only); pass e.g. ``{"deleted_at"}`` where a test configures soft deletes. A column of
+            the source with an ignored name is still required.
 
     Raises:
         AssertionError: naming the count of differences and the first few: missing or extra keys, duplicate

@@ -15,6 +15,7 @@ from blocks import BigQuerySource
 from bq_refresh.errors import QualityCheckFailed
 from bq_refresh.settings import Settings
 from flows.refresh_table import refresh_table
+from tasks.load import rowhash_table
 from tasks.migrations import apply_migrations
 from tasks.registry import register_table
 from tests.bqdata import assert_same_rows, create_sqp_target, pg_rows, put_table, source_rows
@@ -63,7 +64,11 @@ def test_an_empty_target_is_loaded_directly_and_keeps_views_grants_policies_and_
     assert indexes == {"sqp_pkey", "sqp_by_asin"}
     assert pg.execute(policies_sql, (s,)).fetchall() == policies
     assert pg.execute("SELECT has_table_privilege('public', %s, 'SELECT')", (f'"{s}".sqp',)).fetchone() == (True,)
-    assert pg.execute(f'SELECT count(*) FROM "{s}".sqp WHERE _bqr_row_hash IS NULL').fetchone() == (0,)
+    # Every row's hash kept beside the live table (in the staging schema), none in it.
+    side = f'"{s}_staging"."{rowhash_table(s, "sqp")}"'
+    assert pg.execute(f'SELECT count(*), count(DISTINCT h) FROM {side}').fetchone() == (3000, 3000)
+    assert pg.execute(f'SELECT count(*) FROM {side} r JOIN "{s}".sqp t USING (start_date, asin, search_query)'
+                      ).fetchone() == (3000,)
     checks = {r[0]: r[1] for r in pg.execute(f'SELECT metric_name, is_within_threshold FROM "{s}".refresh_data_quality')}
     assert checks["row_count"] and checks["checksum"]
     assert pg.execute(f'SELECT status FROM "{s}".refresh_checkpoints').fetchall() == [("completed",)]
@@ -149,7 +154,7 @@ def test_a_timeout_during_a_direct_load_fails_the_table_and_leaves_it_empty(
     """The flow's timeout interrupts the COPY's batch supplier: the cancellation is not mistaken for a
     transient COPY error (and retried into a success after the deadline)."""
     import tests.killable_refresh  # noqa: F401  (registers the slow transform)
-    from flows.daily_refresh import daily_refresh
+    from flows.daily_refresh import daily_refresh, night_summary
 
     s = env.schema_name
     put_table(source, "sqp", SQP_SCHEMA, sqp_rows(8000))
@@ -157,7 +162,7 @@ def test_a_timeout_during_a_direct_load_fails_the_table_and_leaves_it_empty(
                                 "transform": "slow_for_tests"})
     monkeypatch.setenv("REFRESH_TABLE_TIMEOUT_SECONDS", "2")  # 40 batches x 0.15 s take ~6 s
     state = daily_refresh(tables=["t"], return_state=True)
-    summary = state.result(raise_on_failure=False)
+    summary = night_summary(state)
     assert summary["failed"] == [f"{s}.t"], summary
     assert pg.execute(f'SELECT count(*) FROM "{s}".t').fetchone() == (0,)
     monkeypatch.setenv("REFRESH_TABLE_TIMEOUT_SECONDS", "120")

@@ -60,6 +60,21 @@ def role_uri(pg: psycopg.Connection[Any], pg_uri: str) -> Iterator[str]:
         pg.execute(f"DROP ROLE {role}")
 
 
+def release_when_waited_on(reader: psycopg.Connection[Any], uri: str, waits: list[bool], hold_s: float = 2.5) -> None:
+    """Release ``reader``'s lock ``hold_s`` after the publish's merge is seen waiting on it (or after 120 s):
+    the wait does not depend on how long the run takes to get there."""
+    deadline = time.monotonic() + 120
+    seen = False
+    with psycopg.connect(uri, autocommit=True) as watch:
+        while time.monotonic() < deadline and not seen:
+            seen = bool(watch.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                      " AND query ILIKE 'WITH up AS (INSERT%'").fetchone())
+            time.sleep(0.02)
+    waits.append(seen)
+    time.sleep(hold_s)
+    reader.rollback()
+
+
 def setting(conn: Any, name: str) -> str:
     if isinstance(conn, psycopg.Connection):
         row = conn.execute(f"SHOW {name}").fetchone()
@@ -108,17 +123,17 @@ def test_a_role_statement_timeout_does_not_end_the_refresh_and_every_session_set
     # The reload's publish waits 2.5 s for a lock a dashboard holds: longer than the role's 1 s statement timeout
     # (waiting counts), well within the refresh's own lock and statement timeouts.
     put_table(source, "sqp", SQP_SCHEMA, sqp_rows(400, updated=T0.replace(day=6)))
+    waits: list[bool] = []
     with psycopg.connect(role_uri) as reader:
         reader.execute(f'LOCK TABLE "{s}".sqp IN SHARE MODE')
-        release = threading.Timer(2.5, reader.rollback)
+        release = threading.Thread(target=release_when_waited_on, args=(reader, role_uri, waits), daemon=True)
         release.start()
-        started = time.monotonic()
         try:
             run = refresh_table("sqp")
         finally:
             release.join()
     assert run["status"] == "success" and run["rows_updated"] == 400, run
-    assert time.monotonic() - started >= 2.5
+    assert waits == [True]  # the publish did wait on the lock (2.5 s past the role's 1 s timeout)
     with psycopg.connect(role_uri) as conn:
         assert_same_rows(source_rows(source, "sqp"), pg_rows(conn, f'"{s}".sqp', "1, 2, 3"), SQP_KEY)
 
@@ -142,9 +157,10 @@ def test_with_the_statement_timeout_set_short_the_same_wait_fails_cleanly_and_th
         before = pg_rows(conn, f'"{s}".sqp', "1, 2, 3")
     put_table(source, "sqp", SQP_SCHEMA, sqp_rows(400, updated=T0.replace(day=6)))
     monkeypatch.setenv("REFRESH_STATEMENT_TIMEOUT_SECONDS", "1")
+    waits: list[bool] = []
     with psycopg.connect(role_uri) as reader:
         reader.execute(f'LOCK TABLE "{s}".sqp IN SHARE MODE')
-        release = threading.Timer(2.5, reader.rollback)
+        release = threading.Thread(target=release_when_waited_on, args=(reader, role_uri, waits), daemon=True)
         release.start()
         try:
             with pytest.raises(Exception, match="statement timeout"):
