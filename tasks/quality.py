@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -239,3 +240,55 @@ def raise_on_hard_failures(table: str, results: list[CheckResult]) -> None:
         what = "; ".join(f"{r.name}: {r.detail or f'{r.value} vs expected {r.expected}'}" for r in failed)
         raise QualityCheckFailed(f"quality check failed, nothing published: {what}", table=table,
                                  checks=[asdict(r) for r in failed])
+
+
+_DECLARED = re.compile(r"^(?:(integer|smallint)|character varying\((\d+)\)|character\((\d+)\)|numeric\((\d+),(\d+)\))$")
+_INT_RANGE = {"integer": 2**31 - 1, "smallint": 2**15 - 1}
+
+
+def declared_fit(conn: psycopg.Connection[Any], *, staging: sql.Composable, columns: list[Column], key: list[str],
+                 declared: dict[str, str]) -> list[CheckResult]:
+    """A table the users made themselves may declare narrower columns than bq-refresh's contract (``integer`` for
+    INT64, ``character varying(n)`` for STRING, ``numeric(p,s)`` for NUMERIC). PostgreSQL's assignment would raise
+    for some values and silently round others: every staged value is checked against the declared type first, and
+    a value the column cannot hold fails the table (hard, before anything is published), naming the column, its
+    declared type, a key and the value. FLOAT64 into ``numeric(p,s)`` is rounded to the scale, as documented: only
+    the precision is checked, and the rows rounded are counted (a soft, passing check that says how many).
+
+    Args:
+        declared: target column -> its format_type() (load.target_columns).
+    """
+    results: list[CheckResult] = []
+    for c in columns:
+        have = declared.get(c.target_name)
+        m = _DECLARED.match(have or "")
+        if have is None or m is None or have == c.pg_type:
+            continue
+        col = sql.SQL("s.{}").format(ident(c.target_name))
+        rounded = None
+        if m.group(1):
+            bad = sql.SQL("abs({}::numeric) > {}").format(col, sql.Literal(_INT_RANGE[m.group(1)]))
+        elif m.group(2) or m.group(3):
+            bad = sql.SQL("char_length({}::text) > {}").format(col, sql.Literal(int(m.group(2) or m.group(3))))
+        else:
+            precision, scale = int(m.group(4)), int(m.group(5))
+            too_big = sql.SQL("abs(round({}::numeric, {})) >= 10::numeric ^ {}").format(
+                col, sql.Literal(scale), sql.Literal(precision - scale))
+            if c.bq_type in {"FLOAT64", "FLOAT"}:
+                bad = too_big
+                rounded = sql.SQL("{}::numeric <> round({}::numeric, {})").format(col, col, sql.Literal(scale))
+            else:
+                bad = sql.SQL("({} OR {}::numeric <> round({}::numeric, {}))").format(too_big, col, col, sql.Literal(scale))
+        row = conn.execute(sql.SQL("SELECT count(*), (array_agg(row_to_json(k)::text))[1], (array_agg({}::text))[1]"
+                                   " FROM {} s, LATERAL (SELECT {}) k WHERE {} IS NOT NULL AND {}").format(
+            col, staging, sql.SQL(", ").join(sql.SQL("s.{}").format(ident(k)) for k in key), col, bad)).fetchone()
+        n = int(row[0]) if row else 0
+        detail = (f"{c.target_name} is declared {have}: {n} value(s) it cannot hold, e.g. {row[2]} at key {row[1]}"
+                  if n and row else f"every value fits {c.target_name} {have}")
+        results.append(CheckResult(f"fits:{c.target_name}", float(n), 0.0, ok=n == 0, hard=True, detail=detail))
+        if rounded is not None:
+            r = conn.execute(sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(staging, rounded)).fetchone()
+            count = int(r[0]) if r else 0
+            results.append(CheckResult(f"rounded:{c.target_name}", float(count), None, ok=True, hard=False,
+                                       detail=f"{count} FLOAT64 value(s) rounded to {have}"))
+    return results

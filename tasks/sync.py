@@ -36,7 +36,7 @@ from tasks.registry import RegistryEntry
 from tasks.spec import QualityConfig, TableSpec
 from tasks.sqlnames import ident, idents, quote_ident
 from tasks.transform import get_transform, shape
-from tasks.typemap import CURSOR_TYPES, Column, conform
+from tasks.typemap import CURSOR_TYPES, Column, conform, declared_form
 
 log = logging.getLogger(__name__)
 FUNCTION_NAME = "refresh_table"
@@ -247,8 +247,13 @@ def plan_refresh(
         empty = not (has_rows and has_rows[0])
         owner = bool(has_rows and has_rows[1])  # only the owner may drop and build the indexes
         # A group member stages (the group publishes together): no direct load, which publishes as it loads.
+        # ... and not into a table the users declared otherwise (binary COPY needs the contract's types; staging
+        # checks every value against the declared ones).
+        declared = existing or {}
         direct = (spec.direct_initial_load and spec.publish_group is None and empty and owner and not dry_run
-                  and all(c.staging_type == c.pg_type for c in columns))
+                  and all(c.staging_type == c.pg_type for c in columns)
+                  and all(declared.get(c.target_name, declared_form(c.pg_type)) == declared_form(c.pg_type)
+                          for c in columns))
         hash_skip = row_hash and not empty and not full_refresh
         fingerprint = hashlib.sha1(repr((columns, key, full, spec.mode, entry.watermark, spec.lookback, target_schema,
                                          spec.checks, spec.critical_fields, row_hash, direct, hash_skip,
@@ -769,6 +774,10 @@ def check_staged(res: Resources, plan: RefreshPlan, *, audit_id: int | None) -> 
         stage_state={**state, "verify_sample": plan.verify_sample if plan.row_hash else None},
         previous_rows=int(prev[0]) if prev and prev[0] is not None else None,
     )
+    with res.target.connect(autocommit=True) as conn:  # a table declared narrower than the contract: every value fits
+        declared = load.target_columns(conn, plan.target_schema, plan.target_table)
+        results += quality.declared_fit(conn, staging=ident(plan.staging_schema, plan.staging_table),
+                                        columns=plan.columns, key=plan.key, declared=declared)
     _record_and_gate(res, plan, audit_id, results, lambda: None, "failed quality check")
     return results
 

@@ -33,6 +33,18 @@ SCALAR_ARROW: dict[str, pa.DataType] = {
 CURSOR_TYPES = {"TIMESTAMP", "DATETIME", "DATE", "INT64", "INTEGER"}
 
 
+# How PostgreSQL's format_type() spells the contract's types (to tell a table made by bq-refresh from one whose
+# columns were declared otherwise).
+_FORMATTED = {"timestamp": "timestamp without time zone", "timestamptz": "timestamp with time zone",
+              "time": "time without time zone"}
+
+
+def declared_form(pg_type: str) -> str:
+    """The contract's type as format_type() writes it (``timestamptz[]`` -> ``timestamp with time zone[]``)."""
+    base, array = (pg_type[:-2], "[]") if pg_type.endswith("[]") else (pg_type, "")
+    return _FORMATTED.get(base, base) + array
+
+
 @dataclass(frozen=True)
 class Column:
     """One synced column: its source field and where and how it lands."""
