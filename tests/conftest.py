@@ -332,3 +332,16 @@ def own_emulator(env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     emu = OwnEmulator(tmp_path / "emu", env.bigquery_dataset, monkeypatch)
     yield emu
     emu.stop()
+
+
+@pytest.fixture(scope="session")
+def supabase_like(pg_uri: str) -> Any:
+    """The Supabase-like server (tests/supabase_like.py) this pass runs through, to start more PgBouncers in front of
+    it; the test is skipped on any other server."""
+    from tests import supabase_like as server_module
+
+    server = server_module.behind(pg_uri)
+    if server is None:
+        pytest.skip("PgBouncer runs in front of the Supabase-like PostgreSQL 15 (the README's test command's"
+                    " second pass); this pass's server is not it")
+    return server

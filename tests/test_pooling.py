@@ -32,17 +32,6 @@ def test_a_direct_connection_keeps_its_session(pg_uri: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def supabase_like(pg_uri: str) -> Any:
-    from tests import supabase_like
-
-    server = supabase_like.behind(pg_uri)
-    if server is None:
-        pytest.skip("PgBouncer runs in front of the Supabase-like PostgreSQL 15 (the README's test command's"
-                    " second pass); this pass's server is not it")
-    return server
-
-
-@pytest.fixture(scope="module")
 def transaction_pooler(supabase_like: Any) -> Iterator[Any]:
     """A second PgBouncer in front of the same server, in transaction mode, with one server connection."""
     bouncer = supabase_like.pgbouncer("transaction-1", pool_mode="transaction", default_pool_size=1)
