@@ -73,11 +73,12 @@ class PostgresTarget(Block):
 
 
 def _set_timeouts_sql(timeouts: dict[str, int]) -> str:
-    """One statement (one round trip, no parameters: ADBC and psycopg alike) setting each timeout for the session;
+    """One statement (one round trip, no parameters: ADBC and psycopg alike) setting each timeout for the session,
+    and its TimeZone to UTC (whatever a role or the server sets: an implicit timestamptz cast never depends on it);
     a setting the client gave at connection time (the URI's options, pg_settings.source 'client') is left as it is."""
     for name in timeouts:
         if not name.replace("_", "").isalpha():
             raise ValueError(f"not a PostgreSQL setting name: {name!r}")
-    values = ", ".join(f"('{name}', '{int(ms)}ms')" for name, ms in timeouts.items())
+    values = ", ".join([*(f"('{name}', '{int(ms)}ms')" for name, ms in timeouts.items()), "('TimeZone', 'UTC')"])
     return (f"SELECT set_config(s.name, v.value, false) FROM (VALUES {values}) AS v(name, value)"  # noqa: S608
             " JOIN pg_settings s ON s.name = v.name WHERE s.source <> 'client'")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -261,8 +261,12 @@ class PublishSQL:
     key: list[str]
     cursor: str | None
     hashes: sql.Composable | None = None  # the target's row-hash side table, when the staged rows carry hashes
+    wall_time: dict[str, str] = field(default_factory=dict)  # TIMESTAMP column -> zone (RefreshPlan.wall_time)
 
-    def typed_select(self, alias: str = "s", *, only: list[str] | None = None, with_hash: bool = False) -> sql.Composed:
+    def typed_select(self, alias: str = "s", *, only: list[str] | None = None, with_hash: bool = False,
+                     as_declared: bool = False) -> sql.Composed:
+        """The staged columns in the contract's types, or (``as_declared``, for the rows written into the target)
+        with TIMESTAMPs the target declares without time zone as wall times of their zone."""
         parts = []
         for c in self.columns:
             if only is not None and c.target_name not in only:
@@ -270,12 +274,14 @@ class PublishSQL:
             col = sql.SQL("{}.{}").format(sql.Identifier(alias), ident(c.target_name))
             if c.pg_type != c.staging_type:
                 col = sql.SQL("{}::{}").format(col, sql.SQL(c.pg_type))
+            if as_declared and c.target_name in self.wall_time:
+                col = sql.SQL("({} AT TIME ZONE {})").format(col, sql.Literal(self.wall_time[c.target_name]))
             parts.append(col)
         if with_hash:
             parts.append(sql.SQL("{}.{}").format(sql.Identifier(alias), ident(HASH_COLUMN)))
         return sql.SQL(", ").join(parts)
 
-    def deduped(self, *, with_hash: bool = False, only: list[str] | None = None) -> sql.Composed:
+    def deduped(self, *, with_hash: bool = False, only: list[str] | None = None, as_declared: bool = False) -> sql.Composed:
         """Staged rows, one per key: the latest cursor wins, then the latest batch (with their row hash, or
         only some columns, on demand)."""
         order: list[sql.Composable] = [ident(k) for k in self.key]
@@ -283,7 +289,7 @@ class PublishSQL:
             order.append(sql.SQL("{} DESC NULLS LAST").format(ident(self.cursor)))
         order.append(sql.SQL("{} DESC").format(ident(SEQ_COLUMN)))
         return sql.SQL("SELECT DISTINCT ON ({}) {} FROM {} s ORDER BY {}").format(
-            idents(self.key), self.typed_select("s", only=only, with_hash=with_hash), self.staging,
+            idents(self.key), self.typed_select("s", only=only, with_hash=with_hash, as_declared=as_declared), self.staging,
             sql.SQL(", ").join(order)
         )
 
@@ -334,7 +340,7 @@ class PublishSQL:
         return sql.SQL(
             "WITH up AS (INSERT INTO {} AS t ({}) {} ON CONFLICT ({}) {} RETURNING (xmax = 0) AS inserted)"
             " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up"
-        ).format(self.target, idents(names), self.deduped(), idents(self.key), action)
+        ).format(self.target, idents(names), self.deduped(as_declared=True), idents(self.key), action)
 
 
 def check_target_shape(

@@ -99,6 +99,9 @@ class TableSpec(BaseModel):
     mode: Literal["incremental", "window", "full"] = "incremental"
     source_timezone: str = Field(default="UTC", description="Time zone of DATE and DATETIME cursor values "
                                  "(the watermark never moves past the read snapshot in that zone).")
+    target_timezone: str = Field(default="UTC", description="Where the target declares a TIMESTAMP column "
+                                 "`timestamp without time zone` (an adopted table): the wall time written there, "
+                                 "in this zone (the default UTC: the UTC wall time).")
     window_column: str | None = Field(default=None, description="Period column restated as a whole (window mode).")
     max_vanished_periods: int = Field(default=1, ge=0, description="Window mode: more periods than this vanishing "
                                       "from the source in one run are deleted only with --allow-deletes.")
@@ -131,7 +134,7 @@ class TableSpec(BaseModel):
             raise ValueError("use an integer with an optional unit s, m, h, d or w (e.g. 7d)")
         return str(value).strip()
 
-    @field_validator("source_timezone")
+    @field_validator("source_timezone", "target_timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError

@@ -95,6 +95,9 @@ class RefreshPlan(BaseModel):
     expected_rows: int | None = None  # full mode / delete reconciliation: the rows the whole target must hold
     source_timezone: str = "UTC"  # DATE and DATETIME cursors are compared with the snapshot in this zone
     publish_group: str | None = None  # published together with the group's other members (publish_group)
+    # TIMESTAMP columns the target declares ``timestamp without time zone``: target column -> the zone whose wall
+    # time is written there (the table's target_timezone), converted explicitly, never by the session's TimeZone.
+    wall_time: dict[str, str] = {}
 
     @property
     def same_table(self) -> str:
@@ -255,9 +258,18 @@ def plan_refresh(
                   and all(declared.get(c.target_name, declared_form(c.pg_type)) == declared_form(c.pg_type)
                           for c in columns))
         hash_skip = row_hash and not empty and not full_refresh
+        wall_time = {c.target_name: spec.target_timezone for c in columns
+                     if c.bq_type == "TIMESTAMP" and c.mode != "REPEATED"
+                     and declared.get(c.target_name) == "timestamp without time zone"}
+        keyed = sorted(set(wall_time) & set(key))
+        if keyed and spec.target_timezone != "UTC":
+            raise SourceError(f"key column(s) {', '.join(keyed)} of {target_schema}.{target_table} are declared"
+                              f" timestamp without time zone: target_timezone {spec.target_timezone!r} cannot apply"
+                              " to a key (keys are matched in UTC); leave target_timezone at UTC or declare the"
+                              " column timestamptz", table=table)
         fingerprint = hashlib.sha1(repr((columns, key, full, spec.mode, entry.watermark, spec.lookback, target_schema,
                                          spec.checks, spec.critical_fields, row_hash, direct, hash_skip,
-                                         local is not None, spec.publish_group, hashes)).encode()).hexdigest()
+                                         local is not None, spec.publish_group, hashes, sorted(wall_time.items()))).encode()).hexdigest()
         if active is not None:
             why = ("the plan changed" if active[1].get("fingerprint") != fingerprint
                    else _staging_lost(conn, staging_schema, stage_table, active[1], int(active[2] or 0)))
@@ -340,7 +352,7 @@ def plan_refresh(
             critical_fields=[spec.target_name(c) for c in spec.critical_fields], checks=spec.checks, shadow=spec.shadow,
             row_hash=row_hash, rowhash_table=hashes, hash_skip=hash_skip, direct=direct, local=local is not None,
             periods=periods, expected_periods=expected_periods, expected_rows=expected_rows,
-            source_timezone=spec.source_timezone, publish_group=spec.publish_group,
+            source_timezone=spec.source_timezone, publish_group=spec.publish_group, wall_time=wall_time,
             verify_sample=(res.settings.verify_sample if (session.estimated_rows or 0) >= res.settings.verify_sample_min_rows
                            else 1) if row_hash else 1,
         )
@@ -875,7 +887,7 @@ def _publish_in(conn: Any, res: Resources, plan: RefreshPlan, *, dry_run: bool, 
     target = ident(plan.target_schema, plan.target_table)
     staging = ident(plan.staging_schema, plan.staging_table)
     hashes = ident(plan.staging_schema, plan.rowhash_table) if plan.row_hash and plan.rowhash_table else None
-    p = load.PublishSQL(target, staging, plan.columns, plan.key, plan.cursor, hashes)
+    p = load.PublishSQL(target, staging, plan.columns, plan.key, plan.cursor, hashes, plan.wall_time)
     same = ident(plan.staging_schema, plan.same_table)
     soft = plan.soft_delete_column if plan.delete_mode == "soft" else None
     ckpt_table = ident(plan.registry_schema, "refresh_checkpoints")

@@ -12,11 +12,13 @@ hold (``Decimal('5') == 5``, ``True == 1``, ``-0.0 == 0.0``).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, time
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 # The live table is the users' schema: the product keeps no column of its own there (its row hashes live in a side
 # table), so by default nothing is ignored and a bookkeeping column in a target is a difference.
@@ -117,6 +119,24 @@ CONVERSIONS: dict[str, Conversion] = {
 }
 
 
+def as_declared(value: Any, declared: str, target_timezone: str = "UTC") -> Any:
+    """The value a column the users declared narrower than the contract must hold for a source value, by
+    PostgreSQL's documented rules, written here from them (not from the product):
+
+    - ``timestamp without time zone`` holds a TIMESTAMP as the wall time in ``target_timezone``;
+    - ``numeric(p,s)`` holds a FLOAT64 as PostgreSQL casts a double (its 15 significant digits, DBL_DIG) rounded
+      half away from zero to ``s`` places;
+    - any other declared type holds the value itself (integer, character varying(n) and numeric(p,s) from
+      NUMERIC hold it exactly or the run must fail).
+    """
+    if declared == "timestamp without time zone" and kind(value) == "datetime[aware]":
+        return value.astimezone(ZoneInfo(target_timezone)).replace(tzinfo=None)
+    m = re.fullmatch(r"numeric\((\d+),(\d+)\)", declared)
+    if m and kind(value) == "float" and math.isfinite(value):
+        return Decimal(f"{value:.15g}").quantize(Decimal(1).scaleb(-int(m.group(2))), rounding=ROUND_HALF_UP)
+    return value
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} chars)"
@@ -145,7 +165,8 @@ def _index(rows: list[dict[str, Any]], key: list[str], side: str,
 
 def assert_same_rows(expected: list[dict[str, Any]], actual: list[dict[str, Any]], key: list[str], *,
                      rename: Mapping[str, str] | None = None,
-                     ignore: Collection[str] = frozenset()) -> None:
+                     ignore: Collection[str] = frozenset(),
+                     declared: Mapping[str, str] | None = None, target_timezone: str = "UTC") -> None:
     """Assert that the target rows are exactly the source rows: same keys, same columns, same typed values.
 
     Args:
@@ -156,6 +177,9 @@ def assert_same_rows(expected: list[dict[str, Any]], actual: list[dict[str, Any]
         ignore: target columns that stand for nothing in the source: none by default (the live table holds the
             users' columns only); pass e.g. ``{"deleted_at"}`` where a test configures soft deletes. A column of
             the source with an ignored name is still required.
+        declared: target column -> the type the users declared it (an adopted table), when narrower than the
+            contract: the source value is first taken to what that type holds (``as_declared``).
+        target_timezone: the zone of the wall times in ``timestamp without time zone`` columns.
 
     Raises:
         AssertionError: naming the count of differences and the first few: missing or extra keys, duplicate
@@ -185,6 +209,8 @@ def assert_same_rows(expected: list[dict[str, Any]], actual: list[dict[str, Any]
             only_target.setdefault(column, (k, theirs[column]))
         for column in (c for c in mine if c in theirs):
             e, a = mine[column], theirs[column]
+            if declared and column in declared:
+                e = as_declared(e, declared[column], target_timezone)
             reason = mismatch(e, a)
             if reason:
                 problems.append(f"key {k!r} column {column!r}: expected {_show(e)} ({kind(e)}),"

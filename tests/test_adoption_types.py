@@ -8,6 +8,7 @@ published (PostgreSQL would raise for some and silently round others)."""
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -16,11 +17,11 @@ import pyarrow as pa
 import pytest
 
 from blocks import BigQuerySource
-from bq_refresh.errors import QualityCheckFailed
+from bq_refresh.errors import QualityCheckFailed, SourceError
 from bq_refresh.settings import Settings
 from flows.refresh_table import refresh_table
 from tasks.registry import register_table
-from tests.bqdata import assert_same_rows, pg_rows, put_table, source_rows
+from tests.bqdata import assert_same_rows, bq_schema, pg_rows, put_table, source_rows
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
 
 pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
@@ -88,3 +89,76 @@ def test_a_value_the_declared_column_cannot_hold_fails_the_table_naming_it_and_p
     assert_same_rows(before, live(pg, s), SQP_KEY, ignore=())  # nothing published
     failed = pg.execute(f'SELECT metric_name FROM "{s}".refresh_data_quality WHERE NOT is_within_threshold').fetchall()
     assert (f"fits:{column}",) in failed
+
+
+STAMPED_SCHEMA = bq_schema([("id", "INT64", "REQUIRED"), ("at", "TIMESTAMP"), ("ratio", "FLOAT64")])
+STAMPED_DDL = """CREATE TABLE "{s}".stamped (id integer PRIMARY KEY, at timestamp without time zone,
+    ratio numeric(12,4), created_at timestamptz NOT NULL DEFAULT now())"""
+# Across New York's switch to summer time (2026-03-08 07:00 UTC); every float has a fifth decimal 5.
+STAMPS = [datetime(2026, 3, 8, 6, 30, tzinfo=UTC) + timedelta(minutes=7 * i, microseconds=i) for i in range(40)]
+
+
+def stamped_rows(bump: int = -1) -> pa.Table:
+    return pa.table({"id": pa.array(range(40), pa.int64()),
+                     "at": pa.array([t + (timedelta(hours=1) if i == bump else timedelta(0)) for i, t in enumerate(STAMPS)],
+                                    pa.timestamp("us", tz="UTC")),
+                     "ratio": pa.array([0.00005 + i / 8 + (1.0 if i == bump else 0.0) for i in range(40)], pa.float64())})
+
+
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York"])
+def test_timestamps_land_as_wall_times_of_the_tables_zone_and_floats_round_to_the_declared_scale(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, zone: str,
+) -> None:
+    """TIMESTAMP into ``timestamp without time zone`` is the wall time in the table's ``target_timezone`` (UTC by
+    default), whatever TimeZone the role's sessions default to; FLOAT64 into ``numeric(12,4)`` rounds half away
+    from zero and the rounded rows are counted. Compared with BigQuery under the declared types; a reload of one
+    changed row rewrites that row alone."""
+    s = registry
+    pg.execute(STAMPED_DDL.format(s=s))
+    role = pg.execute("SELECT current_user").fetchone()
+    assert role is not None
+    pg.execute(psycopg.sql.SQL("ALTER ROLE {} SET TimeZone = 'Asia/Kathmandu'").format(psycopg.sql.Identifier(role[0])))
+    try:
+        put_table(source, "stamped", STAMPED_SCHEMA, stamped_rows())
+        register_table(pg, s, "stamped", {"source": "stamped", "key": ["id"], "cursor": "at", "target_timezone": zone})
+        first = refresh_table("stamped")
+        assert (first["status"], first["direct_load"], first["rows_inserted"]) == ("success", False, 40), first
+        declared = {"at": "timestamp without time zone", "ratio": "numeric(12,4)"}
+        rows = pg_rows(pg, f'"{s}".stamped', "id")
+        assert_same_rows(source_rows(source, "stamped"), rows, ["id"], ignore={"created_at"},
+                         declared=declared, target_timezone=zone)
+        wall = {"UTC": (datetime(2026, 3, 8, 6, 58, 0, 4), datetime(2026, 3, 8, 7, 33, 0, 9)),
+                "America/New_York": (datetime(2026, 3, 8, 1, 58, 0, 4), datetime(2026, 3, 8, 3, 33, 0, 9))}
+        assert (rows[4]["at"], rows[9]["at"]) == wall[zone]  # either side of New York's switch to summer time
+        assert rows[0]["ratio"] == Decimal("0.0001")  # 0.00005 rounds half away from zero
+        rounded = pg.execute(f"SELECT metric_value FROM \"{s}\".refresh_data_quality WHERE metric_name = 'rounded:ratio'"
+                             " ORDER BY id DESC LIMIT 1").fetchone()
+        assert rounded is not None and rounded[0] == 40  # every value had a fifth decimal
+
+        pg.execute(f'CREATE TABLE "{s}".fired (n int)')
+        pg.execute(f'CREATE FUNCTION "{s}".count_update() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN'
+                   f' INSERT INTO "{s}".fired VALUES (1); RETURN NEW; END $$')
+        pg.execute(f'CREATE TRIGGER on_update AFTER UPDATE ON "{s}".stamped FOR EACH ROW'
+                   f' EXECUTE FUNCTION "{s}".count_update()')
+        put_table(source, "stamped", STAMPED_SCHEMA, stamped_rows(bump=39))
+        second = refresh_table("stamped")
+        assert (second["rows_inserted"], second["rows_updated"]) == (0, 1), second
+        assert pg.execute(f'SELECT count(*) FROM "{s}".fired').fetchone() == (1,)
+        assert_same_rows(source_rows(source, "stamped"), pg_rows(pg, f'"{s}".stamped', "id"), ["id"],
+                         ignore={"created_at"}, declared=declared, target_timezone=zone)
+    finally:
+        pg.execute(psycopg.sql.SQL("ALTER ROLE {} RESET TimeZone").format(psycopg.sql.Identifier(role[0])))
+
+
+def test_a_timestamp_key_declared_without_time_zone_refuses_another_zone(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
+) -> None:
+    s = registry
+    pg.execute(f'CREATE TABLE "{s}".stamped (id integer, at timestamp without time zone, ratio float8,'
+               " PRIMARY KEY (id, at))")
+    put_table(source, "stamped", STAMPED_SCHEMA, stamped_rows())
+    register_table(pg, s, "stamped", {"source": "stamped", "key": ["id", "at"], "mode": "full",
+                                      "target_timezone": "Europe/Berlin"})
+    with pytest.raises(SourceError, match=r"key column\(s\) at of .*stamped are declared timestamp without time zone"):
+        refresh_table("stamped")
+    assert pg.execute(f'SELECT count(*) FROM "{s}".stamped').fetchone() == (0,)

@@ -187,3 +187,17 @@ def test_the_comparator_imports_the_standard_library_only() -> None:
     assert {m.split(".")[0] for m in modules} <= sys.stdlib_module_names | {"__future__"}, modules
     assert set(CONVERSIONS) == {"NoneType", "bool", "int", "float", "Decimal", "str", "bytes", "date",
                                 "datetime[naive]", "datetime[aware]", "time[naive]", "list", "dict"}
+
+
+def test_as_declared_takes_a_source_value_to_what_a_narrower_declared_column_holds() -> None:
+    from tests.comparator import as_declared
+
+    at = datetime(2026, 3, 8, 7, 33, 0, 9, tzinfo=UTC)
+    assert as_declared(at, "timestamp without time zone") == datetime(2026, 3, 8, 7, 33, 0, 9)
+    assert as_declared(at, "timestamp without time zone", "America/New_York") == datetime(2026, 3, 8, 3, 33, 0, 9)
+    assert as_declared(at.replace(hour=6), "timestamp without time zone", "America/New_York") == datetime(2026, 3, 8, 1, 33, 0, 9)
+    assert as_declared(0.00005, "numeric(12,4)") == Decimal("0.0001")  # half away from zero, from 15 digits
+    assert as_declared(-2.5, "numeric(5,0)") == Decimal("-3")
+    assert as_declared(0.1 + 0.2, "numeric(20,16)") == Decimal("0.3000000000000000")  # 15 digits, not 17
+    assert as_declared(7, "integer") == 7 and as_declared("x", "character varying(3)") == "x"
+    assert comparator.mismatch(as_declared(at, "timestamp without time zone"), datetime(2026, 3, 8, 12, 33, 0, 9)) is not None
