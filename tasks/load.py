@@ -353,6 +353,59 @@ def check_target_shape(
         )
 
 
+# Which policies a command is filtered by (pg_policy.polcmd: '*' all, r select, a insert, w update, d delete).
+_RLS_COMMANDS = {"SELECT": "r", "INSERT": "a", "UPDATE": "w", "DELETE": "d"}
+
+
+def rls_refusal(conn: psycopg.Connection[Any], schema: str, table: str) -> str | None:
+    """Why the refresh's role cannot be trusted to write every row of ``schema.table`` under row-level security,
+    or None when it can.
+
+    Row-level security applies to the role when the table has it on and the role neither bypasses it (superuser,
+    BYPASSRLS) nor owns the table, or the table has FORCE ROW LEVEL SECURITY (then its owner too). Rows its
+    policies hide would then be silently neither updated nor deleted, and every count the checks make would see
+    only the visible rows: a copy that passes its checks while rows are stale. So it is refused unless
+    permissive policies give the role every row for SELECT, INSERT, UPDATE and DELETE (``USING (true)``, a check
+    of ``true``) and no restrictive policy narrows them.
+    """
+    info = conn.execute(
+        "SELECT c.relrowsecurity, c.relforcerowsecurity, pg_has_role(c.relowner, 'USAGE'),"
+        " (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r WHERE r.rolname = current_user), current_user"
+        " FROM pg_class c WHERE c.oid = to_regclass(%s)", (f"{quote_ident(schema)}.{quote_ident(table)}",)).fetchone()
+    if info is None or not info[0] or info[3] or (info[2] and not info[1]):
+        return None
+    role = str(info[4])
+    policies = conn.execute(
+        "SELECT p.polname, p.polpermissive, p.polcmd::text, pg_get_expr(p.polqual, p.polrelid),"
+        " pg_get_expr(p.polwithcheck, p.polrelid) FROM pg_policy p"
+        " WHERE p.polrelid = to_regclass(%s) AND (0 = ANY (p.polroles) OR EXISTS"
+        " (SELECT 1 FROM unnest(p.polroles) r WHERE r <> 0 AND pg_has_role(current_user, r, 'USAGE')))"
+        " ORDER BY p.polname", (f"{quote_ident(schema)}.{quote_ident(table)}",)).fetchall()
+    why = (f"target {schema}.{table} has FORCE ROW LEVEL SECURITY (even its owner is filtered)" if info[1]
+           else f"target {schema}.{table} has row-level security on and {role} does not own it")
+    narrowing = [str(name) for name, permissive, _cmd, qual, check in policies
+                 if not permissive and (qual not in (None, "true") or check not in (None, "true"))]
+    if narrowing:
+        return (f"{why}, and restrictive polic{'y' if len(narrowing) == 1 else 'ies'}"
+                f" {', '.join(narrowing)} narrow what {role} may write: rows hidden from it would be left stale"
+                " while every check passes; drop them for this role or refresh as a role that bypasses them")
+    missing = []
+    for command, code in _RLS_COMMANDS.items():
+        reads = command in {"SELECT", "UPDATE", "DELETE"}
+        writes = command in {"INSERT", "UPDATE"}
+        if not any(permissive and cmd in ("*", code) and (not reads or qual == "true")
+                   and (not writes or (check if check is not None else qual) == "true")
+                   for _name, permissive, cmd, qual, check in policies):
+            missing.append(command)
+    if not missing:
+        return None
+    target = f"{quote_ident(schema)}.{quote_ident(table)}"
+    return (f"{why}, and no policy gives {role} every row for {', '.join(missing)}: rows its"
+            " policies hide would be left stale (neither updated nor deleted) while every check passes. Add"
+            f" CREATE POLICY bq_refresh_all ON {target} FOR ALL TO {quote_ident(role)} USING (true) WITH CHECK (true);"
+            " (bq-refresh role-sql writes it for a dedicated role)")
+
+
 def secondary_indexes(conn: psycopg.Connection[Any], schema: str, table: str) -> list[tuple[str, str]]:
     """(name, definition) of the table's indexes that back no constraint and are not unique."""
     rows = conn.execute(

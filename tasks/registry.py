@@ -117,7 +117,14 @@ def register_table(
 ) -> RegistryEntry:
     """Validate ``params`` and insert or update the table's registry row."""
     table_schema, table_name = split_qualified(name, schema)
-    TableSpec.parse_for(f"{table_schema}.{table_name}", params)
+    spec = TableSpec.parse_for(f"{table_schema}.{table_name}", params)
+    if not spec.shadow:  # a target whose row-level security would hide rows from the refresh: refused now
+        from tasks.load import rls_refusal
+
+        target_schema, target_table = spec.target.split(".", 1) if spec.target else (table_schema, table_name)
+        refusal = rls_refusal(conn, target_schema, target_table)
+        if refusal:
+            raise ConfigError(f"not registered: {refusal}", table=f"{table_schema}.{table_name}")
     conn.execute(
         sql.SQL(
             "INSERT INTO {} (table_schema, table_name, is_enabled, refresh_frequency_hours, priority,"

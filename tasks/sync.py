@@ -212,6 +212,9 @@ def plan_refresh(
 
     with res.target.connect() as conn:
         existing = load.target_columns(conn, target_schema, target_table) or None
+        refusal = load.rls_refusal(conn, target_schema, target_table) if existing is not None else None
+        if refusal:  # before anything is written: rows the role cannot see would be left stale
+            raise ConfigError(refusal, table=table)
         drift, to_add = _drift(entry, spec, source, columns, existing)
         if drift.get("added_in_source") and existing is not None and not full:
             # A column added by drift is filled for every row, not only those this run would read: the whole
