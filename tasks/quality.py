@@ -258,14 +258,14 @@ def declared_fit(conn: psycopg.Connection[Any], *, staging: sql.Composable, colu
     Args:
         declared: target column -> its format_type() (load.target_columns).
     """
-    results: list[CheckResult] = []
+    checked: list[tuple[Column, str, sql.Composable, sql.Composable | None]] = []  # column, declared, bad, rounded
     for c in columns:
         have = declared.get(c.target_name)
         m = _DECLARED.match(have or "")
         if have is None or m is None or have == c.pg_type:
             continue
         col = sql.SQL("s.{}").format(ident(c.target_name))
-        rounded = None
+        rounded: sql.Composable | None = None
         if m.group(1):
             bad = sql.SQL("abs({}::numeric) > {}").format(col, sql.Literal(_INT_RANGE[m.group(1)]))
         elif m.group(2) or m.group(3):
@@ -279,16 +279,31 @@ def declared_fit(conn: psycopg.Connection[Any], *, staging: sql.Composable, colu
                 rounded = sql.SQL("{}::numeric <> round({}::numeric, {})").format(col, col, sql.Literal(scale))
             else:
                 bad = sql.SQL("({} OR {}::numeric <> round({}::numeric, {}))").format(too_big, col, col, sql.Literal(scale))
-        row = conn.execute(sql.SQL("SELECT count(*), (array_agg(row_to_json(k)::text))[1], (array_agg({}::text))[1]"
-                                   " FROM {} s, LATERAL (SELECT {}) k WHERE {} IS NOT NULL AND {}").format(
-            col, staging, sql.SQL(", ").join(sql.SQL("s.{}").format(ident(k)) for k in key), col, bad)).fetchone()
-        n = int(row[0]) if row else 0
-        detail = (f"{c.target_name} is declared {have}: {n} value(s) it cannot hold, e.g. {row[2]} at key {row[1]}"
-                  if n and row else f"every value fits {c.target_name} {have}")
+        checked.append((c, have, sql.SQL("{} IS NOT NULL AND {}").format(col, bad), rounded))
+    if not checked:
+        return []
+    # One scan of the staging for every declared column (a table of 25 narrower columns is read once, not 25 times):
+    # per column the count of values it cannot hold, the first such value and its key, and the rows rounded.
+    key_json = sql.SQL("row_to_json(k)::text")
+    parts: list[sql.Composable] = []
+    for c, _have, wrong, rounded in checked:
+        parts.append(sql.SQL("count(*) FILTER (WHERE {b}), min(ARRAY[{k}, s.{c}::text]) FILTER (WHERE {b})").format(
+            b=wrong, k=key_json, c=ident(c.target_name)))  # the key and the value of one row
+        if rounded is not None:
+            parts.append(sql.SQL("count(*) FILTER (WHERE {})").format(rounded))
+    row = conn.execute(sql.SQL("SELECT {} FROM {} s, LATERAL (SELECT {}) k").format(
+        sql.SQL(", ").join(parts), staging, sql.SQL(", ").join(sql.SQL("s.{}").format(ident(k)) for k in key))).fetchone()
+    assert row is not None
+    values = iter(row)
+    results: list[CheckResult] = []
+    for c, have, _bad, rounded in checked:
+        n, example = int(next(values)), next(values)
+        at, value = example if example else (None, None)
+        detail = (f"{c.target_name} is declared {have}: {n} value(s) it cannot hold, e.g. {value} at key {at}"
+                  if n else f"every value fits {c.target_name} {have}")
         results.append(CheckResult(f"fits:{c.target_name}", float(n), 0.0, ok=n == 0, hard=True, detail=detail))
         if rounded is not None:
-            r = conn.execute(sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(staging, rounded)).fetchone()
-            count = int(r[0]) if r else 0
+            count = int(next(values))
             results.append(CheckResult(f"rounded:{c.target_name}", float(count), None, ok=True, hard=False,
                                        detail=f"{count} FLOAT64 value(s) rounded to {have}"))
     return results
