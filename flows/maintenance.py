@@ -48,6 +48,8 @@ def maintenance_flow(retention_days: int | None = None, discover: bool = True,
         report.quality_rows_archived = archived.quality
         report.quarantine_rows_archived = archived.quarantine
         report.staging_tables_dropped = maintenance.drop_orphaned_staging(conn, schema, settings.staging_schema)
+        report.rowhash_tables_dropped = maintenance.drop_orphaned_rowhashes(conn, schema, settings.staging_schema,
+                                                                            settings.shadow_schema)
         if discover:
             report.tables_discovered = maintenance.discover_tables(conn, schema, res.source)
     logger.info("maintenance: %s", asdict(report))

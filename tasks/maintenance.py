@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,8 @@ from psycopg.types.json import Jsonb
 from blocks.bigquery import BigQuerySource
 from bq_refresh.errors import TargetError
 from tasks.extract import short_retry
-from tasks.load import ROWHASH_SUFFIX, run_of
+from tasks.load import ROWHASH_SUFFIX, rowhash_table, run_of
+from tasks.registry import list_entries
 from tasks.sqlnames import ident, idents
 
 # Live table -> its archive (migration 005). The quality and quarantine rows of an archived audit row go with it:
@@ -34,6 +36,7 @@ class MaintenanceReport:
     quality_rows_archived: int = 0
     quarantine_rows_archived: int = 0
     staging_tables_dropped: list[str] = field(default_factory=list)
+    rowhash_tables_dropped: list[str] = field(default_factory=list)
     tables_discovered: list[str] = field(default_factory=list)
 
 
@@ -187,6 +190,47 @@ def drop_orphaned_staging(conn: psycopg.Connection[Any], schema: str, staging_sc
         if run_of(t) not in active:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(staging_schema, t)))
             dropped.append(t)
+    return dropped
+
+
+_MARKER = re.compile(r"^bq-refresh row hashes of .* \(oid (\d+), key ")
+
+
+def drop_orphaned_rowhashes(conn: psycopg.Connection[Any], schema: str, staging_schema: str,
+                            shadow_schema: str) -> list[str]:
+    """Drop the row-hash side tables (load.ensure_rowhash) that no longer stand for a live table: their table was
+    dropped (or dropped and made again: another OID) or renamed, or no registry entry targets it any more (live or
+    shadow). A table with our suffix but without our marker is not ours and is left. A side table in use by a run
+    is not waited for (lock_timeout): the next maintenance drops it."""
+    wanted = set()
+    for entry in list_entries(conn, schema):
+        try:
+            spec = entry.spec()
+        except Exception:  # noqa: BLE001 -- a registry row with invalid parameters still names its table
+            spec = None
+        target_schema, target_table = (spec.target.split(".", 1) if spec is not None and spec.target
+                                       else (entry.table_schema, entry.table_name))
+        wanted |= {rowhash_table(target_schema, target_table), rowhash_table(shadow_schema, target_table)}
+    rows = conn.execute(
+        "SELECT c.relname, obj_description(c.oid, 'pg_class') FROM pg_class c JOIN pg_namespace n ON n.oid ="
+        " c.relnamespace WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND c.relname LIKE %s",
+        (staging_schema, "%" + ROWHASH_SUFFIX)).fetchall()
+    dropped = []
+    for name, marker in rows:
+        m = _MARKER.match(marker or "")
+        if m is None:
+            continue
+        live = conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                            " WHERE c.oid = %s::oid", (m.group(1),)).fetchone()
+        if live is not None and rowhash_table(str(live[0]), str(live[1])) == name and name in wanted:
+            continue
+        with conn.transaction():
+            conn.execute("SET LOCAL lock_timeout = '2s'")
+            try:
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(staging_schema, name)))
+            except psycopg.errors.LockNotAvailable:
+                continue
+        dropped.append(str(name))
     return dropped
 
 

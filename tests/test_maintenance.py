@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
 
 NOTHING = {"checkpoints_expired": 0, "checkpoints_deleted": 0, "alerts_deleted": 0, "view_refreshes_deleted": 0,
            "audit_rows_archived": 0, "quality_rows_archived": 0, "quarantine_rows_archived": 0,
-           "staging_tables_dropped": [], "tables_discovered": []}
+           "staging_tables_dropped": [], "rowhash_tables_dropped": [], "tables_discovered": []}
 
 
 def test_maintenance_cleans_up_and_discovers(env: Settings, pg: psycopg.Connection[Any]) -> None:
@@ -42,7 +42,8 @@ def test_maintenance_cleans_up_and_discovers(env: Settings, pg: psycopg.Connecti
 
     report = maintenance_flow()
     assert report == {**NOTHING, "checkpoints_expired": 1, "audit_rows_archived": 1,
-                      "staging_tables_dropped": ["orphan__12345678"], "tables_discovered": ["brand_new"]}
+                      "staging_tables_dropped": ["orphan__12345678"], "rowhash_tables_dropped": [],
+                      "tables_discovered": ["brand_new"]}
     assert pg.execute(f'SELECT table_name FROM "{schema}".refresh_audit_log').fetchall() == [("new",)]
     assert pg.execute(f'SELECT table_name FROM "{schema}".refresh_audit_log_archive').fetchall() == [("old",)]
     row = pg.execute(f'SELECT is_enabled, custom_sync_params->>\'source\' FROM "{schema}".refresh_config'

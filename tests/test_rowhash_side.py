@@ -135,3 +135,41 @@ def test_an_earlier_versions_hash_column_hands_its_hashes_over_and_goes(
     put_table(source, "sqp", SQP_SCHEMA, sqp_rows(600, updated=T0.replace(day=6)))  # every row's cursor moves
     assert refresh_table("sqp")["rows_updated"] == 600
     assert_same_rows(source_rows(source, "sqp"), live(pg, s), SQP_KEY)
+
+
+def test_maintenance_drops_the_side_tables_that_no_longer_stand_for_a_registered_live_table(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
+) -> None:
+    """A side table whose live table was dropped, dropped and made again, or renamed, or whose table left the
+    registry, is dropped by maintenance; the others' stay, and so does a table of that suffix that is not ours."""
+    from tasks.maintenance import drop_orphaned_rowhashes
+
+    s = registry
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(100))
+    for name in ("kept", "dropped", "remade", "renamed", "unregistered"):
+        register_table(pg, s, name, {"source": "sqp", "key": SQP_KEY, "mode": "full"})
+        assert refresh_table(name)["status"] == "success"
+    staging = env.staging_schema
+    pg.execute(f'CREATE TABLE "{staging}".notes_rowhash (n int)')  # someone else's, no marker of ours
+
+    def sides() -> set[str]:
+        return {str(r[0]) for r in pg.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s"
+                                              " AND tablename LIKE '%%_rowhash'", (staging,))}
+
+    assert sides() == {rowhash_table(s, n) for n in ("kept", "dropped", "remade", "renamed", "unregistered")} | {
+        "notes_rowhash"}
+    pg.execute(f'DROP TABLE "{s}".dropped')
+    pg.execute(f'DROP TABLE "{s}".remade')
+    pg.execute(f'CREATE TABLE "{s}".remade (LIKE "{s}".kept INCLUDING ALL)')
+    pg.execute(f'ALTER TABLE "{s}".renamed RENAME TO renamed_by_hand')
+    pg.execute(f"DELETE FROM \"{s}\".refresh_config WHERE table_name = 'unregistered'")
+
+    gone = drop_orphaned_rowhashes(pg, s, staging, env.shadow_schema)
+    assert sorted(gone) == sorted(rowhash_table(s, n) for n in ("dropped", "remade", "renamed", "unregistered"))
+    assert sides() == {rowhash_table(s, "kept"), "notes_rowhash"}
+    assert drop_orphaned_rowhashes(pg, s, staging, env.shadow_schema) == []
+    again = refresh_table("kept")  # its hashes still serve
+    assert again["rows_skipped_unchanged"] == 100, again
+    run = refresh_table("remade")  # the table made again gets a fresh side table and its rows
+    assert run["rows_inserted"] == 100, run
+    assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{s}".remade', "1, 2, 3"), SQP_KEY)
