@@ -73,10 +73,10 @@ def test_an_existing_table_is_verified_without_rewriting_equal_rows_then_skipped
     env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
 ) -> None:
     """Adoption: the users' table already holds the data (5 rows differ from BigQuery). The first run rewrites
-    exactly those 5 (an update trigger fires 5 times, n_tup_upd grows by 5), fills every hash, and the next run
-    stages nothing."""
+    exactly those 5 (an update trigger fires 5 times, n_tup_upd grows by 5, the heap by at most 10%), fills every
+    hash, and the next run stages nothing."""
     s = registry
-    data = sqp_rows(800)
+    data = sqp_rows(2000)
     put_table(source, "sqp", SQP_SCHEMA, data)
     create_sqp_target(pg, s)
     with pg.cursor() as cur, cur.copy(f'COPY "{s}".sqp (start_date, asin, search_query, impressions, click_share,'
@@ -89,6 +89,8 @@ def test_an_existing_table_is_verified_without_rewriting_equal_rows_then_skipped
                f' INSERT INTO "{s}".fired VALUES (1); RETURN NEW; END $$')
     pg.execute(f'CREATE TRIGGER on_update AFTER UPDATE ON "{s}".sqp FOR EACH ROW EXECUTE FUNCTION "{s}".count_update()')
     before = columns(pg, s)
+    pg.execute(f'VACUUM "{s}".sqp')
+    size = pg.execute("SELECT pg_relation_size(%s)", (f'"{s}".sqp',)).fetchone()
     upd = pg.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE schemaname = %s AND relname = 'sqp'", (s,)).fetchone()
     register_table(pg, s, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "mode": "full"})
 
@@ -96,11 +98,13 @@ def test_an_existing_table_is_verified_without_rewriting_equal_rows_then_skipped
     assert (first["rows_inserted"], first["rows_updated"], first["rows_deleted"]) == (0, 5, 0), first
     assert pg.execute(f'SELECT count(*) FROM "{s}".fired').fetchone() == (5,)
     assert columns(pg, s) == before  # the users' DDL untouched
-    assert kept(pg, env) == 800
+    assert kept(pg, env) == 2000
     assert_same_rows(source_rows(source, "sqp"), live(pg, s), SQP_KEY)
+    grown = pg.execute("SELECT pg_relation_size(%s)", (f'"{s}".sqp',)).fetchone()
+    assert size is not None and grown is not None and grown[0] <= 1.10 * size[0], (size, grown)  # no bloat
 
     second = refresh_table("sqp")
-    assert (second["rows_skipped_unchanged"], second["rows_updated"]) == (800, 0), second
+    assert (second["rows_skipped_unchanged"], second["rows_updated"]) == (2000, 0), second
     assert pg.execute(f'SELECT count(*) FROM "{s}".fired').fetchone() == (5,)
     import time
 
