@@ -449,6 +449,42 @@ def doctor(as_json: JsonOption = False) -> None:
         raise typer.Exit(1)
 
 
+@app.command()
+def verify(
+    table: Annotated[list[str] | None, typer.Option("--table", help="Table to verify (repeatable); none = every enabled"
+                                                    " table.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Compare each table with BigQuery slice by slice: a row count and a digest computed on each side, only the
+    digests cross the wire (docs/operations.md "Verify"). Exit 1 when a slice differs or a table was not verified."""
+    from blocks import resolve_resources
+    from tasks.registry import get_entry, list_entries
+    from tasks.verify import verify_table
+
+    conn, settings = _conn()
+    with conn:
+        entries = ([get_entry(conn, settings.schema_name, t) for t in table] if table
+                   else [e for e in list_entries(conn, settings.schema_name) if e.is_enabled])
+    res = resolve_resources(settings)
+    verdicts = [verify_table(res, e) for e in entries]
+    if not _emit({"tables": [v.as_dict() for v in verdicts]}, as_json):
+        for v in verdicts:  # plain lines: never wrapped, whatever the terminal
+            what = (f"{v.slices} slices by {v.slicing}, {v.source_rows} rows in BigQuery, {v.target_rows} here"
+                    if v.status != "not_verified" else "")
+            typer.echo(f"{v.status.upper():<13}{v.table}: {what}{'; ' if what and v.notes else ''}{'; '.join(v.notes)}")
+            for d in v.differing[:20]:
+                typer.echo(f"  slice {d['slice']}: {d['source_rows']} rows in BigQuery, {d['target_rows']} here"
+                           f" (digest {d['source_digest']} vs {d['target_digest']})")
+            if len(v.differing) > 20:
+                typer.echo(f"  ... and {len(v.differing) - 20} more slices")
+            if v.weaker:
+                typer.echo(f"  compared by non-NULL counts only: {', '.join(v.weaker)}")
+            if v.excluded:
+                typer.echo(f"  not compared: {', '.join(v.excluded)}")
+    if any(v.status != "equal" for v in verdicts):
+        raise typer.Exit(EXIT_FAILED)
+
+
 @app.command("role-sql")
 def role_sql(role: Annotated[str, typer.Option(help="Name of the login role the refresh runs as.")] = "bq_refresh") -> None:
     """Print the least-privilege role script for the registered tables (run it as an administrator)."""

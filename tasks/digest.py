@@ -1,0 +1,210 @@
+"""Per-slice row counts and order-independent digests, computed where the data lives (BigQuery SQL and PostgreSQL
+SQL), so that only a few numbers per slice cross the wire.
+
+Each row becomes one canonical text, the same on both sides for the same values; its MD5 (native in both
+engines) is cut into two 32-bit halves that are summed per slice, as the diff tools do (data-diff, reladiff): the
+sums do not depend on row order and cannot overflow a 64-bit integer below 2^31 rows a slice. A column's canonical
+text (``CANONICAL`` names the BigQuery functions; each is documented on cloud.google.com/bigquery/docs/reference/
+standard-sql, see tests/test_digest.py for the values pinned from those pages):
+
+- INT64: decimal digits.            BOOL: ``true`` / ``false``.      STRING: itself.      BYTES: lowercase hex.
+- DATE: ``YYYY-MM-DD`` (BigQuery's CAST to STRING, PostgreSQL's to_char).
+- TIMESTAMP: microseconds since the epoch (UTC); a target column declared ``timestamp without time zone`` is
+  read as a wall time of the table's ``target_timezone``.
+- DATETIME: microseconds since 1970-01-01T00:00:00 of the wall clock.   TIME: microseconds since midnight.
+- NUMERIC, BIGNUMERIC: the exact decimal without trailing zeros (``1.5``, ``0``, ``-0.01``): BigQuery's
+  CAST(... AS STRING) normalized by a regular expression (a no-op on BigQuery, which already prints it so; the
+  emulator pads the scale), PostgreSQL's ``trim_scale``.
+
+A NULL is ``n``; a value is its length, ``:``, and its text (so no two rows share a text); values are joined by
+``|``. FLOAT64 (text forms differ between engines), JSON and STRUCT (key order), GEOGRAPHY (WKB vs WKT),
+INTERVAL, RANGE and ARRAY columns are compared weaker: their count of non-NULL values per slice.
+
+A slice is a value of the window column (its canonical text) or, for a table without one, one of 256 buckets
+of the key (the first two hex digits of the MD5 of the key's canonical text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import sql
+
+from tasks.sqlnames import ident
+
+# The weaker comparison: a count of non-NULL values (see the module's docstring).
+WEAK_TYPES = frozenset({"FLOAT64", "FLOAT", "JSON", "RECORD", "STRUCT", "GEOGRAPHY", "INTERVAL", "RANGE"})
+BUCKET_HEX_DIGITS = 2  # 256 key buckets for a table without a window column
+
+
+@dataclass(frozen=True)
+class DigestColumn:
+    """One synced column as both sides hold it."""
+
+    source_name: str
+    target_name: str
+    bq_type: str
+    repeated: bool = False
+    wall_zone: str | None = None  # TIMESTAMP the target declares without time zone: the zone of its wall times
+
+    @property
+    def exact(self) -> bool:
+        return not self.repeated and self.bq_type not in WEAK_TYPES
+
+
+def bq_ident(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def bq_text(c: DigestColumn) -> str:
+    """BigQuery SQL: the canonical text of a non-NULL value of ``c``."""
+    col = bq_ident(c.source_name)
+    t = c.bq_type
+    if t in {"INT64", "INTEGER", "BOOL", "BOOLEAN"}:
+        return f"CAST({col} AS STRING)"
+    if t == "STRING":
+        return col
+    if t == "BYTES":
+        return f"TO_HEX({col})"
+    if t == "DATE":
+        return f"CAST({col} AS STRING)"
+    if t == "TIMESTAMP":
+        return f"CAST(UNIX_MICROS({col}) AS STRING)"
+    if t == "DATETIME":
+        return f"CAST(UNIX_MICROS(TIMESTAMP({col})) AS STRING)"
+    if t == "TIME":
+        return f"CAST(TIME_DIFF({col}, TIME '00:00:00', MICROSECOND) AS STRING)"
+    if t in {"NUMERIC", "BIGNUMERIC", "DECIMAL", "BIGDECIMAL"}:
+        return f"REGEXP_REPLACE(REGEXP_REPLACE(CAST({col} AS STRING), r'(\\.[0-9]*?)0+$', r'\\1'), r'\\.$', '')"
+    raise ValueError(f"no canonical text for {t}")
+
+
+def pg_text(c: DigestColumn, alias: str = "t") -> sql.Composable:
+    """PostgreSQL: the canonical text of a non-NULL value of ``c`` in the target (as its users declared it)."""
+    col: sql.Composable = sql.SQL("{}.{}").format(sql.Identifier(alias), ident(c.target_name))
+    t = c.bq_type
+    if t in {"INT64", "INTEGER", "BOOL", "BOOLEAN", "STRING"}:
+        return sql.SQL("{}::text").format(col)
+    if t == "BYTES":
+        return sql.SQL("encode({}, 'hex')").format(col)
+    if t == "DATE":
+        return sql.SQL("to_char({}, 'YYYY-MM-DD')").format(col)
+    if t == "TIMESTAMP" and c.wall_zone is not None:
+        col = sql.SQL("({} AT TIME ZONE {})").format(col, sql.Literal(c.wall_zone))
+    if t in {"TIMESTAMP", "DATETIME", "TIME"}:
+        return sql.SQL("(extract(epoch FROM {}) * 1000000)::bigint::text").format(col)
+    if t in {"NUMERIC", "BIGNUMERIC", "DECIMAL", "BIGDECIMAL"}:
+        return sql.SQL("trim_scale({})::text").format(col)
+    raise ValueError(f"no canonical text for {t}")
+
+
+def bq_row_text(columns: list[DigestColumn]) -> str:
+    parts = []
+    for c in columns:
+        text = bq_text(c)
+        parts.append(f"IF({bq_ident(c.source_name)} IS NULL, 'n', CONCAT(CAST(LENGTH({text}) AS STRING), ':', {text}))")
+    if not parts:
+        return "''"
+    return "CONCAT(" + ", '|', ".join(parts) + ")" if len(parts) > 1 else parts[0]
+
+
+def pg_row_text(columns: list[DigestColumn], alias: str = "t") -> sql.Composable:
+    parts = []
+    for c in columns:
+        text = pg_text(c, alias)
+        parts.append(sql.SQL("CASE WHEN {}.{} IS NULL THEN 'n' ELSE length({}) || ':' || {} END").format(
+            sql.Identifier(alias), ident(c.target_name), text, text))
+    return sql.SQL(" || '|' || ").join(parts) if parts else sql.SQL("''")
+
+
+@dataclass(frozen=True)
+class Slicing:
+    """How rows are cut into slices: by the window column's values, else by key buckets."""
+
+    window: DigestColumn | None
+    key: list[DigestColumn]
+
+    def bq(self) -> str:
+        if self.window is not None:
+            return f"IF({bq_ident(self.window.source_name)} IS NULL, NULL, {bq_text(self.window)})"
+        return f"SUBSTR(TO_HEX(MD5({bq_row_text(self.key)})), 1, {BUCKET_HEX_DIGITS})"
+
+    def pg(self, alias: str = "t") -> sql.Composable:
+        if self.window is not None:
+            return pg_text(self.window, alias)
+        return sql.SQL("substr(md5({}), 1, {})").format(pg_row_text(self.key, alias), sql.Literal(BUCKET_HEX_DIGITS))
+
+    @property
+    def label(self) -> str:
+        return self.window.target_name if self.window is not None else f"key bucket (md5 of the key, {BUCKET_HEX_DIGITS} hex)"
+
+
+@dataclass(frozen=True)
+class SliceDigest:
+    """One slice's count and digest on one side (``nonnull``: the weaker columns' non-NULL counts)."""
+
+    slice: str | None
+    rows: int
+    h1: int
+    h2: int
+    nonnull: tuple[int, ...] = ()
+
+    @property
+    def digest(self) -> str:
+        return f"{self.h1:x}.{self.h2:x}" + "".join(f".{n}" for n in self.nonnull)
+
+
+def bq_query(source_from: str, columns: list[DigestColumn], slicing: Slicing, where: str = "") -> str:
+    """One aggregate query over ``source_from`` (a table reference, with FOR SYSTEM_TIME AS OF when it applies)."""
+    exact = [c for c in columns if c.exact]
+    weak = [c for c in columns if not c.exact]
+    nonnull = "".join(f", COUNT({bq_ident(c.source_name)}) AS w{i}" for i, c in enumerate(weak))
+    weak_cols = "".join(f", {bq_ident(c.source_name)}" for c in weak)
+    return (f"SELECT s, COUNT(*) AS n, SUM(CAST(CONCAT('0x', SUBSTR(d, 1, 8)) AS INT64)) AS h1,"  # noqa: S608
+            f" SUM(CAST(CONCAT('0x', SUBSTR(d, 9, 8)) AS INT64)) AS h2{nonnull}"
+            f" FROM (SELECT {slicing.bq()} AS s, TO_HEX(MD5({bq_row_text(exact)})) AS d{weak_cols}"
+            f" FROM {source_from}{f' WHERE {where}' if where else ''}) GROUP BY s")
+
+
+def pg_query(target: sql.Composable, columns: list[DigestColumn], slicing: Slicing,
+             where: sql.Composable | None = None) -> sql.Composed:
+    exact = [c for c in columns if c.exact]
+    weak = [c for c in columns if not c.exact]
+    half = "('x' || lpad(substr(d, {}, 8), 16, '0'))::bit(64)::bigint"
+    return sql.SQL("SELECT s, count(*), sum({}), sum({}){} FROM (SELECT {} AS s, md5({}) AS d{} FROM {} t{}) x"
+                   " GROUP BY s").format(
+        sql.SQL(half.format(1)), sql.SQL(half.format(9)),
+        sql.SQL("").join(sql.SQL(", count({})").format(ident(c.target_name)) for c in weak),
+        slicing.pg("t"), pg_row_text(exact, "t"),
+        sql.SQL("").join(sql.SQL(", t.{}").format(ident(c.target_name)) for c in weak),
+        target, sql.SQL(" WHERE {}").format(where) if where is not None else sql.SQL(""))
+
+
+def slice_digests(rows: list[Any]) -> dict[str | None, SliceDigest]:
+    """Rows of ``bq_query`` or ``pg_query`` by slice."""
+    out = {}
+    for r in rows:
+        s = None if r[0] is None else str(r[0])
+        out[s] = SliceDigest(s, int(r[1]), int(r[2] or 0), int(r[3] or 0), tuple(int(v or 0) for v in r[4:]))
+    return out
+
+
+@dataclass(frozen=True)
+class SliceDifference:
+    slice: str | None
+    source_rows: int
+    target_rows: int
+    source_digest: str
+    target_digest: str
+
+
+def differences(source: dict[str | None, SliceDigest], target: dict[str | None, SliceDigest]) -> list[SliceDifference]:
+    """The slices whose count or digest differ (a slice on one side only included), in slice order."""
+    empty = SliceDigest(None, 0, 0, 0)
+    out = []
+    for s in sorted(source.keys() | target.keys(), key=lambda v: (v is None, v or "")):
+        a, b = source.get(s, empty), target.get(s, empty)
+        if (a.rows, a.h1, a.h2, a.nonnull) != (b.rows, b.h1, b.h2, b.nonnull) and (a.rows or b.rows):
+            out.append(SliceDifference(s, a.rows, b.rows, a.digest if a.rows else "-", b.digest if b.rows else "-"))
+    return out

@@ -1,0 +1,171 @@
+"""Verify: the copy compared with BigQuery slice by slice, counts and digests computed on each side.
+
+The canonical texts are pinned here from values written out by hand (and, where Google's reference pages give
+one, their documented results: UNIX_MICROS(TIMESTAMP "2008-12-25 15:30:00+00") = 1230219000000000 on
+cloud.google.com/bigquery/docs/reference/standard-sql/timestamp_functions; TO_HEX(b"foobar") = "666f6f626172" on
+.../string_functions; MD5("Hello World") = "sQqNsWTgdUEFt6mb5y4/5Q==" in base64 on .../hash_functions): both
+engines must produce exactly these strings, so the emulator agreeing with PostgreSQL is not the only proof.
+Then `bq-refresh verify` through its real entry point: equal after a run; after hand edits in PostgreSQL (an
+update, a delete, an insert) exactly the slices touched differ, and an edit that leaves the value equal (and a
+float's edit, compared weaker) is not reported; a table without a window column is cut into key buckets.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, date, datetime, time
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pytest
+from psycopg import sql
+
+from blocks import BigQuerySource
+from bq_refresh.settings import Settings
+from flows.refresh_table import refresh_table
+from tasks import digest
+from tasks.registry import register_table
+from tests.bqdata import SHORT, bq_schema, put_table
+from tests.conftest import ROOT
+from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
+
+pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
+
+EDGE_SCHEMA = bq_schema([("id", "INT64", "REQUIRED"), ("n", "NUMERIC"), ("s", "STRING"), ("b", "BYTES"), ("f", "BOOL"),
+                         ("d", "DATE"), ("ts", "TIMESTAMP"), ("dt", "DATETIME"), ("tm", "TIME"), ("x", "FLOAT64")])
+EDGES: list[dict[str, Any]] = [
+    {"id": 1, "n": Decimal("-99999999999999999999999999999.999999999"), "s": "héllo 🙂|n", "b": b"\x00\xff",
+     "f": True, "d": date(1, 1, 1), "ts": datetime(1969, 12, 31, 23, 59, 59, 500000, tzinfo=UTC),
+     "dt": datetime(2008, 12, 25, 15, 30, 0, 1), "tm": time(15, 30, 0, 1), "x": 0.1},
+    {"id": 2, "n": None, "s": None, "b": None, "f": None, "d": None, "ts": None, "dt": None, "tm": None, "x": None},
+    {"id": 3, "n": Decimal("5.000000000"), "s": "", "b": b"foobar", "f": False, "d": date(9999, 12, 31),
+     "ts": datetime(2008, 12, 25, 15, 30, tzinfo=UTC), "dt": datetime(1970, 1, 1), "tm": time(0, 0), "x": -0.0},
+]
+# Each value's canonical text, written out by hand (not computed by the product).
+GOLDEN = {
+    1: ["1", "-99999999999999999999999999999.999999999", "héllo 🙂|n", "00ff", "true", "0001-01-01", "-500000",
+        "1230219000000001", "55800000001"],
+    2: ["2", None, None, None, None, None, None, None, None],
+    3: ["3", "5", "", "666f6f626172", "false", "9999-12-31", "1230219000000000", "0", "0"],
+}
+
+
+def edge_table() -> pa.Table:
+    types = {"id": pa.int64(), "n": pa.decimal128(38, 9), "s": pa.string(), "b": pa.binary(), "f": pa.bool_(),
+             "d": pa.date32(), "ts": pa.timestamp("us", tz="UTC"), "dt": pa.timestamp("us"), "tm": pa.time64("us"),
+             "x": pa.float64()}
+    return pa.table({k: pa.array([r[k] for r in EDGES], t) for k, t in types.items()})
+
+
+def test_documented_values_of_the_bigquery_functions_the_digest_uses(source: BigQuerySource) -> None:
+    client = source.get_bigquery_client()
+    row = next(iter(client.query("SELECT UNIX_MICROS(TIMESTAMP '2008-12-25 15:30:00+00'), TO_HEX(b'foobar'),"
+                                 " TO_BASE64(MD5('Hello World'))", retry=SHORT, job_retry=None).result(retry=SHORT)))
+    assert tuple(row) == (1230219000000000, "666f6f626172", "sQqNsWTgdUEFt6mb5y4/5Q==")
+    assert base64.b64encode(hashlib.md5(b"Hello World").digest()).decode() == "sQqNsWTgdUEFt6mb5y4/5Q=="  # noqa: S324
+
+
+def test_both_engines_write_the_same_canonical_text_for_every_type_edge(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
+) -> None:
+    put_table(source, "edges", EDGE_SCHEMA, edge_table())
+    register_table(pg, registry, "edges", {"source": "edges", "key": ["id"], "mode": "full"})
+    assert refresh_table("edges")["status"] == "success"
+    columns = [digest.DigestColumn(f.name, f.name, f.field_type) for f in EDGE_SCHEMA]
+    exact = [c for c in columns if c.exact]
+    assert [c.source_name for c in columns if not c.exact] == ["x"]  # FLOAT64: counted, not hashed
+    expected = {i: "|".join("n" if v is None else f"{len(v)}:{v}" for v in values) for i, values in GOLDEN.items()}
+
+    client = source.get_bigquery_client()
+    bq = {int(r[0]): r[1] for r in client.query(
+        f"SELECT id, {digest.bq_row_text(exact)} FROM `{source.table_ref('edges')}`", retry=SHORT, job_retry=None,
+    ).result(retry=SHORT)}
+    here = {int(r[0]): r[1] for r in pg.execute(sql.SQL("SELECT t.id, {} FROM {} t").format(
+        digest.pg_row_text(exact, "t"), sql.Identifier(registry, "edges"))).fetchall()}
+    assert bq == expected
+    assert here == expected
+    # ... and the slices' sums are the MD5 halves of those texts, summed (computed here with hashlib).
+    h1 = sum(int(hashlib.md5(t.encode()).hexdigest()[:8], 16) for t in expected.values())  # noqa: S324
+    h2 = sum(int(hashlib.md5(t.encode()).hexdigest()[8:16], 16) for t in expected.values())  # noqa: S324
+    slicing = digest.Slicing(None, [columns[0]])
+    one = digest.Slicing(columns[0], [columns[0]])  # one slice per id
+    for side in (
+        digest.slice_digests(list(client.query(digest.bq_query(f"`{source.table_ref('edges')}`", columns, one),
+                                               retry=SHORT, job_retry=None).result(retry=SHORT))),
+        digest.slice_digests(pg.execute(digest.pg_query(sql.Identifier(registry, "edges"), columns, one)).fetchall()),
+    ):
+        assert sum(d.h1 for d in side.values()) == h1 and sum(d.h2 for d in side.values()) == h2
+        assert {s: (d.rows, d.nonnull) for s, d in side.items()} == {"1": (1, (1,)), "2": (1, (0,)), "3": (1, (1,))}
+    buckets = digest.slice_digests(pg.execute(digest.pg_query(sql.Identifier(registry, "edges"), columns, slicing)).fetchall())
+    assert set(buckets) == {hashlib.md5(f"1:{i}".encode()).hexdigest()[:2] for i in (1, 2, 3)}  # noqa: S324
+
+
+def verify(*args: str) -> tuple[int, dict[str, Any]]:
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "verify", "--json", *args], cwd=ROOT,
+                          env={**os.environ, "COLUMNS": "80"}, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip(), done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_verify_finds_exactly_the_slices_edited_by_hand(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
+) -> None:
+    s = registry
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(400, weeks=8))
+    register_table(pg, s, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "mode": "window",
+                                  "window_column": "start_date"})
+    put_table(source, "plain", SQP_SCHEMA, sqp_rows(300))
+    register_table(pg, s, "plain", {"source": "plain", "key": SQP_KEY, "mode": "full"})
+    assert refresh_table("sqp")["status"] == "success" and refresh_table("plain")["status"] == "success"
+
+    code, out = verify()
+    assert code == 0, out
+    by = {t["table"]: t for t in out["tables"]}
+    assert by[f"{s}.sqp"]["status"] == "equal" and by[f"{s}.sqp"]["slices"] == 8
+    assert by[f"{s}.sqp"]["source_rows"] == by[f"{s}.sqp"]["target_rows"] == 400
+    assert by[f"{s}.plain"]["status"] == "equal" and by[f"{s}.plain"]["slicing"].startswith("key bucket")
+
+    t = sql.Identifier(s, "sqp")
+    pg.execute(sql.SQL("UPDATE {} SET impressions = impressions + 1 WHERE start_date = '2025-01-05' AND asin = 'B000000000'").format(t))
+    pg.execute(sql.SQL("DELETE FROM {} WHERE start_date = '2025-01-12' AND asin = 'B000000001'").format(t))
+    pg.execute(sql.SQL("INSERT INTO {} SELECT '2025-01-19', 'B0HANDMADE', search_query, impressions, click_share,"
+                       " median_price, updated_at FROM {} LIMIT 1").format(t, t))
+    pg.execute(sql.SQL("UPDATE {} SET median_price = median_price + 0.000000000 WHERE start_date = '2025-01-26'").format(t))
+    plain = sql.Identifier(s, "plain")
+    edited = pg.execute(sql.SQL("UPDATE {} SET click_share = NULL WHERE asin = 'B000000005' AND search_query = 'query 0'"
+                                " RETURNING start_date, asin, search_query").format(plain)).fetchall()
+    assert len(edited) == 1
+    code, out = verify()
+    assert code == 1
+    by = {t["table"]: t for t in out["tables"]}
+    sqp = by[f"{s}.sqp"]
+    assert sqp["status"] == "differs"
+    assert {d["slice"]: (d["source_rows"], d["target_rows"]) for d in sqp["differing"]} == {
+        "2025-01-05": (50, 50), "2025-01-12": (50, 49), "2025-01-19": (50, 51)}
+    bucket = hashlib.md5("|".join(f"{len(v)}:{v}" for v in (str(edited[0][0]), edited[0][1], edited[0][2]))  # noqa: S324
+                         .encode()).hexdigest()[:2]
+    assert [d["slice"] for d in by[f"{s}.plain"]["differing"]] == [bucket]
+
+
+def test_verify_is_refused_while_a_run_holds_the_table(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
+) -> None:
+    from tasks.locks import table_lock
+
+    put_table(source, "plain", SQP_SCHEMA, sqp_rows(50))
+    register_table(pg, registry, "plain", {"source": "plain", "key": SQP_KEY, "mode": "full"})
+    assert refresh_table("plain")["status"] == "success"
+    from blocks import resolve_resources
+
+    with table_lock(resolve_resources(env).target, f"{registry}.plain", 0):
+        code, out = verify("--table", "plain")
+    assert code == 1
+    (verdict,) = out["tables"]
+    assert verdict["status"] == "not_verified" and "its lock is held" in verdict["notes"][0]
