@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
@@ -13,6 +13,7 @@ from psycopg.types.json import Jsonb
 
 from bq_refresh.errors import ConfigError, DependencyCycle
 from tasks.planning import split_cycles
+from tasks.selection import valid_tags
 from tasks.spec import TableSpec
 from tasks.sqlnames import ident, split_qualified
 
@@ -33,6 +34,7 @@ class RegistryEntry:
     source_schema: list[dict[str, str]] | None
     params: dict[str, Any]
     watermark_target: str | None = None
+    tags: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -71,7 +73,7 @@ def _row_to_entry(row: dict[str, Any]) -> RegistryEntry:
         priority=row["priority"] if row["priority"] is not None else 100,
         last_refresh_at=row["last_refresh_at"], next_refresh_at=row["next_refresh_at"],
         watermark=row["watermark"], source_schema=row["source_schema"], params=row["custom_sync_params"] or {},
-        watermark_target=row.get("watermark_target"),
+        watermark_target=row.get("watermark_target"), tags=sorted(row.get("tags") or []),
     )
 
 
@@ -114,11 +116,22 @@ def register_table(
     priority: int = 100,
     frequency_hours: int = 24,
     enabled: bool = True,
+    tags: list[str] | None = None,
 ) -> RegistryEntry:
-    """Validate ``params`` and insert or update the table's registry row."""
+    """Validate ``params`` and insert or update the table's registry row.
+
+    A disabled table without parameters is a placeholder (as auto-registration and discovery leave a table not yet
+    mapped to a source): it is registered as it is; its parameters are validated when they are given.
+
+    Args:
+        tags: the table's tags (``run --select tag:NAME``); None keeps a registered table's tags.
+    """
     table_schema, table_name = split_qualified(name, schema)
-    spec = TableSpec.parse_for(f"{table_schema}.{table_name}", params)
-    if not spec.shadow:  # a target whose row-level security would hide rows from the refresh: refused now
+    tags = valid_tags(tags, f"{table_schema}.{table_name}") if tags is not None else None
+    placeholder = not enabled and not params
+    spec = None if placeholder else TableSpec.parse_for(f"{table_schema}.{table_name}", params)
+    # A target whose row-level security would hide rows from the refresh: refused now.
+    if spec is not None and not spec.shadow:
         from tasks.load import rls_refusal
 
         target_schema, target_table = spec.target.split(".", 1) if spec.target else (table_schema, table_name)
@@ -127,13 +140,13 @@ def register_table(
             raise ConfigError(f"not registered: {refusal}", table=f"{table_schema}.{table_name}")
     conn.execute(
         sql.SQL(
-            "INSERT INTO {} (table_schema, table_name, is_enabled, refresh_frequency_hours, priority,"
-            " custom_sync_params, next_refresh_at) VALUES (%s, %s, %s, %s, %s, %s, now())"
+            "INSERT INTO {t} (table_schema, table_name, is_enabled, refresh_frequency_hours, priority,"
+            " custom_sync_params, tags, next_refresh_at) VALUES (%s, %s, %s, %s, %s, %s, coalesce(%s::text[], '{{}}'), now())"
             " ON CONFLICT (table_schema, table_name) DO UPDATE SET is_enabled = EXCLUDED.is_enabled,"
             " refresh_frequency_hours = EXCLUDED.refresh_frequency_hours, priority = EXCLUDED.priority,"
-            " custom_sync_params = EXCLUDED.custom_sync_params"
-        ).format(ident(schema, "refresh_config")),
-        (table_schema, table_name, enabled, frequency_hours, priority, Jsonb(params)),
+            " custom_sync_params = EXCLUDED.custom_sync_params, tags = coalesce(%s::text[], {t}.tags)"
+        ).format(t=ident(schema, "refresh_config")),
+        (table_schema, table_name, enabled, frequency_hours, priority, Jsonb(params), tags, tags),
     )
     if not conn.autocommit:
         conn.commit()
@@ -275,9 +288,12 @@ def mark_refreshed(conn: psycopg.Connection[Any], schema: str, config_id: int, a
 def update_table(
     conn: psycopg.Connection[Any], schema: str, name: str, *, enabled: bool | None = None,
     priority: int | None = None, frequency_hours: int | None = None, params: dict[str, Any] | None = None,
-    merge_params: bool = True,
+    merge_params: bool = True, tags: list[str] | None = None,
 ) -> RegistryEntry:
     """Change a registered table; new sync parameters are validated before anything is written.
+
+    Args:
+        tags: the table's tags from now on (None: unchanged).
 
     Raises:
         ConfigError: the table is not registered, or the parameters are invalid (naming the key).
@@ -296,6 +312,9 @@ def update_table(
                 raise ConfigError("refresh_frequency_hours must be positive", table=entry.name)
             sets.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
             values.append(value)
+    if tags is not None:
+        sets.append(sql.SQL("tags = %s"))
+        values.append(valid_tags(tags, entry.name))
     if sets:
         conn.execute(sql.SQL("UPDATE {} SET {} WHERE id = %s").format(ident(schema, "refresh_config"),
                                                                      sql.SQL(", ").join(sets)), [*values, entry.id])
