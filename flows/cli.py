@@ -453,6 +453,8 @@ def doctor(as_json: JsonOption = False) -> None:
 def verify(
     table: Annotated[list[str] | None, typer.Option("--table", help="Table to verify (repeatable); none = every enabled"
                                                     " table.")] = None,
+    rows: Annotated[bool, typer.Option("--rows", help="Bisect each differing slice down to the rows that differ"
+                                       " and list them (key; missing, extra, or which columns differ).")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Compare each table with BigQuery slice by slice: a row count and a digest computed on each side, only the
@@ -466,7 +468,7 @@ def verify(
         entries = ([get_entry(conn, settings.schema_name, t) for t in table] if table
                    else [e for e in list_entries(conn, settings.schema_name) if e.is_enabled])
     res = resolve_resources(settings)
-    verdicts = [verify_table(res, e) for e in entries]
+    verdicts = [verify_table(res, e, rows=rows) for e in entries]
     if not _emit({"tables": [v.as_dict() for v in verdicts]}, as_json):
         for v in verdicts:  # plain lines: never wrapped, whatever the terminal
             what = (f"{v.slices} slices by {v.slicing}, {v.source_rows} rows in BigQuery, {v.target_rows} here"
@@ -477,6 +479,11 @@ def verify(
                            f" (digest {d['source_digest']} vs {d['target_digest']})")
             if len(v.differing) > 20:
                 typer.echo(f"  ... and {len(v.differing) - 20} more slices")
+            for r in v.rows:
+                key = ", ".join(f"{k}={val}" for k, val in r["key"].items())
+                how = {"missing": "in BigQuery, not here", "extra": "here, not in BigQuery"}.get(
+                    r["kind"], f"differs in {', '.join(r['columns'])}")
+                typer.echo(f"  row {key}: {how}")
             if v.weaker:
                 typer.echo(f"  compared by non-NULL counts only: {', '.join(v.weaker)}")
             if v.excluded:

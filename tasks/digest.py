@@ -208,3 +208,158 @@ def differences(source: dict[str | None, SliceDigest], target: dict[str | None, 
         if (a.rows, a.h1, a.h2, a.nonnull) != (b.rows, b.h1, b.h2, b.nonnull) and (a.rows or b.rows):
             out.append(SliceDifference(s, a.rows, b.rows, a.digest if a.rows else "-", b.digest if b.rows else "-"))
     return out
+
+
+# Bisection below a differing slice (``locate_rows``): segments of the key hash's hex prefix, 256 children a
+# step, down to segments this small, whose rows are then compared one by one (each column's digest only).
+ROWS_PER_SEGMENT = 64
+MAX_PREFIX = 8
+
+
+def bq_string(value: str) -> str:
+    """A BigQuery string literal."""
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r")
+    return f"'{escaped}'"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The rows of a slice whose key hash starts with ``prefix`` ('' = the whole slice)."""
+
+    slice: str | None
+    prefix: str = ""
+
+
+def _bq_key_hash(slicing: Slicing) -> str:
+    return f"TO_HEX(MD5({bq_row_text(slicing.key)}))"
+
+
+def _pg_key_hash(slicing: Slicing, alias: str) -> sql.Composable:
+    return sql.SQL("md5({})").format(pg_row_text(slicing.key, alias))
+
+
+def bq_segment_filter(slicing: Slicing, segments: list[Segment]) -> str:
+    parts = []
+    for seg in segments:
+        cond = f"{slicing.bq()} IS NULL" if seg.slice is None else f"{slicing.bq()} = {bq_string(seg.slice)}"
+        if seg.prefix:
+            cond += f" AND STARTS_WITH({_bq_key_hash(slicing)}, '{seg.prefix}')"
+        parts.append(f"({cond})")
+    return " OR ".join(parts) or "FALSE"
+
+
+def pg_segment_filter(slicing: Slicing, segments: list[Segment], alias: str = "t") -> sql.Composable:
+    parts: list[sql.Composable] = []
+    for seg in segments:
+        cond: sql.Composable = (sql.SQL("{} IS NULL").format(slicing.pg(alias)) if seg.slice is None
+                                else sql.SQL("{} = {}").format(slicing.pg(alias), sql.Literal(seg.slice)))
+        if seg.prefix:
+            cond = sql.SQL("{} AND left({}, {}) = {}").format(cond, _pg_key_hash(slicing, alias),
+                                                             sql.Literal(len(seg.prefix)), sql.Literal(seg.prefix))
+        parts.append(sql.SQL("({})").format(cond))
+    return sql.SQL(" OR ").join(parts) if parts else sql.SQL("false")
+
+
+def bq_children_query(source_from: str, columns: list[DigestColumn], slicing: Slicing, parents: list[Segment],
+                      prefix_len: int) -> str:
+    """Per (slice, key-hash prefix of ``prefix_len`` hex digits) digests of the rows in ``parents``."""
+    exact = [c for c in columns if c.exact]
+    weak = [c for c in columns if not c.exact]
+    nonnull = "".join(f", COUNT({bq_ident(c.source_name)}) AS w{i}" for i, c in enumerate(weak))
+    weak_cols = "".join(f", {bq_ident(c.source_name)}" for c in weak)
+    return (f"SELECT s, p, COUNT(*) AS n, SUM(CAST(CONCAT('0x', SUBSTR(d, 1, 8)) AS INT64)) AS h1,"  # noqa: S608
+            f" SUM(CAST(CONCAT('0x', SUBSTR(d, 9, 8)) AS INT64)) AS h2{nonnull}"
+            f" FROM (SELECT {slicing.bq()} AS s, SUBSTR({_bq_key_hash(slicing)}, 1, {prefix_len}) AS p,"
+            f" TO_HEX(MD5({bq_row_text(exact)})) AS d{weak_cols} FROM {source_from}"
+            f" WHERE {bq_segment_filter(slicing, parents)}) GROUP BY s, p")
+
+
+def pg_children_query(target: sql.Composable, columns: list[DigestColumn], slicing: Slicing, parents: list[Segment],
+                      prefix_len: int, where: sql.Composable | None = None) -> sql.Composed:
+    exact = [c for c in columns if c.exact]
+    weak = [c for c in columns if not c.exact]
+    half = "('x' || lpad(substr(d, {}, 8), 16, '0'))::bit(64)::bigint"
+    scope = pg_segment_filter(slicing, parents, "t")
+    if where is not None:
+        scope = sql.SQL("({}) AND {}").format(scope, where)
+    return sql.SQL("SELECT s, p, count(*), sum({}), sum({}){} FROM (SELECT {} AS s, left({}, {}) AS p, md5({}) AS d{}"
+                   " FROM {} t WHERE {}) x GROUP BY s, p").format(
+        sql.SQL(half.format(1)), sql.SQL(half.format(9)),
+        sql.SQL("").join(sql.SQL(", count({})").format(ident(c.target_name)) for c in weak),
+        slicing.pg("t"), _pg_key_hash(slicing, "t"), sql.Literal(prefix_len), pg_row_text(exact, "t"),
+        sql.SQL("").join(sql.SQL(", t.{}").format(ident(c.target_name)) for c in weak),
+        target, scope)
+
+
+def segment_digests(rows: list[Any]) -> dict[Segment, SliceDigest]:
+    out = {}
+    for r in rows:
+        s = None if r[0] is None else str(r[0])
+        out[Segment(s, str(r[1] or ""))] = SliceDigest(s, int(r[2]), int(r[3] or 0), int(r[4] or 0),
+                                                       tuple(int(v or 0) for v in r[5:]))
+    return out
+
+
+def _bq_value_digest(c: DigestColumn) -> str:
+    if not c.exact:
+        return f"IF({bq_ident(c.source_name)} IS NULL, 'n', 'v')"
+    return f"TO_HEX(MD5({bq_row_text([c])}))"
+
+
+def _pg_value_digest(c: DigestColumn, alias: str) -> sql.Composable:
+    if not c.exact:
+        return sql.SQL("CASE WHEN {}.{} IS NULL THEN 'n' ELSE 'v' END").format(sql.Identifier(alias), ident(c.target_name))
+    return sql.SQL("md5({})").format(pg_row_text([c], alias))
+
+
+def bq_rows_query(source_from: str, columns: list[DigestColumn], slicing: Slicing, segments: list[Segment]) -> str:
+    """Per row of ``segments``: the slice, the key's canonical texts, and each column's value digest."""
+    keys = ", ".join(f"IF({bq_ident(k.source_name)} IS NULL, NULL, {bq_text(k)})" for k in slicing.key)
+    values = ", ".join(_bq_value_digest(c) for c in columns)
+    return (f"SELECT {slicing.bq()}, {keys}, {values} FROM {source_from}"  # noqa: S608
+            f" WHERE {bq_segment_filter(slicing, segments)}")
+
+
+def pg_rows_query(target: sql.Composable, columns: list[DigestColumn], slicing: Slicing, segments: list[Segment],
+                  where: sql.Composable | None = None) -> sql.Composed:
+    keys = sql.SQL(", ").join(sql.SQL("CASE WHEN t.{} IS NULL THEN NULL ELSE {} END").format(
+        ident(k.target_name), pg_text(k, "t")) for k in slicing.key)
+    scope = pg_segment_filter(slicing, segments, "t")
+    if where is not None:
+        scope = sql.SQL("({}) AND {}").format(scope, where)
+    return sql.SQL("SELECT {}, {}, {} FROM {} t WHERE {}").format(
+        slicing.pg("t"), keys, sql.SQL(", ").join(_pg_value_digest(c, "t") for c in columns), target, scope)
+
+
+@dataclass(frozen=True)
+class RowDifference:
+    """A row that differs: by key (the key columns' canonical texts), and how."""
+
+    slice: str | None
+    key: dict[str, str | None]
+    kind: str  # missing (in BigQuery, not here), extra (here only), differs
+    columns: list[str]  # the columns whose values differ (kind differs)
+
+
+def row_differences(columns: list[DigestColumn], slicing: Slicing, source_rows: list[Any],
+                    target_rows: list[Any]) -> list[RowDifference]:
+    nk = len(slicing.key)
+    names = [k.target_name for k in slicing.key]
+
+    def index(rows: list[Any]) -> dict[tuple[Any, ...], tuple[str | None, tuple[Any, ...]]]:
+        return {tuple(r[1:1 + nk]): (None if r[0] is None else str(r[0]), tuple(r[1 + nk:])) for r in rows}
+
+    mine, theirs = index(source_rows), index(target_rows)
+    out = []
+    for key in sorted(mine.keys() | theirs.keys(), key=lambda k: tuple("" if v is None else str(v) for v in k)):
+        a, b = mine.get(key), theirs.get(key)
+        label = dict(zip(names, key, strict=True))
+        if b is None:
+            assert a is not None
+            out.append(RowDifference(a[0], label, "missing", []))
+        elif a is None:
+            out.append(RowDifference(b[0], label, "extra", []))
+        elif a[1] != b[1]:
+            out.append(RowDifference(a[0], label, "differs",
+                                     [c.target_name for c, x, y in zip(columns, a[1], b[1], strict=True) if x != y]))
+    return out

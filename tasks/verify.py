@@ -44,6 +44,8 @@ class Verdict:
     weaker: list[str] = field(default_factory=list)  # compared by non-NULL counts only
     excluded: list[str] = field(default_factory=list)  # not compared (derived or transformed)
     read_as_of: str | None = None  # the BigQuery snapshot read (None: as it is now)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # with --rows: the differing rows (digest.RowDifference)
+    bigquery_queries: int = 0  # the slices' query, and with --rows one per bisection step and one for the rows
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -85,30 +87,56 @@ def plan_columns(res: Resources, entry: RegistryEntry, declared: dict[str, str])
     return chosen, excluded, source
 
 
-def verify_table(res: Resources, entry: RegistryEntry, *, lock_wait_s: float = 0.0) -> Verdict:
-    """Compare one table with its source, slice by slice.
+@dataclass
+class _Sides:
+    """What both sides' queries need: the columns, the slicing, where each side's rows are read."""
+
+    columns: list[digest.DigestColumn]
+    slicing: digest.Slicing
+    source_from: str  # BigQuery table reference, with FOR SYSTEM_TIME AS OF where it applies
+    target: sql.Composable
+    where: sql.Composable | None  # soft-deleted rows left out
+    res: Resources
+    queries: int = 0  # BigQuery queries run
+
+    def bigquery(self, query: str) -> list[Any]:
+        self.queries += 1
+        client = self.res.source.get_bigquery_client()
+        retry = extract.short_retry(self.res.source.timeout_s)
+        return [tuple(r) for r in client.query(query, retry=retry, job_retry=None).result(
+            timeout=self.res.source.timeout_s, retry=retry)]
+
+    def postgres(self, query: sql.Composed) -> list[Any]:
+        with self.res.target.connect(autocommit=True) as conn:
+            return [tuple(r) for r in conn.execute(query).fetchall()]
+
+
+def verify_table(res: Resources, entry: RegistryEntry, *, rows: bool = False, lock_wait_s: float = 0.0) -> Verdict:
+    """Compare one table with its source, slice by slice (and, with ``rows``, bisect each differing slice down to
+    the rows that differ), holding the table's lock throughout.
 
     Raises:
         RefreshError: the source or the target cannot be read (names the table).
     """
     started = time.monotonic()
-    settings = res.settings
     spec = entry.spec()
     verdict = Verdict(entry.name, "not_verified")
     if spec.query is not None:
         verdict.notes.append("a query source is not verified yet (tables only)")
         return verdict
-    target_schema, target_table = (spec.target.split(".", 1) if spec.target else (entry.table_schema, entry.table_name))
-    if spec.shadow:
-        target_schema = settings.shadow_schema
     try:
         with table_lock(res.target, entry.name, lock_wait_s):  # no publish between the two sides' reads
-            source_rows, target_rows = _read_both(res, entry, target_schema, target_table, verdict)
+            sides = _sides(res, entry, verdict)
+            mine = digest.slice_digests(sides.bigquery(digest.bq_query(sides.source_from, sides.columns, sides.slicing)))
+            theirs = digest.slice_digests(sides.postgres(digest.pg_query(sides.target, sides.columns, sides.slicing,
+                                                                          sides.where)))
+            differing = digest.differences(mine, theirs)
+            if rows and differing:
+                verdict.rows = [asdict(r) for r in locate_rows(sides, differing, verdict)]
+            verdict.bigquery_queries = sides.queries
     except AlreadyRunning:
         verdict.notes.append("a run of the table is active (its lock is held): not verified")
         return verdict
-    mine, theirs = digest.slice_digests(source_rows), digest.slice_digests(target_rows)
-    differing = digest.differences(mine, theirs)
     verdict.slices = len(mine.keys() | theirs.keys())
     verdict.source_rows = sum(d.rows for d in mine.values())
     verdict.target_rows = sum(d.rows for d in theirs.values())
@@ -122,26 +150,62 @@ def verify_table(res: Resources, entry: RegistryEntry, *, lock_wait_s: float = 0
     return verdict
 
 
-def _read_both(res: Resources, entry: RegistryEntry, target_schema: str, target_table: str,
-               verdict: Verdict) -> tuple[list[Any], list[Any]]:
-    """Both sides' per-slice rows (BigQuery's, PostgreSQL's); fills the verdict's columns, slicing and notes."""
+# Bisection bounds: the slices bisected and the rows listed per table.
+MAX_SLICES_BISECTED = 50
+MAX_ROWS_LISTED = 1000
+
+
+def locate_rows(sides: _Sides, differing: list[digest.SliceDifference], verdict: Verdict) -> list[digest.RowDifference]:
+    """Below each differing slice, segments of the key hash (256 children a step) are compared on both sides,
+    only the differing ones split further, down to segments of at most digest.ROWS_PER_SEGMENT rows; their rows
+    are then compared one by one (a digest per column value), so only digests of the differing places cross."""
+    if len(differing) > MAX_SLICES_BISECTED:
+        verdict.notes.append(f"rows listed for the first {MAX_SLICES_BISECTED} of {len(differing)} differing slices")
+    pending = [(digest.Segment(d.slice), max(d.source_rows, d.target_rows)) for d in differing[:MAX_SLICES_BISECTED]]
+    final: list[digest.Segment] = []
+    level = 0
+    while pending:
+        final += [seg for seg, n in pending if n <= digest.ROWS_PER_SEGMENT or level >= digest.MAX_PREFIX]
+        big = [seg for seg, n in pending if n > digest.ROWS_PER_SEGMENT and level < digest.MAX_PREFIX]
+        if not big:
+            break
+        level = min(level + 2, digest.MAX_PREFIX)
+        a = digest.segment_digests(sides.bigquery(digest.bq_children_query(sides.source_from, sides.columns,
+                                                                            sides.slicing, big, level)))
+        b = digest.segment_digests(sides.postgres(digest.pg_children_query(sides.target, sides.columns, sides.slicing,
+                                                                            big, level, sides.where)))
+        pending = []
+        for seg in a.keys() | b.keys():
+            x, y = a.get(seg), b.get(seg)
+            if x is None or y is None or (x.rows, x.h1, x.h2, x.nonnull) != (y.rows, y.h1, y.h2, y.nonnull):
+                pending.append((seg, max(x.rows if x else 0, y.rows if y else 0)))
+    found = digest.row_differences(
+        sides.columns, sides.slicing,
+        sides.bigquery(digest.bq_rows_query(sides.source_from, sides.columns, sides.slicing, final)) if final else [],
+        sides.postgres(digest.pg_rows_query(sides.target, sides.columns, sides.slicing, final, sides.where))
+        if final else [])
+    if len(found) > MAX_ROWS_LISTED:
+        verdict.notes.append(f"the first {MAX_ROWS_LISTED} of {len(found)} differing rows listed")
+    return found[:MAX_ROWS_LISTED]
+
+
+def _sides(res: Resources, entry: RegistryEntry, verdict: Verdict) -> _Sides:
+    """Both sides' columns, slicing and read places; fills the verdict's columns, slicing and notes."""
     spec = entry.spec()
-    target = ident(target_schema, target_table)
+    target_schema, target_table = (spec.target.split(".", 1) if spec.target else (entry.table_schema, entry.table_name))
+    if spec.shadow:
+        target_schema = res.settings.shadow_schema
     with res.target.connect(autocommit=True) as conn:
         declared = load.target_columns(conn, target_schema, target_table)
         if not declared:
             raise RefreshError(f"target {target_schema}.{target_table} does not exist", table=entry.name)
         columns, verdict.excluded, source = plan_columns(res, entry, declared)
-        verdict.weaker = [c.target_name for c in columns if not c.exact]
-        by_source = {c.source_name: c for c in columns}
-        window = by_source.get(spec.window_column or "")
-        slicing = digest.Slicing(window if window is not None and window.exact else None,
-                                 [by_source[k] for k in spec.key])
-        verdict.slicing = slicing.label
         snapshot = last_snapshot(conn, res.settings.schema_name, entry)
-        soft = (sql.SQL("t.{} IS NULL").format(ident(spec.delete_policy.soft_delete_column))
-                if spec.delete_policy.mode == "soft" else None)
-        target_rows = conn.execute(digest.pg_query(target, columns, slicing, soft)).fetchall()
+    verdict.weaker = [c.target_name for c in columns if not c.exact]
+    by_source = {c.source_name: c for c in columns}
+    window = by_source.get(spec.window_column or "")
+    slicing = digest.Slicing(window if window is not None and window.exact else None, [by_source[k] for k in spec.key])
+    verdict.slicing = slicing.label
     at = ""
     if snapshot is None:
         verdict.notes.append("no successful run recorded its read snapshot: BigQuery read as it is now")
@@ -154,9 +218,8 @@ def _read_both(res: Resources, entry: RegistryEntry, target_schema: str, target_
         at = f" FOR SYSTEM_TIME AS OF TIMESTAMP '{snapshot.astimezone(UTC).isoformat()}'"
         verdict.read_as_of = snapshot.isoformat()
     project, dataset, table = source.ref.split(".")
-    query = digest.bq_query(f"{extract.bq_ident(project)}.{extract.bq_ident(dataset)}.{extract.bq_ident(table)}{at}",
-                            columns, slicing)
-    client = res.source.get_bigquery_client()
-    retry = extract.short_retry(res.source.timeout_s)
-    source_rows = list(client.query(query, retry=retry, job_retry=None).result(timeout=res.source.timeout_s, retry=retry))
-    return source_rows, [tuple(r) for r in target_rows]
+    soft = (sql.SQL("t.{} IS NULL").format(ident(spec.delete_policy.soft_delete_column))
+            if spec.delete_policy.mode == "soft" else None)
+    return _Sides(columns, slicing,
+                  f"{extract.bq_ident(project)}.{extract.bq_ident(dataset)}.{extract.bq_ident(table)}{at}",
+                  ident(target_schema, target_table), soft, res)

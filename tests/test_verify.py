@@ -118,7 +118,7 @@ def test_verify_finds_exactly_the_slices_edited_by_hand(
     env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
 ) -> None:
     s = registry
-    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(400, weeks=8))
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(1200, weeks=4))  # 300 rows a week: bisected below the slice
     register_table(pg, s, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "mode": "window",
                                   "window_column": "start_date"})
     put_table(source, "plain", SQP_SCHEMA, sqp_rows(300))
@@ -128,27 +128,35 @@ def test_verify_finds_exactly_the_slices_edited_by_hand(
     code, out = verify()
     assert code == 0, out
     by = {t["table"]: t for t in out["tables"]}
-    assert by[f"{s}.sqp"]["status"] == "equal" and by[f"{s}.sqp"]["slices"] == 8
-    assert by[f"{s}.sqp"]["source_rows"] == by[f"{s}.sqp"]["target_rows"] == 400
+    assert by[f"{s}.sqp"]["status"] == "equal" and by[f"{s}.sqp"]["slices"] == 4
+    assert by[f"{s}.sqp"]["source_rows"] == by[f"{s}.sqp"]["target_rows"] == 1200
     assert by[f"{s}.plain"]["status"] == "equal" and by[f"{s}.plain"]["slicing"].startswith("key bucket")
 
     t = sql.Identifier(s, "sqp")
-    pg.execute(sql.SQL("UPDATE {} SET impressions = impressions + 1 WHERE start_date = '2025-01-05' AND asin = 'B000000000'").format(t))
-    pg.execute(sql.SQL("DELETE FROM {} WHERE start_date = '2025-01-12' AND asin = 'B000000001'").format(t))
+    one = "search_query = 'query 0'"
+    pg.execute(sql.SQL("UPDATE {} SET impressions = impressions + 1 WHERE start_date = '2025-01-05' AND asin = 'B000000000'"
+                       f" AND {one}").format(t))
+    pg.execute(sql.SQL(f"DELETE FROM {{}} WHERE start_date = '2025-01-12' AND asin = 'B000000001' AND {one}").format(t))
     pg.execute(sql.SQL("INSERT INTO {} SELECT '2025-01-19', 'B0HANDMADE', search_query, impressions, click_share,"
-                       " median_price, updated_at FROM {} LIMIT 1").format(t, t))
+                       f" median_price, updated_at FROM {{}} WHERE {one} LIMIT 1").format(t, t))
     pg.execute(sql.SQL("UPDATE {} SET median_price = median_price + 0.000000000 WHERE start_date = '2025-01-26'").format(t))
     plain = sql.Identifier(s, "plain")
     edited = pg.execute(sql.SQL("UPDATE {} SET click_share = NULL WHERE asin = 'B000000005' AND search_query = 'query 0'"
                                 " RETURNING start_date, asin, search_query").format(plain)).fetchall()
     assert len(edited) == 1
-    code, out = verify()
+    code, out = verify("--rows")
     assert code == 1
     by = {t["table"]: t for t in out["tables"]}
     sqp = by[f"{s}.sqp"]
     assert sqp["status"] == "differs"
     assert {d["slice"]: (d["source_rows"], d["target_rows"]) for d in sqp["differing"]} == {
-        "2025-01-05": (50, 50), "2025-01-12": (50, 49), "2025-01-19": (50, 51)}
+        "2025-01-05": (300, 300), "2025-01-12": (300, 299), "2025-01-19": (300, 301)}
+    assert sqp["bigquery_queries"] == 3  # the slices, one bisection step (300 rows -> 256 key segments), the rows
+    assert [(r["key"]["asin"], r["key"]["start_date"], r["kind"], r["columns"]) for r in sqp["rows"]] == [
+        ("B000000000", "2025-01-05", "differs", ["impressions"]), ("B000000001", "2025-01-12", "missing", []),
+        ("B0HANDMADE", "2025-01-19", "extra", [])]
+    assert [(r["key"]["asin"], r["kind"], r["columns"]) for r in by[f"{s}.plain"]["rows"]] == [
+        ("B000000005", "differs", ["click_share"])]
     bucket = hashlib.md5("|".join(f"{len(v)}:{v}" for v in (str(edited[0][0]), edited[0][1], edited[0][2]))  # noqa: S324
                          .encode()).hexdigest()[:2]
     assert [d["slice"] for d in by[f"{s}.plain"]["differing"]] == [bucket]
