@@ -134,7 +134,8 @@ def history(
 
 
 def metrics(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
-    """Per table over 30 days: runs, success rate, rows, durations, seconds since the last success."""
+    """Per table over 30 days: runs, success rate, rows, durations, seconds since the last success (dry runs, which
+    publish nothing, apart)."""
     query = sql.SQL(
         """
         SELECT c.table_schema || '.' || c.table_name AS table,
@@ -150,6 +151,7 @@ def metrics(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
           FROM {cfg} c
           LEFT JOIN {audit} a ON a.table_schema = c.table_schema AND a.table_name = c.table_name
                              AND a.refresh_started_at > now() - interval '30 days'
+                             AND NOT coalesce((a.sync_metadata->>'dry_run')::boolean, false)
          GROUP BY 1 ORDER BY 1
         """
     ).format(cfg=ident(schema, "refresh_config"), audit=ident(schema, "refresh_audit_log"))
@@ -160,32 +162,6 @@ def metrics(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
         for k in ("avg_duration_ms", "seconds_since_last_success"):
             r[k] = None if r[k] is None else float(r[k])
     return rows
-
-
-def prometheus_text(rows: list[dict[str, Any]]) -> str:
-    """The metrics in the Prometheus text exposition format."""
-    def esc(v: str) -> str:
-        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-    series = [
-        ("bq_refresh_runs_total", "counter", "Refresh runs in the last 30 days.", "runs"),
-        ("bq_refresh_failures_total", "counter", "Failed refresh runs in the last 30 days.", "failures"),
-        ("bq_refresh_success_rate", "gauge", "Share of runs that succeeded (30 days).", "success_rate"),
-        ("bq_refresh_avg_duration_ms", "gauge", "Mean duration of successful runs, ms.", "avg_duration_ms"),
-        ("bq_refresh_seconds_since_last_success", "gauge", "Seconds since the last successful refresh.",
-         "seconds_since_last_success"),
-    ]
-    lines: list[str] = []
-    for name, kind, help_text, key in series:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        for r in rows:
-            if r[key] is not None:
-                lines.append(f'{name}{{table="{esc(r["table"])}"}} {float(r[key]):g}')
-    lines += ["# HELP bq_refresh_rows_total Rows by kind in the last 30 days.", "# TYPE bq_refresh_rows_total counter"]
-    for r in rows:
-        for kind in ("read", "inserted", "updated", "deleted"):
-            lines.append(f'bq_refresh_rows_total{{table="{esc(r["table"])}",kind="{kind}"}} {int(r["rows_" + kind])}')
-    return "\n".join(lines) + "\n"
 
 
 def quality(conn: psycopg.Connection[Any], schema: str, *, table: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -230,3 +206,53 @@ def rollback(conn: psycopg.Connection[Any], schema: str) -> dict[str, int]:
         expired = conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE status = 'active'").format(
             ident(schema, "refresh_checkpoints"))).rowcount
     return {"tables_disabled": disabled, "checkpoints_expired": expired}
+
+
+def run_phase(checkpoint_status: str | None, streams: list[str], done: dict[str, bool], checks_recorded: int) -> str:
+    """Where a running table is, from what it has written so far: planning (no checkpoint yet), reading (streams
+    still open), checking (every stream read, the quality gate not recorded yet), publishing (the gate recorded,
+    the checkpoint not yet closed by the publish), finishing (published: views and records)."""
+    if checkpoint_status is None:
+        return "planning"
+    if checkpoint_status == "completed":
+        return "finishing"
+    if checks_recorded:
+        return "publishing"
+    if streams and all(done.get(s) for s in streams):
+        return "checking"
+    return "reading"
+
+
+def in_progress(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
+    """Table runs in progress (audit rows still running), oldest first: phase, rows staged so far, rows skipped
+    as unchanged, rows expected (the read session's estimate; None until it is known), and how long it has run."""
+    query = sql.SQL(
+        """
+        SELECT a.id AS audit_id, a.table_schema || '.' || a.table_name AS table, a.refresh_started_at AS started_at,
+               extract(epoch FROM clock_timestamp() - a.refresh_started_at)::float8 AS seconds,
+               a.sync_metadata->>'flow_run_id' AS flow_run_id, c.status AS checkpoint_status,
+               c.last_processed_row AS rows_staged, c.checkpoint_data->'session' AS session,
+               c.checkpoint_data->'done' AS done, (c.checkpoint_data->>'unchanged')::bigint AS rows_unchanged,
+               (SELECT count(*) FROM {quality} q WHERE q.audit_log_id = a.id) AS checks_recorded
+          FROM {audit} a
+          LEFT JOIN LATERAL (SELECT status, last_processed_row, checkpoint_data FROM {ckpt} k
+                              WHERE k.table_schema = a.table_schema AND k.table_name = a.table_name
+                                AND (k.status = 'active' OR k.updated_at >= a.refresh_started_at)
+                              ORDER BY (k.status = 'active') DESC, k.id DESC LIMIT 1) c ON true
+         WHERE a.status = 'running'
+         ORDER BY a.id
+        """
+    ).format(audit=ident(schema, "refresh_audit_log"), ckpt=ident(schema, "refresh_checkpoints"),
+             quality=ident(schema, "refresh_data_quality"))
+    out = []
+    with conn.cursor(row_factory=dict_row) as cur:
+        for r in cur.execute(query).fetchall():
+            session = r.pop("session") or {}
+            done = {str(k): bool(v) for k, v in (r.pop("done") or {}).items()}
+            streams = [str(s) for s in session.get("streams") or []]
+            expected = int(session.get("estimated_rows") or 0)
+            r["phase"] = run_phase(r.pop("checkpoint_status"), streams, done, int(r.pop("checks_recorded")))
+            r["rows_staged"] = None if r["rows_staged"] is None else int(r["rows_staged"])
+            r["rows_expected"] = expected or None
+            out.append(r)
+    return out
