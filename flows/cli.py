@@ -455,6 +455,9 @@ def verify(
                                                     " table.")] = None,
     rows: Annotated[bool, typer.Option("--rows", help="Bisect each differing slice down to the rows that differ"
                                        " and list them (key; missing, extra, or which columns differ).")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Reload what differs through a normal run (window mode:"
+                                         " the differing periods, whole; else a full refresh), then verify again."
+                                         )] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Compare each table with BigQuery slice by slice: a row count and a digest computed on each side, only the
@@ -469,6 +472,17 @@ def verify(
                    else [e for e in list_entries(conn, settings.schema_name) if e.is_enabled])
     res = resolve_resources(settings)
     verdicts = [verify_table(res, e, rows=rows) for e in entries]
+    if repair:
+        from tasks.verify import repair_table
+
+        by_name = {e.name: e for e in entries}
+        for i, v in enumerate(verdicts):
+            if v.status == "differs":
+                run = repair_table(res, by_name[v.table], v)
+                verdicts[i] = verify_table(res, by_name[v.table], rows=rows)
+                verdicts[i].repair = {k: run.get(k) for k in ("status", "repaired", "rows_inserted", "rows_updated",
+                                                              "rows_deleted", "audit_id", "error")}
+                verdicts[i].notes.insert(0, f"repaired ({run.get('status')}: {run.get('repaired')}), verified again")
     if not _emit({"tables": [v.as_dict() for v in verdicts]}, as_json):
         for v in verdicts:  # plain lines: never wrapped, whatever the terminal
             what = (f"{v.slices} slices by {v.slicing}, {v.source_rows} rows in BigQuery, {v.target_rows} here"

@@ -57,12 +57,12 @@ def _retry_transient(task: Any, task_run: Any, state: State[Any]) -> bool:
 
 @task(name="plan", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient, task_run_name="plan-{table}")
 def plan_task(table: str, full_refresh: bool, batch_size: int | None, dry_run: bool = False,
-              allow_deletes: bool = False) -> sync.RefreshPlan:
+              allow_deletes: bool = False, repair_periods: list[str | None] | None = None) -> sync.RefreshPlan:
     res = _resources()
     with res.target.connect() as conn:
         entry = get_entry(conn, res.settings.schema_name, table)
     return sync.plan_refresh(res, entry, full_refresh=full_refresh, batch_size=batch_size, dry_run=dry_run,
-                             allow_deletes=allow_deletes)
+                             allow_deletes=allow_deletes, repair_periods=repair_periods)
 
 
 @task(name="stage", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient, task_run_name="stage-{plan.table}")
@@ -272,6 +272,7 @@ def refresh_table(
     refresh_views: bool = True,
     allow_deletes: bool = False,
     hold_publish: bool = False,
+    repair_periods: list[str | None] | None = None,
 ) -> dict[str, Any]:
     """Refresh one registered table from BigQuery, exactly once, resumably.
 
@@ -285,6 +286,8 @@ def refresh_table(
         allow_deletes: window mode: delete more vanished periods than the table's max_vanished_periods.
         hold_publish: stage and check only, and return ``status: staged`` with the plan; the parent flow
             publishes the table with the other members of its publish group (``publish_group``).
+        repair_periods: window mode: re-read exactly these periods whole and replace them, no row skipped by
+            its hash (``bq-refresh verify --repair``).
 
     Returns:
         A summary: status, mode, rows read/inserted/updated/deleted, audit id.
@@ -320,7 +323,8 @@ def refresh_table(
         with audit(autocommit=True) as conn:
             audit_id = start_audit(conn, schema, config_id=entry.id, table_schema=entry.table_schema,
                                    table_name=entry.table_name,
-                                   metadata={"dry_run": dry_run, "full_refresh": full_refresh, "flow_run_id": run_id})
+                                   metadata={"dry_run": dry_run, "full_refresh": full_refresh, "flow_run_id": run_id,
+                                             **({"repair_periods": repair_periods} if repair_periods is not None else {})})
             interrupted = close_interrupted_audits(conn, schema, entry.table_schema, entry.table_name, audit_id)
         if interrupted:
             logger.warning("%s: %d earlier run(s) had been interrupted; closed their audit rows", entry.name, interrupted)
@@ -342,8 +346,8 @@ def refresh_table(
                 return {"table": entry.name, "status": "skipped", **facts,
                         "reason": f"source not ready: {waited.reason}", "audit_id": audit_id}
         try:
-            plan = _with_retries(plan_task, settings.retries, settings.retry_delay_s)(entry.name, full_refresh,
-                                                                                       batch_size, dry_run, allow_deletes)
+            plan = _with_retries(plan_task, settings.retries, settings.retry_delay_s)(
+                entry.name, full_refresh, batch_size, dry_run, allow_deletes, repair_periods)
             held.ensure()
             manifest = _with_retries(stage_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
             held.ensure()

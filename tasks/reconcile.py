@@ -86,6 +86,12 @@ class PeriodChoice:
     vanished: list[str | None]  # periods in the target that the source no longer has (deleted whole)
     expected: dict[str | None, int]  # period -> rows the target must hold after the publish
 
+    def only(self, periods: list[str | None]) -> PeriodChoice:
+        """The same choice restricted to ``periods`` (each still read whole, or deleted whole if vanished)."""
+        keep = set(periods)
+        return PeriodChoice(read=[p for p in self.read if p in keep], vanished=[p for p in self.vanished if p in keep],
+                            expected={p: n for p, n in self.expected.items() if p in keep})
+
 
 def choose_periods(source: list[SourceSlice], target: dict[str | None, int], *, everything: bool) -> PeriodChoice:
     """Decide the periods to replace: every period that holds a changed row, or whose row count differs

@@ -177,8 +177,12 @@ def _drift(
 def plan_refresh(
     res: Resources, entry: RegistryEntry, *, full_refresh: bool = False, batch_size: int | None = None,
     dry_run: bool = False, local: LocalSource | None = None, allow_deletes: bool = False,
+    repair_periods: list[str | None] | None = None,
 ) -> RefreshPlan:
     """Resolve the source, check drift, prepare target and staging, and open or resume the read.
+
+    ``repair_periods`` (window mode; ``bq-refresh verify --repair``): read exactly these periods whole and replace
+    them, every row staged (a row edited by hand in PostgreSQL still has its old hash: no hash skip).
 
     A valid active checkpoint of an earlier, unfinished run of the same table is resumed: its
     staging table, read session and stream offsets are reused.
@@ -260,7 +264,10 @@ def plan_refresh(
                   and all(c.staging_type == c.pg_type for c in columns)
                   and all(declared.get(c.target_name, declared_form(c.pg_type)) == declared_form(c.pg_type)
                           for c in columns))
-        hash_skip = row_hash and not empty and not full_refresh
+        hash_skip = row_hash and not empty and not full_refresh and repair_periods is None
+        if repair_periods is not None and (spec.mode != "window" or not spec.window_column):
+            raise ConfigError("only a window-mode table repairs by period (verify --repair runs a full refresh of"
+                              " the others)", table=table)
         wall_time = {c.target_name: spec.target_timezone for c in columns
                      if c.bq_type == "TIMESTAMP" and c.mode != "REPEATED"
                      and declared.get(c.target_name) == "timestamp without time zone"}
@@ -272,7 +279,8 @@ def plan_refresh(
                               " column timestamptz", table=table)
         fingerprint = hashlib.sha1(repr((columns, key, full, spec.mode, entry.watermark, spec.lookback, target_schema,
                                          spec.checks, spec.critical_fields, row_hash, direct, hash_skip,
-                                         local is not None, spec.publish_group, hashes, sorted(wall_time.items()))).encode()).hexdigest()
+                                         local is not None, spec.publish_group, hashes, sorted(wall_time.items()),
+                                         repair_periods)).encode()).hexdigest()
         if active is not None:
             why = ("the plan changed" if active[1].get("fingerprint") != fingerprint
                    else _staging_lost(conn, staging_schema, stage_table, active[1], int(active[2] or 0)))
@@ -308,7 +316,9 @@ def plan_refresh(
                                               window=window_col.source_name, cursor_floor=floor_expr))
             held = {} if created else reconcile.target_period_counts(conn, target_schema, target_table,
                                                                      window_col.target_name, soft_column)
-            choice = reconcile.choose_periods(slices, held, everything=floor_expr is None)
+            choice = reconcile.choose_periods(slices, held, everything=floor_expr is None or repair_periods is not None)
+            if repair_periods is not None:
+                choice = choice.only(repair_periods)
             reconcile.refuse_vanished(table, choice.vanished, spec.max_vanished_periods, allow_deletes,
                                       window_col.source_name)
             restriction = reconcile.window_restriction(choice.read, window_col.source_name, window_col.bq_type)

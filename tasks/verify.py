@@ -20,7 +20,7 @@ from psycopg import sql
 
 from blocks.resources import Resources
 from bq_refresh.errors import AlreadyRunning, RefreshError
-from tasks import digest, extract, load
+from tasks import digest, extract, load, reconcile
 from tasks.locks import table_lock
 from tasks.registry import RegistryEntry
 from tasks.sqlnames import ident
@@ -45,6 +45,7 @@ class Verdict:
     excluded: list[str] = field(default_factory=list)  # not compared (derived or transformed)
     read_as_of: str | None = None  # the BigQuery snapshot read (None: as it is now)
     rows: list[dict[str, Any]] = field(default_factory=list)  # with --rows: the differing rows (digest.RowDifference)
+    repair: dict[str, Any] | None = None  # with --repair: the repairing run (status, periods, rows, audit id)
     bigquery_queries: int = 0  # the slices' query, and with --rows one per bisection step and one for the rows
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -148,6 +149,43 @@ def verify_table(res: Resources, entry: RegistryEntry, *, rows: bool = False, lo
                              " show as extra target rows")
     verdict.seconds = round(time.monotonic() - started, 3)
     return verdict
+
+
+def period_of(slice_text: str | None, window: digest.DigestColumn) -> str | None:
+    """A window slice's canonical text as the period text of reconcile.period_text (what a run replaces)."""
+    if slice_text is None or window.bq_type not in {"TIMESTAMP", "DATETIME"}:
+        return slice_text
+    at = datetime(1970, 1, 1) + timedelta(microseconds=int(slice_text))
+    return reconcile.period_text(at.replace(tzinfo=UTC) if window.bq_type == "TIMESTAMP" else at)
+
+
+def repair_table(res: Resources, entry: RegistryEntry, verdict: Verdict) -> dict[str, Any]:
+    """Reload what differs through the normal run (plan, gate, publish with its reconciliation and delete guard,
+    audit, alerts): a window-mode table re-reads exactly its differing periods whole, every row staged (no hash
+    skip: a hand edit leaves the old hash); any other table a full refresh (rows already equal are not rewritten).
+
+    Returns:
+        The run's summary (flows.refresh_table), with ``repaired``: the periods, or "full refresh".
+    """
+    from flows.refresh_table import refresh_table
+
+    spec = entry.spec()
+    window = next((c for c in _window_columns(res, entry) if c.source_name == spec.window_column), None)
+    if spec.mode == "window" and window is not None and verdict.slicing == window.target_name:
+        periods = [period_of(d["slice"], window) for d in verdict.differing]
+        run = refresh_table(entry.name, repair_periods=periods, refresh_views=True)
+        return {**run, "repaired": periods}
+    run = refresh_table(entry.name, full_refresh=True, refresh_views=True)
+    return {**run, "repaired": "full refresh"}
+
+
+def _window_columns(res: Resources, entry: RegistryEntry) -> list[digest.DigestColumn]:
+    spec = entry.spec()
+    if not spec.window_column:
+        return []
+    source = extract.resolve_source(res.source, table=entry.name, source_ref=spec.source, query=None)
+    field_ = source.field(spec.window_column)
+    return [digest.DigestColumn(spec.window_column, spec.target_name(spec.window_column), field_.type)] if field_ else []
 
 
 # Bisection bounds: the slices bisected and the rows listed per table.

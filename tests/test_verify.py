@@ -32,7 +32,7 @@ from bq_refresh.settings import Settings
 from flows.refresh_table import refresh_table
 from tasks import digest
 from tasks.registry import register_table
-from tests.bqdata import SHORT, bq_schema, put_table
+from tests.bqdata import SHORT, assert_same_rows, bq_schema, pg_rows, put_table, source_rows
 from tests.conftest import ROOT
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
 
@@ -157,9 +157,33 @@ def test_verify_finds_exactly_the_slices_edited_by_hand(
         ("B0HANDMADE", "2025-01-19", "extra", [])]
     assert [(r["key"]["asin"], r["kind"], r["columns"]) for r in by[f"{s}.plain"]["rows"]] == [
         ("B000000005", "differs", ["click_share"])]
+
     bucket = hashlib.md5("|".join(f"{len(v)}:{v}" for v in (str(edited[0][0]), edited[0][1], edited[0][2]))  # noqa: S324
                          .encode()).hexdigest()[:2]
     assert [d["slice"] for d in by[f"{s}.plain"]["differing"]] == [bucket]
+
+    # --repair: the differing periods re-read whole (every row staged: the edited row's hash is stale), the other
+    # table by a full refresh; then verified again. Rows of untouched periods and rows already equal keep their xmin.
+    untouched = sql.SQL("SELECT asin, search_query, xmin::text FROM {} WHERE start_date = '2025-01-26' ORDER BY 1, 2")
+    before = pg.execute(untouched.format(t)).fetchall()
+    others = sql.SQL("SELECT asin, start_date, search_query, xmin::text FROM {} WHERE NOT (asin = 'B000000005' AND"
+                     " search_query = 'query 0') ORDER BY 1, 2, 3")
+    plain_before = pg.execute(others.format(plain)).fetchall()
+    code, out = verify("--repair")
+    by = {t["table"]: t for t in out["tables"]}
+    assert code == 0, out
+    assert by[f"{s}.sqp"]["status"] == by[f"{s}.plain"]["status"] == "equal"
+    assert by[f"{s}.sqp"]["repair"]["repaired"] == ["2025-01-05", "2025-01-12", "2025-01-19"], by[f"{s}.sqp"]
+    assert (by[f"{s}.sqp"]["repair"]["rows_inserted"], by[f"{s}.sqp"]["repair"]["rows_updated"],
+            by[f"{s}.sqp"]["repair"]["rows_deleted"]) == (1, 1, 1)
+    assert by[f"{s}.plain"]["repair"]["repaired"] == "full refresh" and by[f"{s}.plain"]["repair"]["rows_updated"] == 1
+    assert pg.execute(untouched.format(t)).fetchall() == before
+    assert pg.execute(others.format(plain)).fetchall() == plain_before
+    assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{s}".sqp', "1, 2, 3"), SQP_KEY)
+    assert_same_rows(source_rows(source, "plain"), pg_rows(pg, f'"{s}".plain', "1, 2, 3"), SQP_KEY)
+    audit = pg.execute(f"SELECT sync_metadata->'repair_periods' FROM \"{s}\".refresh_audit_log WHERE table_name = 'sqp'"
+                       " ORDER BY id DESC LIMIT 1").fetchone()
+    assert audit == (["2025-01-05", "2025-01-12", "2025-01-19"],)
 
 
 def test_verify_is_refused_while_a_run_holds_the_table(
