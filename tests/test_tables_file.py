@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,18 @@ def bq(env: Settings, pg: psycopg.Connection[Any]) -> Any:
     def run(*args: str) -> Any:
         return cli(*args, env=environ, program=[str(BIN)])
     return run
+
+
+def on_a_terminal(env: Settings, answer: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """bq-refresh with a terminal on stdin that types ``answer``."""
+    main, terminal = pty.openpty()
+    try:
+        os.write(main, answer.encode())
+        return subprocess.run([str(BIN), *args], cwd=ROOT, stdin=terminal, capture_output=True, text=True,
+                              timeout=180, env={**os.environ, "COLUMNS": "80"})
+    finally:
+        os.close(main)
+        os.close(terminal)
 
 
 def registry(pg: psycopg.Connection[Any], schema: str) -> list[tuple[Any, ...]]:
@@ -115,8 +129,9 @@ def test_apply_changes_disables_prunes_and_refuses_bad_files(bq: Any, env: Setti
         assert line in refused.stdout.splitlines(), (line, refused.stdout)
     assert registry(pg, schema) == before
 
-    done = bq("apply", "-f", str(changed), "--yes")
-    assert done.returncode == 0 and "applied: 1 added, 2 changed, 1 disabled, 0 deleted" in done.stdout, done.stderr
+    done = on_a_terminal(env, "y\n", "apply", "-f", str(changed))  # asked, and agreed
+    assert done.returncode == 0 and "Apply this plan? [y/N]: " in done.stdout, done.stderr
+    assert "applied: 1 added, 2 changed, 1 disabled, 0 deleted" in done.stdout
     rows = {r[1]: r for r in registry(pg, schema) if len(r) > 3}
     assert rows["a"][2:8] == (True, 7, 24, ["core"], {**SPEC, "lookback": "3d"}, "42")  # its watermark kept
     assert rows["c"][2] is False and rows["d"][2] is True
