@@ -29,7 +29,7 @@ from bq_refresh.errors import (
     StagingLost,
 )
 from tasks import extract, fastpath, headroom, load, quality, reconcile, registry
-from tasks.artifacts import Progress
+from tasks.artifacts import Progress, record_phase, rows_expected
 from tasks.fastpath import HASH_COLUMN, LocalSource
 from tasks.planning import streams_within
 from tasks.registry import RegistryEntry
@@ -190,6 +190,7 @@ def plan_refresh(
     settings = res.settings
     spec = entry.spec()
     table = entry.name
+    record_phase(table, "planning")
     if local is not None:
         source = extract.SourceTable(local.ref, [extract.SourceField(f.name, arrow_to_bq(f.type, f.name, table),
                                                                      "NULLABLE" if f.nullable else "REQUIRED")
@@ -550,7 +551,9 @@ def stage_rows(
     offsets: dict[str, int] = {k: int(v) for k, v in state.get("offsets", {}).items()}
     done: dict[str, bool] = {k: bool(v) for k, v in state.get("done", {}).items()}
     seq_base = int(state.get("seq_base", 0))
-    progress = Progress(plan.table, int(session.get("estimated_rows") or 0))
+    progress = Progress(plan.table, rows_expected(int(session.get("estimated_rows") or 0), full=plan.full,
+                                                  whole_table=plan.expected_rows, period_rows=plan.expected_periods),
+                        already=plan.rows_already_staged)
     check_names = quality.checksum_names(plan.columns, plan.key, plan.critical_fields)
 
     def run_stream(stream: str, arrow_schema: pa.Schema, stream_index: int) -> None:
@@ -783,6 +786,7 @@ def _refetch_missing_keys(res: Resources, plan: RefreshPlan, session: dict[str, 
 def check_staged(res: Resources, plan: RefreshPlan, *, audit_id: int | None) -> list[quality.CheckResult]:
     """Run the quality gate on the staged rows; record every result; a hard failure discards the
     staging and raises QualityCheckFailed (nothing is published)."""
+    record_phase(plan.table, "checking")
     with res.target.connect(autocommit=True) as conn:
         row = conn.execute(sql.SQL("SELECT checkpoint_data FROM {} WHERE id = %s").format(
             ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,)).fetchone()
@@ -825,6 +829,7 @@ def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_i
     In the same transaction: deletes by mode and policy, the watermark, the registry's times,
     the checkpoint marked completed, and staging dropped.
     """
+    record_phase(plan.table, "publishing")
     with res.target.connect() as conn:
         conn.execute("SET LOCAL lock_timeout = '60s'")
         earlier = _published_before(conn, plan)
@@ -853,6 +858,8 @@ def publish_group(res: Resources, group: str, plans: list[RefreshPlan], *, dry_r
         GroupHeld: a member's publish failed; nothing of the group was published.
     """
     audit_ids = audit_ids or {}
+    for plan in plans:
+        record_phase(plan.table, "publishing")
     with res.target.connect() as conn:
         conn.execute("SET LOCAL lock_timeout = '60s'")
         earlier = {p.table: _published_before(conn, p) for p in plans}
@@ -1116,7 +1123,8 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
     counters = {"read": 0, "loaded": 0, "quarantined": 0, "batches": 0, "checksum": 0}
     lock = threading.Lock()
     quarantined: list[dict[str, Any]] = []
-    progress = Progress(plan.table, int(plan.session.get("estimated_rows") or 0))
+    progress = Progress(plan.table, rows_expected(int(plan.session.get("estimated_rows") or 0), full=plan.full,
+                                                  whole_table=plan.expected_rows, period_rows=plan.expected_periods))
     out_schema = pa.schema([pa.field(c.target_name, c.arrow_type) for c in plan.columns])
     hashed_schema = pa.schema([*out_schema, *([pa.field(HASH_COLUMN, pa.int64())] if plan.row_hash else [])])
     # Row hashes go to the side table, after the live rows and in the same transaction: spilled to a local
@@ -1218,6 +1226,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
                 ident(plan.registry_schema, "refresh_quarantine")),
                 (audit_id, plan.table.split(".")[0], plan.table.split(".", 1)[1],
                  Jsonb(row, dumps=lambda v: json.dumps(v, default=str))))
+        record_phase(plan.table, "checking")
         results = quality.staged_checks(
             res, table=plan.table, target_schema=plan.target_schema, target_table=plan.target_table,
             staging_schema=plan.target_schema, staging_table=plan.target_table, columns=plan.columns, key=plan.key,
@@ -1236,6 +1245,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
                                            detail="rows loaded present in the live table"))
         results += _reconciliation(session, plan, target, None)
         _record_and_gate(res, plan, audit_id, results, adbc_conn.rollback, "failed quality check")
+        record_phase(plan.table, "publishing")  # the indexes, the watermark and the COMMIT
         try:
             fastpath.rebuild_indexes(session, plan.target_schema, plan.target_table, dropped)
         except Exception as exc:
