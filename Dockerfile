@@ -16,6 +16,8 @@ COPY bq_refresh ./bq_refresh
 COPY blocks ./blocks
 COPY tasks ./tasks
 COPY flows ./flows
+# `.` only, not `.[demo]`: the embedded PostgreSQL, the BigQuery emulator and DuckDB (the demo extra, ~245 MB of
+# site-packages) are never imported in production; the image talks to real BigQuery and PostgreSQL.
 RUN pip install --compile . && chown -R bqrefresh /opt/bq-refresh
 
 USER bqrefresh
