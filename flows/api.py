@@ -43,6 +43,15 @@ OUTCOME_KEYS = ("table", "status", "mode", "rows_read", "rows_inserted", "rows_u
                 "execution_time_ms", "audit_id", "error", "reason")
 
 
+TAGS = [
+    {"name": "runs", "description": "Start a run and follow it by its run id."},
+    {"name": "status", "description": "Per table: health, last result, what runs now; the audit log."},
+    {"name": "metrics", "description": "Prometheus counters and gauges."},
+    {"name": "config", "description": "The registry of tables."},
+    {"name": "health", "description": "For probes and monitors."},
+    {"name": ALIAS_TAG, "description": "The earlier attempt's paths under /api/refresh, which the users' dashboard"
+                                       " calls: the same operations and bodies as the native paths."},
+]
 BEARER = HTTPBearer(auto_error=False, scheme_name="bearer",
                     description="The API token (REFRESH_API_TOKEN), sent as 'Authorization: Bearer <token>'.")
 
@@ -208,6 +217,16 @@ def _prefers_json(accept: str | None) -> bool:
     return "application/json" in accept and "text/plain" not in accept and "openmetrics" not in accept
 
 
+# The docs pages load nothing from elsewhere: ReDoc's bundle would fetch its attribution logo from Redocly's CDN.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline';"
+            " img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'")
+
+
+def _same_origin_only(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = DOCS_CSP
+    return page
+
+
 def _static_dir() -> str:
     """Swagger UI's and ReDoc's files, shipped by the fastapi-offline package: /docs and /redoc need no internet."""
     return str(package_files.files("fastapi_offline") / "static")
@@ -233,7 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        " resumes from their checkpoints")
 
     app = FastAPI(
-        title="bq-refresh", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+        title="bq-refresh", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_tags=TAGS,
         description="Status, runs, history, metrics, configuration and manual triggers of bq-refresh. Writes (and,"
                     " with REFRESH_API_READ_REQUIRES_TOKEN, reads) need the bearer token REFRESH_API_TOKEN: the"
                     " Authorize button. The earlier attempt's paths under /api/refresh answer as aliases.",
@@ -284,7 +303,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def register(endpoint: Any) -> Any:
             app.add_api_route(path, endpoint, methods=[method], **kwargs)
             if alias:
-                summary = kwargs.get("summary") or (endpoint.__doc__ or "").strip().splitlines()[0]
+                summary = kwargs["summary"]
                 app.add_api_route(ALIAS_PREFIX + path, endpoint, methods=[method],
                                   **{**kwargs, "tags": [ALIAS_TAG], "summary": f"{summary} (alias of {path})",
                                      "description": f"The same as `{method} {path}`: the earlier attempt's path."})
@@ -294,20 +313,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/docs", include_in_schema=False)
     def swagger_ui(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(
+        return _same_origin_only(get_swagger_ui_html(
             openapi_url=root + (app.openapi_url or "/openapi.json"), title="bq-refresh API",
             swagger_js_url=f"{root}/static/swagger-ui-bundle.js", swagger_css_url=f"{root}/static/swagger-ui.css",
             swagger_favicon_url=f"{root}/static/favicon.png",
-            swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True})
+            swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True}))
 
     @app.get("/redoc", include_in_schema=False)
     def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_redoc_html(openapi_url=root + (app.openapi_url or "/openapi.json"), title="bq-refresh API",
-                              redoc_js_url=f"{root}/static/redoc.standalone.js",
-                              redoc_favicon_url=f"{root}/static/favicon.png", with_google_fonts=False)
+        return _same_origin_only(get_redoc_html(
+            openapi_url=root + (app.openapi_url or "/openapi.json"), title="bq-refresh API",
+            redoc_js_url=f"{root}/static/redoc.standalone.js", redoc_favicon_url=f"{root}/static/favicon.png",
+            with_google_fonts=False))
 
-    @app.get("/healthz", tags=["health"], responses=_responses(503))
+    @app.get("/healthz", tags=["health"], summary="Liveness and database (for probes)", responses=_responses(503))
     def healthz() -> JSONResponse:
         """For an orchestrator's probe: 200 while the API answers and reaches PostgreSQL, else 503."""
         try:
@@ -317,7 +337,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"}, 503)
         return JSONResponse({"status": "ok", "database": "ok", "runs_in_this_process": len(local.active)})
 
-    @app.get("/health", dependencies=read, tags=["health"], responses=_responses(*read_errors))
+    @app.get("/health", dependencies=read, tags=["health"], summary="Health of the tables", responses=_responses(*read_errors))
     def health() -> JSONResponse:
         """200 when the database answers and every enabled table succeeded within its frequency plus grace."""
         try:
@@ -330,7 +350,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "tables_enabled": sum(1 for t in tables if t.enabled), "problems": problems}
         return JSONResponse(body, 503 if problems else 200)
 
-    @route("GET", "/status", dependencies=read, tags=["status"], responses=_responses(*read_errors))
+    @route("GET", "/status", dependencies=read, tags=["status"], summary="Tables and runs in progress", responses=_responses(*read_errors))
     def get_status(conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
         """Per table: health, last result, data as of, next due; and the runs in progress, per table with its phase
         and the rows staged of those expected (when known)."""
@@ -371,7 +391,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body["tables"] = tables
         return body
 
-    @app.get("/runs/{run_id}", dependencies=read, tags=["runs"], responses=_responses(404, *read_errors))
+    @app.get("/runs/{run_id}", dependencies=read, tags=["runs"], summary="One run and its tables", responses=_responses(404, *read_errors))
     def get_run(run_id: UUID, conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
         """One run started by POST /trigger: status (queued, running, success, failed, interrupted, cancelled),
         when it started and finished, and its tables with their outcomes (while it runs: phase and rows staged)."""
@@ -409,7 +429,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                           error=None if status == "success" else (state.message or state.type.value))
         return runs_q.get_run(conn, cfg.schema_name, run["id"]) or run
 
-    @route("GET", "/history", dependencies=read, tags=["status"], responses=_responses(*read_errors))
+    @route("GET", "/history", dependencies=read, tags=["status"], summary="Audit rows", responses=_responses(*read_errors))
     def get_history(
         table: str | None = None, status: str | None = None, since: datetime | None = None,
         until: datetime | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
@@ -423,7 +443,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics_content = {"text/plain": {"schema": {"type": "string"}},
                        "application/json": {"schema": {"type": "array", "items": {"type": "object"}}}}
 
-    @route("GET", "/metrics", dependencies=read, tags=["metrics"], response_class=Response,
+    @route("GET", "/metrics", dependencies=read, tags=["metrics"], summary="Prometheus metrics", response_class=Response,
            responses={200: {"content": metrics_content, "description": "Prometheus text format, or JSON when the"
                             " request accepts application/json (and not text/plain)."}, **_responses(*read_errors)})
     def get_metrics(request: Request, conn: psycopg.Connection[Any] = Depends(db)) -> Response:
@@ -442,7 +462,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         text = metrics_q.prometheus_text(totals, window, status_q.in_progress(conn, cfg.schema_name), now)
         return Response(text, media_type=PROMETHEUS_TYPE)
 
-    @app.get("/metrics/prometheus", dependencies=read, tags=["metrics"], response_class=Response, deprecated=True,
+    @app.get("/metrics/prometheus", dependencies=read, tags=["metrics"], summary="Prometheus metrics (old path)", response_class=Response, deprecated=True,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **_responses(*read_errors)})
     def get_prometheus(conn: psycopg.Connection[Any] = Depends(db)) -> Response:
         """The Prometheus text format (what GET /metrics answers by default)."""
@@ -450,7 +470,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                          status_q.in_progress(conn, cfg.schema_name), datetime.now(UTC))
         return Response(text, media_type=PROMETHEUS_TYPE)
 
-    @route("GET", "/config", dependencies=read, tags=["config"], responses=_responses(*read_errors))
+    @route("GET", "/config", dependencies=read, tags=["config"], summary="The registry", responses=_responses(*read_errors))
     def get_config(conn: psycopg.Connection[Any] = Depends(db)) -> list[dict[str, Any]]:
         """The registry: every table with its schedule, priority, sync parameters and watermark."""
         return [{"table": e.name, "is_enabled": e.is_enabled, "priority": e.priority,
@@ -458,7 +478,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                  "next_refresh_at": e.next_refresh_at, "watermark": e.watermark}
                 for e in list_entries(conn, cfg.schema_name)]
 
-    @route("PUT", "/config", dependencies=write, tags=["config"], responses=_responses(401, 404, 503))
+    @route("PUT", "/config", dependencies=write, tags=["config"], summary="Change a table", responses=_responses(401, 404, 503))
     def put_config(change: ConfigUpdate, conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
         """Change one registered table (bearer token); invalid sync parameters are refused naming the key."""
         try:
@@ -473,7 +493,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"table": e.name, "is_enabled": e.is_enabled, "priority": e.priority,
                 "refresh_frequency_hours": e.refresh_frequency_hours, "custom_sync_params": e.params}
 
-    @route("POST", "/trigger", dependencies=write, status_code=202, tags=["runs"], response_model=TriggerAnswer,
+    @route("POST", "/trigger", dependencies=write, status_code=202, tags=["runs"], summary="Start a run", response_model=TriggerAnswer,
            responses=_responses(401, 404, 503))
     def trigger(request: TriggerRequest, conn: psycopg.Connection[Any] = Depends(db)) -> TriggerAnswer:
         """Start a daily-refresh run (bearer token) and answer its run id at once: through the Prefect API when
