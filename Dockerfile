@@ -1,6 +1,7 @@
 # bq-refresh worker image: the project installed at /opt/bq-refresh (the pull step's working directory),
 # run as a non-root user. Build: docker build -t bq-refresh:latest .
-FROM python:3.11-slim
+# The HTTP API beside it, from the same files: docker build --target api -t bq-refresh-api:latest . (below).
+FROM python:3.11-slim AS worker
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -22,3 +23,16 @@ RUN pip install --compile . && chown -R bqrefresh /opt/bq-refresh
 
 USER bqrefresh
 CMD ["bq-refresh", "--help"]
+
+# The HTTP API as a service: docker run -d -p 8080:8080 --env-file .env bq-refresh-api:latest (the worker's
+# settings, plus REFRESH_API_TOKEN; with REFRESH_TRIGGER_DEPLOYMENT and PREFECT_API_URL a trigger runs on the
+# worker, else in this container). It stops on SIGTERM (docker stop). /healthz answers 200 while the API reaches
+# PostgreSQL and 503 otherwise: the health check here, and the probe path for Kubernetes or another orchestrator.
+FROM worker AS api
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request as r; sys.exit(r.urlopen('http://127.0.0.1:8080/healthz', timeout=4).status != 200)"]
+CMD ["bq-refresh", "serve", "--host", "0.0.0.0", "--port", "8080"]
+
+# The default target is the worker image.
+FROM worker

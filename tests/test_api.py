@@ -240,6 +240,37 @@ def test_openapi_declares_the_bearer_scheme_errors_and_aliases(api: httpx.Client
             assert asset in html and api.get(asset).status_code == 200 and len(api.get(asset).content) > 100_000
 
 
+def dockerfile_stage(name: str) -> list[str]:
+    """The lines of one stage of the Dockerfile (``FROM ... AS name`` up to the next FROM)."""
+    lines = (ROOT / "Dockerfile").read_text().replace("\\\n", "").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("FROM ") and line.endswith(f" AS {name}"))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("FROM ")), len(lines))
+    return lines[start:end]
+
+
+def test_healthz_and_the_images_health_check_say_whether_the_database_answers(settings: Settings,
+                                                                             pg: psycopg.Connection[Any]) -> None:
+    """The image's api target serves the API with a HEALTHCHECK on /healthz: run here as the image would, against
+    an API that reaches PostgreSQL (exit 0) and one that does not (503, exit 1)."""
+    stage = dockerfile_stage("api")
+    assert json.loads(next(line for line in stage if line.startswith("CMD "))[4:]) == [
+        "bq-refresh", "serve", "--host", "0.0.0.0", "--port", "8080"]
+    check = next(line for line in stage if line.startswith("HEALTHCHECK "))
+    command = json.loads(check.split(" CMD ", 1)[1])
+    assert command[0] == "python"
+    apply_migrations(pg, settings.schema_name)
+    down = settings.model_copy(update={"database_url": SecretStr(f"postgresql://nobody@127.0.0.1:{free_port()}/x")})
+    for cfg, status, code in ((settings, 200, 0), (down, 503, 1)):
+        with served(create_app(cfg)) as api:
+            assert api.get("/healthz").status_code == status
+            port = api.base_url.port
+            probe = [sys.executable, *(arg.replace(":8080/", f":{port}/") for arg in command[1:])]
+            assert subprocess.run(probe, capture_output=True, timeout=30).returncode == code
+            if status == 503:
+                refused = api.get("/status")
+                assert refused.status_code == 503 and refused.json()["detail"].startswith("database unreachable")
+
+
 def test_reads_can_require_the_token(settings: Settings, pg: psycopg.Connection[Any]) -> None:
     apply_migrations(pg, settings.schema_name)
     with served(create_app(settings.model_copy(update={"api_token": SecretStr(TOKEN),
