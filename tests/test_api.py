@@ -22,6 +22,7 @@ from pydantic import SecretStr
 from bq_refresh.services import free_port
 from bq_refresh.settings import Settings
 from flows.api import create_app
+from tasks import metrics as metrics_q
 from tasks import runs as runs_q
 from tasks.maintenance import archive_audit
 from tasks.migrations import apply_migrations
@@ -186,6 +187,31 @@ def test_metrics_counters_outlive_the_audit_archive_and_gauges_cover_30_days(
     row = as_json.json()[0]
     assert row["table"] == a and row["runs"] == 1 and row["totals"]["runs"] == 4 and row["totals"]["failures"] == 2
     assert "bq_refresh_runs_total" in api.get("/metrics/prometheus").text
+
+
+def test_totals_are_seeded_from_the_audit_log_and_its_archive_on_upgrade(settings: Settings,
+                                                                         pg: psycopg.Connection[Any]) -> None:
+    """An install from before migration 009: its history, live and archived, becomes the counters' start."""
+    schema = settings.schema_name
+    s = f'"{schema}"'
+    apply_migrations(pg, schema)
+    pg.execute(f"DROP TRIGGER refresh_count_totals ON {s}.refresh_audit_log")  # as before 009
+    pg.execute(f"DROP TABLE {s}.refresh_totals, {s}.refresh_runs")
+    pg.execute(f"DELETE FROM {s}.schema_migrations WHERE version = 9")
+    audit(pg, schema, "a", "success", 24 * 100)
+    audit(pg, schema, "a", "failed", 24 * 100)
+    audit(pg, schema, "a", "skipped", 2)
+    audit(pg, schema, "b", "success", 1)
+    pg.execute(f"INSERT INTO {s}.refresh_audit_log (table_schema, table_name, refresh_started_at, status)"
+               " VALUES (%s, 'b', now(), 'running')", (schema,))
+    assert archive_audit(pg, schema, retention_days=90).audit == 2
+    assert apply_migrations(pg, schema).applied == ["009_runs.sql"]
+    totals = {r["table"]: r for r in metrics_q.totals(pg, schema)}
+    a, b = totals[f"{schema}.a"], totals[f"{schema}.b"]
+    assert (a["runs"], a["successes"], a["failures"], a["skipped"], a["rows_inserted"]) == (2, 1, 1, 1, 12)
+    assert (b["runs"], b["successes"], b["failures"], b["rows_read"], b["run_seconds"]) == (1, 1, 0, 10, 1.5)
+    pg.execute(f"UPDATE {s}.refresh_audit_log SET status = 'success', rows_processed = 5 WHERE status = 'running'")
+    assert [r["runs"] for r in metrics_q.totals(pg, schema) if r["table"] == f"{schema}.b"] == [2]
 
 
 def test_config_writes_need_the_token_and_valid_bodies(api: httpx.Client, settings: Settings,
