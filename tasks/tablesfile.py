@@ -249,11 +249,6 @@ def current_tables(conn: psycopg.Connection[Any], schema: str) -> list[TableDecl
     return declared(list_entries(conn, schema), list_dependencies(conn, schema))
 
 
-def export_tables(conn: psycopg.Connection[Any], schema: str) -> str:
-    """The registry as a tables file (YAML)."""
-    return dump_tables(current_tables(conn, schema))
-
-
 def apply_tables(conn: psycopg.Connection[Any], schema: str, desired: list[TableDecl], *, prune: bool = False,
                  shown: TablesPlan | None = None) -> TablesPlan:
     """Apply a validated file to the registry in one transaction: all of it or, at any error, nothing.

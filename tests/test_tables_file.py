@@ -223,3 +223,16 @@ def test_parse_reads_back_what_export_writes() -> None:
     assert "query: |\n      SELECT *\n      FROM `p.d.t`\n" in text and "- {table: s.a, kind: soft}" in text
     assert parse_tables_file(text, "s") == decls
     assert plan_tables(parse_tables_file(text, "s"), decls).empty
+
+
+def test_a_schema_before_tags_says_init(bq: Any, env: Settings, pg: psycopg.Connection[Any]) -> None:
+    """Upgraded code on a schema of the version before (migration 008 not applied): one line naming init."""
+    schema = env.schema_name
+    register_table(pg, schema, "a", SPEC)
+    pg.execute(f'ALTER TABLE "{schema}".refresh_config DROP COLUMN tags')
+    pg.execute(f'DELETE FROM "{schema}".schema_migrations WHERE version = 8')
+    said = one_error(bq("tables", "set", "a", "--tag", "x"), 2)
+    assert said == (f'error: schema {schema} is not up to date (column "tags" of relation "refresh_config" does not'
+                    " exist): run bq-refresh init")
+    assert apply_migrations(pg, schema).applied == ["008_tags.sql"]
+    assert register_table(pg, schema, "a", SPEC, tags=["x"]).tags == ["x"]
