@@ -7,14 +7,17 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from blocks.resources import resolve_resources
+from blocks.resources import Resources, resolve_resources
+from bq_refresh.errors import RefreshError
 from bq_refresh.settings import load_settings
-from tasks import maintenance
+from tasks import maintenance, quality
+from tasks.alerts import Alert, send_alert
+from tasks.registry import list_entries
 
 
 @flow(name="maintenance")
 def maintenance_flow(retention_days: int | None = None, discover: bool = True,
-                     log_retention_days: int | None = None) -> dict[str, Any]:
+                     log_retention_days: int | None = None, verify: bool = True, repair: bool = False) -> dict[str, Any]:
     """Weekly housekeeping.
 
     Expires checkpoints past their expiry; deletes completed and expired checkpoints, alert-log rows and
@@ -27,6 +30,10 @@ def maintenance_flow(retention_days: int | None = None, discover: bool = True,
         discover: look for new BigQuery tables.
         log_retention_days: checkpoint, alert and view-refresh log retention in days
             (default REFRESH_LOG_RETENTION_DAYS, 30).
+        verify: compare every enabled table with its source, slice by slice (tasks/verify.py); a table that
+            differs is recorded (refresh_data_quality ``verify:<table>``) and alerted (``copy_differs``).
+        repair: reload what differs in every table (else only in tables whose ``auto_repair`` is on), then
+            verify again.
 
     Returns:
         The report: how many rows each step expired, deleted or archived; tables dropped and discovered.
@@ -52,5 +59,52 @@ def maintenance_flow(retention_days: int | None = None, discover: bool = True,
                                                                             settings.shadow_schema)
         if discover:
             report.tables_discovered = maintenance.discover_tables(conn, schema, res.source)
+    if verify:
+        report.verified, report.repaired = verify_all(res, repair=repair)
     logger.info("maintenance: %s", asdict(report))
     return asdict(report)
+
+
+def verify_all(res: Resources, *, repair: bool) -> tuple[dict[str, str], list[str]]:
+    """Verify every enabled table (each under its lock; a table whose run is active is left for next week);
+    repair where asked; record and alert each difference.
+
+    Returns:
+        table -> its verdict's status (equal, differs, not_verified), and the tables repaired.
+    """
+    from tasks.verify import repair_table, verify_table
+
+    logger = get_run_logger()
+    schema = res.settings.schema_name
+    with res.target.connect(autocommit=True) as conn:
+        entries = [e for e in list_entries(conn, schema) if e.is_enabled]
+    verified: dict[str, str] = {}
+    repaired: list[str] = []
+    for entry in entries:
+        try:
+            verdict = verify_table(res, entry)
+            if verdict.status == "differs" and (repair or entry.spec().auto_repair):
+                run = repair_table(res, entry, verdict)
+                repaired.append(entry.name)
+                verdict = verify_table(res, entry)
+                verdict.notes.insert(0, f"repaired ({run.get('status')}: {run.get('repaired')}), verified again")
+        except RefreshError as exc:  # one table's source or target unreadable: the others are still verified
+            logger.warning("verify %s: %s", entry.name, exc)
+            verified[entry.name] = "not_verified"
+            continue
+        verified[entry.name] = verdict.status
+        slices = [d["slice"] for d in verdict.differing]
+        with res.target.connect(autocommit=True) as conn:
+            quality.record(conn, schema, None, [quality.CheckResult(
+                f"verify:{entry.name}", float(len(slices)), 0.0, ok=verdict.status == "equal", hard=False,
+                detail="; ".join(verdict.notes))])
+            if verdict.status == "differs":
+                shown = ", ".join(str(s) for s in slices[:10]) + (f" and {len(slices) - 10} more" if len(slices) > 10 else "")
+                send_alert(res.settings, Alert(
+                    "copy_differs", "differs", entry.name,
+                    f"{entry.name}: {len(slices)} slice(s) by {verdict.slicing} differ from BigQuery: {shown}"
+                    " (bq-refresh verify --rows lists the rows; --repair reloads them)",
+                    counts={"source_rows": verdict.source_rows, "target_rows": verdict.target_rows},
+                    details={"slicing": verdict.slicing, "slices": verdict.differing[:50], "notes": verdict.notes}), conn)
+        logger.info("verify %s: %s (%d slices, %d differ)", entry.name, verdict.status, verdict.slices, len(slices))
+    return verified, repaired

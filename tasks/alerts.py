@@ -47,6 +47,8 @@ ALERT_TYPES: dict[str, tuple[str, str]] = {
     "view_refresh_failed": ("view_failure", "high"),
     # a publish group held at its previous data by a member that was skipped (not ready, already running)
     "group_held": ("refresh_failure", "high"),
+    # verify (weekly maintenance): the live table no longer equals its source in some slices
+    "copy_differs": ("data_mismatch", "high"),
 }
 EVENTS = frozenset(ALERT_TYPES)
 ALERT_TYPE_NAMES = tuple(sorted({t for t, _ in ALERT_TYPES.values()}))

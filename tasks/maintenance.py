@@ -37,6 +37,8 @@ class MaintenanceReport:
     quarantine_rows_archived: int = 0
     staging_tables_dropped: list[str] = field(default_factory=list)
     rowhash_tables_dropped: list[str] = field(default_factory=list)
+    verified: dict[str, str] = field(default_factory=dict)  # table -> equal, differs, not_verified
+    repaired: list[str] = field(default_factory=list)
     tables_discovered: list[str] = field(default_factory=list)
 
 

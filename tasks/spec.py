@@ -122,6 +122,8 @@ class TableSpec(BaseModel):
     readiness: Readiness | None = Field(default=None, description="Wait for the source to be loaded before reading.")
     direct_initial_load: bool = Field(default=True, description="Load an empty target straight from the source "
                                       "and build its indexes afterwards, in one transaction.")
+    auto_repair: bool = Field(default=False, description="When the weekly verify finds slices that differ from "
+                              "the source, reload them at once (verify --repair) instead of only alerting.")
     publish_group: str | None = Field(default=None, min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$",
                                       description="Tables that dashboards join: the group's tables are staged and "
                                       "checked each on its own and published together in one transaction, all or "

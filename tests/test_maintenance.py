@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
 
 NOTHING = {"checkpoints_expired": 0, "checkpoints_deleted": 0, "alerts_deleted": 0, "view_refreshes_deleted": 0,
            "audit_rows_archived": 0, "quality_rows_archived": 0, "quarantine_rows_archived": 0,
-           "staging_tables_dropped": [], "rowhash_tables_dropped": [], "tables_discovered": []}
+           "staging_tables_dropped": [], "rowhash_tables_dropped": [], "tables_discovered": [], "verified": {},
+           "repaired": []}
 
 
 def test_maintenance_cleans_up_and_discovers(env: Settings, pg: psycopg.Connection[Any]) -> None:
@@ -40,7 +41,7 @@ def test_maintenance_cleans_up_and_discovers(env: Settings, pg: psycopg.Connecti
     pg.execute(f'INSERT INTO "{schema}".refresh_audit_log (table_schema, table_name, refresh_started_at, status)'
                " VALUES ('s', 'old', now() - interval '100 days', 'success'), ('s', 'new', now(), 'success')")
 
-    report = maintenance_flow()
+    report = maintenance_flow(verify=False)  # verify: tests/test_verify.py
     assert report == {**NOTHING, "checkpoints_expired": 1, "audit_rows_archived": 1,
                       "staging_tables_dropped": ["orphan__12345678"], "rowhash_tables_dropped": [],
                       "tables_discovered": ["brand_new"]}
@@ -49,7 +50,7 @@ def test_maintenance_cleans_up_and_discovers(env: Settings, pg: psycopg.Connecti
     row = pg.execute(f'SELECT is_enabled, custom_sync_params->>\'source\' FROM "{schema}".refresh_config'
                      " WHERE table_name = 'brand_new'").fetchone()
     assert row == (False, f"{env.bigquery_dataset}.brand_new")
-    assert maintenance_flow() == NOTHING
+    assert maintenance_flow(verify=False) == NOTHING
 
 
 # --- housekeeping on a database full of old rows --------------------------------------------------------------
@@ -151,7 +152,7 @@ def test_housekeeping_on_a_database_full_of_old_rows(env: Settings, pg: psycopg.
                      if v["days"] >= 30 and v["status"] != "running" and v["id"] != latest_per_view[v["view_name"]]}
     assert any(rows["views"][i - 1]["days"] >= 30 for i in latest_per_view.values())  # an old latest row is kept
 
-    report = maintenance_flow(discover=False)
+    report = maintenance_flow(discover=False, verify=False)
     assert report == {**NOTHING, "checkpoints_expired": len(newly_expired), "checkpoints_deleted": len(checkpoints_deleted),
                       "alerts_deleted": len(alerts_deleted), "view_refreshes_deleted": len(views_deleted),
                       "audit_rows_archived": len(archived), "quality_rows_archived": len(quality_archived),
@@ -178,7 +179,7 @@ def test_housekeeping_on_a_database_full_of_old_rows(env: Settings, pg: psycopg.
     assert orphans.fetchone() == (0,)
 
     # A second run finds nothing more to do, and the audit log's serial goes on past the archived ids.
-    assert maintenance_flow(discover=False) == NOTHING
+    assert maintenance_flow(discover=False, verify=False) == NOTHING
     new_id = pg.execute(f"INSERT INTO \"{s}\".refresh_audit_log (table_schema, table_name, refresh_started_at, status)"
                         " VALUES ('sqp', 'x', now(), 'running') RETURNING id").fetchone()
     assert new_id is not None and new_id[0] > 600

@@ -201,3 +201,35 @@ def test_verify_is_refused_while_a_run_holds_the_table(
     assert code == 1
     (verdict,) = out["tables"]
     assert verdict["status"] == "not_verified" and "its lock is held" in verdict["notes"][0]
+
+
+def test_weekly_maintenance_verifies_records_alerts_and_repairs_where_asked(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, webhook: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flows.maintenance import maintenance_flow
+
+    s = registry
+    monkeypatch.setenv("REFRESH_WEBHOOK_URL", webhook.url)
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(200, weeks=4))
+    register_table(pg, s, "sqp", {"source": "sqp", "key": SQP_KEY, "mode": "window", "window_column": "start_date"})
+    put_table(source, "plain", SQP_SCHEMA, sqp_rows(100))
+    register_table(pg, s, "plain", {"source": "plain", "key": SQP_KEY, "mode": "full"})
+    assert refresh_table("sqp")["status"] == refresh_table("plain")["status"] == "success"
+    pg.execute(sql.SQL("DELETE FROM {} WHERE start_date = '2025-01-12' AND asin = 'B000000001'").format(
+        sql.Identifier(s, "sqp")))
+
+    report = maintenance_flow(discover=False)
+    assert report["verified"] == {f"{s}.sqp": "differs", f"{s}.plain": "equal"} and report["repaired"] == []
+    (alert,) = [json.loads(r["body"]) for r in webhook.received if json.loads(r["body"])["event"] == "copy_differs"]
+    assert alert["table"] == f"{s}.sqp" and alert["type"] == "data_mismatch" and "2025-01-12" in alert["error_message"]
+    assert [d["slice"] for d in alert["details"]["slices"]] == ["2025-01-12"]
+    checks = dict(pg.execute(f"SELECT metric_name, is_within_threshold FROM \"{s}\".refresh_data_quality"
+                             " WHERE metric_name LIKE 'verify:%%'").fetchall())
+    assert checks == {f"verify:{s}.sqp": False, f"verify:{s}.plain": True}
+
+    register_table(pg, s, "sqp", {"source": "sqp", "key": SQP_KEY, "mode": "window", "window_column": "start_date",
+                                  "auto_repair": True})
+    report = maintenance_flow(discover=False)
+    assert report["verified"] == {f"{s}.sqp": "equal", f"{s}.plain": "equal"} and report["repaired"] == [f"{s}.sqp"]
+    assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{s}".sqp', "1, 2, 3"), SQP_KEY)

@@ -178,6 +178,9 @@ def test_every_alert_event_delivered_validates_against_the_schema(
               details={"view": f"{s}.weekly_summary"}),
         Alert("group_held", "skipped", f"{s}.broken", "source not ready; publish group 'sqp' held", None, None,
               details={"publish_group": "sqp", "held": [f"{s}.evolving"]}),
+        Alert("copy_differs", "differs", f"{s}.evolving", "1 slice(s) by start_date differ from BigQuery: 2025-01-12",
+              details={"slicing": "start_date", "slices": [{"slice": "2025-01-12", "source_rows": 50,
+                                                             "target_rows": 49}]}),  # tests/test_verify.py drives it
     ]
     for alert in direct:
         assert [d.delivered for d in send_alert(settings, alert, pg)] == [True]
