@@ -695,12 +695,18 @@ def maintenance(
         help="Delete finished checkpoints, alert and view-refresh log rows older than this many days"
              " (default REFRESH_LOG_RETENTION_DAYS, 30).")] = None,
     discover: Annotated[bool, typer.Option("--discover/--no-discover", help="Register new BigQuery tables (disabled).")] = True,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare every enabled table with BigQuery slice"
+                                         " by slice; record, alert (copy_differs) and, where auto_repair is on,"
+                                         " repair what differs.")] = True,
+    repair: Annotated[bool, typer.Option("--repair", help="Repair what verify finds in every table.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Expire checkpoints, delete old log rows, archive old audit rows, drop orphaned staging, discover tables."""
+    """Expire checkpoints, delete old log rows, archive old audit rows, drop orphaned staging, discover tables,
+    verify every enabled table."""
     from flows.maintenance import maintenance_flow
 
-    report = maintenance_flow(retention_days=retention_days, discover=discover, log_retention_days=log_retention_days)
+    report = maintenance_flow(retention_days=retention_days, discover=discover, log_retention_days=log_retention_days,
+                              verify=verify, repair=repair)
     if not _emit(report, as_json):
         console.print(report)
 
