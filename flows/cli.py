@@ -458,6 +458,9 @@ def verify(
     repair: Annotated[bool, typer.Option("--repair", help="Reload what differs through a normal run (window mode:"
                                          " the differing periods, whole; else a full refresh), then verify again."
                                          )] = False,
+    max_bytes: Annotated[int | None, typer.Option("--max-bytes", min=0, help="Budget of one BigQuery query in bytes:"
+                                                  " over BigQuery's dry-run estimate the table is not verified,"
+                                                  " and the query carries it as maximumBytesBilled.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Compare each table with BigQuery slice by slice: a row count and a digest computed on each side, only the
@@ -471,7 +474,7 @@ def verify(
         entries = ([get_entry(conn, settings.schema_name, t) for t in table] if table
                    else [e for e in list_entries(conn, settings.schema_name) if e.is_enabled])
     res = resolve_resources(settings)
-    verdicts = [verify_table(res, e, rows=rows) for e in entries]
+    verdicts = [verify_table(res, e, rows=rows, max_bytes=max_bytes) for e in entries]
     if repair:
         from tasks.verify import repair_table
 
@@ -479,7 +482,7 @@ def verify(
         for i, v in enumerate(verdicts):
             if v.status == "differs":
                 run = repair_table(res, by_name[v.table], v)
-                verdicts[i] = verify_table(res, by_name[v.table], rows=rows)
+                verdicts[i] = verify_table(res, by_name[v.table], rows=rows, max_bytes=max_bytes)
                 verdicts[i].repair = {k: run.get(k) for k in ("status", "repaired", "rows_inserted", "rows_updated",
                                                               "rows_deleted", "audit_id", "error")}
                 verdicts[i].notes.insert(0, f"repaired ({run.get('status')}: {run.get('repaired')}), verified again")
@@ -498,6 +501,8 @@ def verify(
                 how = {"missing": "in BigQuery, not here", "extra": "here, not in BigQuery"}.get(
                     r["kind"], f"differs in {', '.join(r['columns'])}")
                 typer.echo(f"  row {key}: {how}")
+            if v.kept_deleted:
+                typer.echo(f"  {len(v.kept_deleted)} key(s) here only, kept by the delete policy none (information)")
             if v.weaker:
                 typer.echo(f"  compared by non-NULL counts only: {', '.join(v.weaker)}")
             if v.excluded:

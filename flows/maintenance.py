@@ -17,7 +17,8 @@ from tasks.registry import list_entries
 
 @flow(name="maintenance")
 def maintenance_flow(retention_days: int | None = None, discover: bool = True,
-                     log_retention_days: int | None = None, verify: bool = True, repair: bool = False) -> dict[str, Any]:
+                     log_retention_days: int | None = None, verify: bool = True, repair: bool = False,
+                     verify_max_bytes: int | None = None) -> dict[str, Any]:
     """Weekly housekeeping.
 
     Expires checkpoints past their expiry; deletes completed and expired checkpoints, alert-log rows and
@@ -34,6 +35,7 @@ def maintenance_flow(retention_days: int | None = None, discover: bool = True,
             differs is recorded (refresh_data_quality ``verify:<table>``) and alerted (``copy_differs``).
         repair: reload what differs in every table (else only in tables whose ``auto_repair`` is on), then
             verify again.
+        verify_max_bytes: budget of one of verify's BigQuery queries (verify --max-bytes); none by default.
 
     Returns:
         The report: how many rows each step expired, deleted or archived; tables dropped and discovered.
@@ -60,12 +62,12 @@ def maintenance_flow(retention_days: int | None = None, discover: bool = True,
         if discover:
             report.tables_discovered = maintenance.discover_tables(conn, schema, res.source)
     if verify:
-        report.verified, report.repaired = verify_all(res, repair=repair)
+        report.verified, report.repaired = verify_all(res, repair=repair, max_bytes=verify_max_bytes)
     logger.info("maintenance: %s", asdict(report))
     return asdict(report)
 
 
-def verify_all(res: Resources, *, repair: bool) -> tuple[dict[str, str], list[str]]:
+def verify_all(res: Resources, *, repair: bool, max_bytes: int | None = None) -> tuple[dict[str, str], list[str]]:
     """Verify every enabled table (each under its lock; a table whose run is active is left for next week);
     repair where asked; record and alert each difference.
 
@@ -82,11 +84,11 @@ def verify_all(res: Resources, *, repair: bool) -> tuple[dict[str, str], list[st
     repaired: list[str] = []
     for entry in entries:
         try:
-            verdict = verify_table(res, entry)
+            verdict = verify_table(res, entry, max_bytes=max_bytes)
             if verdict.status == "differs" and (repair or entry.spec().auto_repair):
                 run = repair_table(res, entry, verdict)
                 repaired.append(entry.name)
-                verdict = verify_table(res, entry)
+                verdict = verify_table(res, entry, max_bytes=max_bytes)
                 verdict.notes.insert(0, f"repaired ({run.get('status')}: {run.get('repaired')}), verified again")
         except RefreshError as exc:  # one table's source or target unreadable: the others are still verified
             logger.warning("verify %s: %s", entry.name, exc)

@@ -46,7 +46,10 @@ class Verdict:
     read_as_of: str | None = None  # the BigQuery snapshot read (None: as it is now)
     rows: list[dict[str, Any]] = field(default_factory=list)  # with --rows: the differing rows (digest.RowDifference)
     repair: dict[str, Any] | None = None  # with --repair: the repairing run (status, periods, rows, audit id)
-    bigquery_queries: int = 0  # the slices' query, and with --rows one per bisection step and one for the rows
+    kept_deleted: list[dict[str, Any]] = field(default_factory=list)  # delete policy none: target-only keys (info)
+    bigquery_queries: int = 0
+    bytes_processed: int = 0  # by BigQuery, all of verify's queries (the emulator reports 0)
+    bytes_billed: int = 0  # the slices' query, and with --rows one per bisection step and one for the rows
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -88,6 +91,10 @@ def plan_columns(res: Resources, entry: RegistryEntry, declared: dict[str, str])
     return chosen, excluded, source
 
 
+class OverBudget(RefreshError):
+    """A verify query's BigQuery estimate is over the budget given."""
+
+
 @dataclass
 class _Sides:
     """What both sides' queries need: the columns, the slicing, where each side's rows are read."""
@@ -98,21 +105,41 @@ class _Sides:
     target: sql.Composable
     where: sql.Composable | None  # soft-deleted rows left out
     res: Resources
+    max_bytes: int | None = None  # per BigQuery query: refused beforehand above it, and BigQuery's own limit
     queries: int = 0  # BigQuery queries run
+    bytes_processed: int = 0
+    bytes_billed: int = 0
 
     def bigquery(self, query: str) -> list[Any]:
-        self.queries += 1
+        """Run one of verify's BigQuery queries: with a budget, a dry run first (its estimate over the budget:
+        refused, nothing run), then the query with maximumBytesBilled set, so BigQuery itself fails a query that
+        would bill more, without charge (cloud.google.com/bigquery/docs/reference/rest/v2/Job, JobConfigurationQuery)."""
+        from google.cloud import bigquery
+
         client = self.res.source.get_bigquery_client()
         retry = extract.short_retry(self.res.source.timeout_s)
-        return [tuple(r) for r in client.query(query, retry=retry, job_retry=None).result(
-            timeout=self.res.source.timeout_s, retry=retry)]
+        if self.max_bytes is not None:
+            dry = client.query(query, job_config=bigquery.QueryJobConfig(dry_run=True, use_query_cache=False),
+                               retry=retry, job_retry=None)
+            estimate = int(dry.total_bytes_processed or 0)
+            if estimate > self.max_bytes:
+                raise OverBudget(f"verify would scan {estimate} bytes in BigQuery in one query, over the budget of"
+                                 f" {self.max_bytes} (--max-bytes): nothing run")
+        self.queries += 1
+        job = client.query(query, job_config=bigquery.QueryJobConfig(maximum_bytes_billed=self.max_bytes),
+                           retry=retry, job_retry=None)
+        rows = [tuple(r) for r in job.result(timeout=self.res.source.timeout_s, retry=retry)]
+        self.bytes_processed += int(job.total_bytes_processed or 0)
+        self.bytes_billed += int(job.total_bytes_billed or 0)
+        return rows
 
     def postgres(self, query: sql.Composed) -> list[Any]:
         with self.res.target.connect(autocommit=True) as conn:
             return [tuple(r) for r in conn.execute(query).fetchall()]
 
 
-def verify_table(res: Resources, entry: RegistryEntry, *, rows: bool = False, lock_wait_s: float = 0.0) -> Verdict:
+def verify_table(res: Resources, entry: RegistryEntry, *, rows: bool = False, max_bytes: int | None = None,
+                 lock_wait_s: float = 0.0) -> Verdict:
     """Compare one table with its source, slice by slice (and, with ``rows``, bisect each differing slice down to
     the rows that differ), holding the table's lock throughout.
 
@@ -128,25 +155,39 @@ def verify_table(res: Resources, entry: RegistryEntry, *, rows: bool = False, lo
     try:
         with table_lock(res.target, entry.name, lock_wait_s):  # no publish between the two sides' reads
             sides = _sides(res, entry, verdict)
+            sides.max_bytes = max_bytes
             mine = digest.slice_digests(sides.bigquery(digest.bq_query(sides.source_from, sides.columns, sides.slicing)))
             theirs = digest.slice_digests(sides.postgres(digest.pg_query(sides.target, sides.columns, sides.slicing,
                                                                           sides.where)))
             differing = digest.differences(mine, theirs)
-            if rows and differing:
-                verdict.rows = [asdict(r) for r in locate_rows(sides, differing, verdict)]
+            keeps_deleted = spec.delete_policy.mode == "none" and spec.mode == "incremental"
+            if (rows or keeps_deleted) and differing:
+                found = locate_rows(sides, differing, verdict)
+                if keeps_deleted and len(differing) <= MAX_SLICES_BISECTED and len(found) <= MAX_ROWS_LISTED:
+                    # Rows deleted in BigQuery stay here by design: a slice whose only differences are target-only
+                    # keys is equal (they are listed as information); anything else still differs.
+                    kept = [r for r in found if r.kind == "extra"]
+                    mended = {r.slice for r in found if r.kind != "extra"}
+                    differing = [d for d in differing if d.slice in mended or not any(r.slice == d.slice for r in kept)]
+                    verdict.kept_deleted = [asdict(r) for r in kept]
+                    found = [r for r in found if r.kind != "extra"]
+                verdict.rows = [asdict(r) for r in found] if rows else []
             verdict.bigquery_queries = sides.queries
+            verdict.bytes_processed, verdict.bytes_billed = sides.bytes_processed, sides.bytes_billed
     except AlreadyRunning:
         verdict.notes.append("a run of the table is active (its lock is held): not verified")
+        return verdict
+    except OverBudget as exc:
+        verdict.notes.append(str(exc))
         return verdict
     verdict.slices = len(mine.keys() | theirs.keys())
     verdict.source_rows = sum(d.rows for d in mine.values())
     verdict.target_rows = sum(d.rows for d in theirs.values())
     verdict.differing = [asdict(d) for d in differing]
     verdict.status = "differs" if differing else "equal"
-    if differing and spec.delete_policy.mode == "none" and spec.mode == "incremental" and any(
-            d.target_rows > d.source_rows for d in differing):
-        verdict.notes.append("the delete policy is none: rows deleted in BigQuery stay in the target by design and"
-                             " show as extra target rows")
+    if verdict.kept_deleted:
+        verdict.notes.append(f"{len(verdict.kept_deleted)} key(s) here only, kept by design (delete policy none: rows"
+                             " deleted in BigQuery stay): listed as information")
     verdict.seconds = round(time.monotonic() - started, 3)
     return verdict
 

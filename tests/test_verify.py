@@ -233,3 +233,39 @@ def test_weekly_maintenance_verifies_records_alerts_and_repairs_where_asked(
     report = maintenance_flow(discover=False)
     assert report["verified"] == {f"{s}.sqp": "equal", f"{s}.plain": "equal"} and report["repaired"] == [f"{s}.sqp"]
     assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{s}".sqp', "1, 2, 3"), SQP_KEY)
+
+
+def test_keys_kept_by_a_delete_policy_of_none_are_information_not_differences(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
+) -> None:
+    """An incremental table whose delete policy is none keeps rows deleted in BigQuery: verify bisects such a slice,
+    lists the target-only keys as information and calls the table equal; a changed value still differs."""
+    from blocks import resolve_resources
+    from tasks.registry import get_entry
+    from tasks.verify import verify_table
+
+    s = registry
+    rows = sqp_rows(300, weeks=2)
+    put_table(source, "inc", SQP_SCHEMA, rows)
+    register_table(pg, s, "inc", {"source": "inc", "key": SQP_KEY, "cursor": "updated_at", "window_column": "start_date"})
+    assert refresh_table("inc")["status"] == "success"
+    put_table(source, "inc", SQP_SCHEMA, rows.slice(1))  # row 0 (week 2025-01-05) deleted in BigQuery
+    assert refresh_table("inc")["rows_deleted"] == 0
+    res = resolve_resources(env)
+    verdict = verify_table(res, get_entry(pg, s, "inc"))
+    assert verdict.status == "equal" and verdict.differing == [], verdict
+    assert [(r["slice"], r["key"]["asin"], r["kind"]) for r in verdict.kept_deleted] == [("2025-01-05", "B000000000", "extra")]
+    assert any("kept by design" in n for n in verdict.notes), verdict.notes
+
+    pg.execute(sql.SQL("UPDATE {} SET impressions = 0 WHERE start_date = '2025-01-12' AND asin = 'B000000003'"
+                       " AND search_query = 'query 0'").format(
+        sql.Identifier(s, "inc")))
+    verdict = verify_table(res, get_entry(pg, s, "inc"), rows=True)
+    assert verdict.status == "differs" and [d["slice"] for d in verdict.differing] == ["2025-01-12"]
+    assert [(r["key"]["asin"], r["columns"]) for r in verdict.rows] == [("B000000003", ["impressions"])]
+
+    # A budget BigQuery's dry run is over: refused before any query runs (the emulator estimates every query at 0
+    # bytes, so only a negative budget is over it here; on BigQuery the job also carries maximumBytesBilled).
+    refused = verify_table(res, get_entry(pg, s, "inc"), max_bytes=-1)
+    assert refused.status == "not_verified" and refused.bigquery_queries == 0
+    assert "over the budget of -1" in refused.notes[-1]
