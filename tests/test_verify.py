@@ -269,3 +269,42 @@ def test_keys_kept_by_a_delete_policy_of_none_are_information_not_differences(
     refused = verify_table(res, get_entry(pg, s, "inc"), max_bytes=-1)
     assert refused.status == "not_verified" and refused.bigquery_queries == 0
     assert "over the budget of -1" in refused.notes[-1]
+
+
+def test_what_the_nightly_cursor_cannot_see_is_found_and_mended(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
+) -> None:
+    """A restatement that kept its cursor value (in a column outside the critical fields) and a late row older
+    than the watermark: the incremental night does not read them (by design); verify finds exactly their slices and
+    rows, and --repair (a full refresh for an incremental table) makes the copy equal again."""
+    from blocks import resolve_resources
+    from tasks.registry import get_entry
+    from tasks.verify import repair_table, verify_table
+
+    s = registry
+    first = sqp_rows(400, weeks=4)
+    put_table(source, "inc", SQP_SCHEMA, first)
+    register_table(pg, s, "inc", {"source": "inc", "key": SQP_KEY, "cursor": "updated_at", "lookback": "0",
+                                  "window_column": "start_date", "critical_fields": ["impressions"]})
+    assert refresh_table("inc")["status"] == "success"
+    rows = first.to_pylist()
+    restated = next(r for r in rows if str(r["start_date"]) == "2025-01-12")
+    restated["median_price"] += Decimal(1)  # restated in BigQuery, its updated_at left as it was
+    late = {**rows[0], "start_date": date(2025, 1, 19), "asin": "B0LATE0000", "updated_at": datetime(2024, 12, 1, tzinfo=UTC)}
+    fresh = {**rows[0], "asin": "B0FRESH000", "updated_at": datetime(2025, 2, 1, tzinfo=UTC)}
+    put_table(source, "inc", SQP_SCHEMA, pa.Table.from_pylist([*rows, late, fresh], schema=first.schema))
+    night = refresh_table("inc")
+    assert (night["status"], night["rows_inserted"], night["rows_updated"]) == ("success", 1, 0), night
+
+    res = resolve_resources(env)
+    verdict = verify_table(res, get_entry(pg, s, "inc"), rows=True)
+    assert verdict.status == "differs"
+    assert {d["slice"]: (d["source_rows"], d["target_rows"]) for d in verdict.differing} == {
+        "2025-01-12": (100, 100), "2025-01-19": (101, 100)}
+    assert [(r["key"]["asin"], r["kind"], r["columns"]) for r in verdict.rows] == [
+        (restated["asin"], "differs", ["median_price"]), ("B0LATE0000", "missing", [])]
+
+    run = repair_table(res, get_entry(pg, s, "inc"), verdict)
+    assert (run["repaired"], run["rows_inserted"], run["rows_updated"]) == ("full refresh", 1, 1), run
+    assert verify_table(res, get_entry(pg, s, "inc")).status == "equal"
+    assert_same_rows(source_rows(source, "inc"), pg_rows(pg, f'"{s}".inc', "1, 2, 3"), SQP_KEY)
