@@ -10,6 +10,7 @@ import json
 import sys
 from datetime import datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 from bq_refresh.offline import configure_offline_prefect
@@ -38,6 +39,13 @@ DEBUG = {"on": False}
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 TableName = Annotated[str, typer.Argument(help="Registered table: schema.table, or table in BQ_REFRESH_SCHEMA.")]
+SelectOption = Annotated[list[str] | None, typer.Option(
+    "--select", "-s", help="Tables as dbt selects models (repeatable): a schema.table glob ('sqp.*'), tag:NAME,"
+    " +NAME (and what it depends on), NAME+ (and what depends on it), @NAME; 'a b' is a union, 'a,b' an"
+    " intersection.")]
+ExcludeOption = Annotated[list[str] | None, typer.Option(
+    "--exclude", help="Leave out these tables (repeatable; the --select syntax).")]
+TagOption = Annotated[list[str] | None, typer.Option("--tag", help="Tag (repeatable), for run --select tag:NAME.")]
 
 
 class SyncMode(StrEnum):
@@ -144,6 +152,7 @@ def tables_add(
     priority: Annotated[int, typer.Option(help="Higher first, among tables that may run at the same time.")] = 100,
     frequency_hours: Annotated[int, typer.Option(help="Refresh every this many hours (24: nightly).")] = 24,
     disabled: Annotated[bool, typer.Option("--disabled", help="Register it disabled (not refreshed).")] = False,
+    tag: TagOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Register (or update) a table; its sync parameters are validated first."""
@@ -161,30 +170,38 @@ def tables_add(
     conn, settings = _conn()
     with conn:
         entry = register_table(conn, settings.schema_name, name, spec, priority=priority,
-                               frequency_hours=frequency_hours, enabled=not disabled)
-    if not _emit({"id": entry.id, "table": entry.name, "params": entry.params}, as_json):
+                               frequency_hours=frequency_hours, enabled=not disabled, tags=tag)
+    if not _emit({"id": entry.id, "table": entry.name, "tags": entry.tags, "params": entry.params}, as_json):
         console.print(f"registered [bold]{entry.name}[/] (id {entry.id})")
 
 
 @tables_app.command("list")
-def tables_list(as_json: JsonOption = False) -> None:
-    """List registered tables."""
+def tables_list(select: SelectOption = None, exclude: ExcludeOption = None, as_json: JsonOption = False) -> None:
+    """List registered tables (those --select and --exclude choose, disabled ones too)."""
     from rich.table import Table
 
-    from tasks.registry import list_entries
+    from tasks.registry import list_dependencies, list_entries
+    from tasks.selection import Candidate
+    from tasks.selection import select as resolve
 
     conn, settings = _conn()
     with conn:
         entries = list_entries(conn, settings.schema_name)
-    rows = [{"table": e.name, "enabled": e.is_enabled, "priority": e.priority, "frequency_hours": e.refresh_frequency_hours,
-             "last_refresh_at": e.last_refresh_at, "next_refresh_at": e.next_refresh_at, "watermark": e.watermark,
-             "mode": e.params.get("mode")} for e in entries]
+        if select or exclude:
+            pairs = [(d.parent, d.dependent) for d in list_dependencies(conn, settings.schema_name)]
+            chosen = set(resolve([Candidate(e.name, frozenset(e.tags), e.is_enabled) for e in entries], pairs,
+                                 select or [], exclude or [], default_schema=settings.schema_name).tables)
+            entries = [e for e in entries if e.name in chosen]
+    rows: list[dict[str, Any]] = [
+        {"table": e.name, "enabled": e.is_enabled, "priority": e.priority, "frequency_hours": e.refresh_frequency_hours,
+         "tags": e.tags, "last_refresh_at": e.last_refresh_at, "next_refresh_at": e.next_refresh_at,
+         "watermark": e.watermark, "mode": e.params.get("mode")} for e in entries]
     if _emit(rows, as_json):
         return
-    table = Table("table", "enabled", "priority", "mode", "last refresh", "next due", "watermark")
+    table = Table("table", "enabled", "priority", "mode", "tags", "last refresh", "next due", "watermark")
     for r in rows:
-        table.add_row(str(r["table"]), str(r["enabled"]), str(r["priority"]), str(r["mode"]), str(r["last_refresh_at"] or "-"),
-                      str(r["next_refresh_at"] or "-"), str(r["watermark"] or "-"))
+        table.add_row(str(r["table"]), str(r["enabled"]), str(r["priority"]), str(r["mode"]), ", ".join(r["tags"]) or "-",
+                      str(r["last_refresh_at"] or "-"), str(r["next_refresh_at"] or "-"), str(r["watermark"] or "-"))
     console.print(table)
 
 
@@ -207,7 +224,7 @@ def tables_show(name: TableName, as_json: JsonOption = False) -> None:
         e = get_entry(conn, settings.schema_name, name)
         deps = [d.__dict__ for d in list_dependencies(conn, settings.schema_name) if e.name in (d.parent, d.dependent)]
     data = {"table": e.name, "enabled": e.is_enabled, "priority": e.priority, "frequency_hours": e.refresh_frequency_hours,
-            "last_refresh_at": e.last_refresh_at, "next_refresh_at": e.next_refresh_at, "watermark": e.watermark,
+            "tags": e.tags, "last_refresh_at": e.last_refresh_at, "next_refresh_at": e.next_refresh_at, "watermark": e.watermark,
             "params": e.params, "dependencies": deps}
     if not _emit(data, as_json):
         console.print_json(json.dumps(data, default=str))
@@ -272,15 +289,26 @@ def tables_set(
     soft_depends_on: Annotated[list[str] | None, typer.Option(help="Parent table (repeatable): soft dependency.")] = None,
     no_depends_on: Annotated[list[str] | None, typer.Option(
         "--no-depends-on", help="Parent table (repeatable): remove the dependency on it (hard or soft).")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Add this tag (repeatable).")] = None,
+    no_tag: Annotated[list[str] | None, typer.Option("--no-tag", help="Remove this tag (repeatable).")] = None,
+    no_tags: Annotated[bool, typer.Option("--no-tags", help="Remove every tag (before any --tag).")] = False,
 ) -> None:
-    """Change priority, frequency, sync parameters or dependencies of a table (all or nothing: a dependency cycle,
-    like any invalid change, is refused with nothing changed)."""
-    from tasks.registry import add_dependency, remove_dependency, update_table
+    """Change priority, frequency, sync parameters, tags or dependencies of a table (all or nothing: a dependency
+    cycle, like any invalid change, is refused with nothing changed)."""
+    from tasks.registry import add_dependency, get_entry, remove_dependency, update_table
 
     conn, settings = _conn()
     with conn, conn.transaction():
+        tags = None
+        if tag or no_tag or no_tags:
+            had = get_entry(conn, settings.schema_name, name)
+            missing = sorted(set(no_tag or []) - set(had.tags))
+            if missing:
+                raise ConfigError(f"has no tag {', '.join(missing)} (its tags: {', '.join(had.tags) or 'none'})",
+                                  table=had.name)
+            tags = sorted((set() if no_tags else set(had.tags) - set(no_tag or [])) | set(tag or []))
         e = update_table(conn, settings.schema_name, name, priority=priority, frequency_hours=frequency_hours,
-                         params=json.loads(params) if params else None)
+                         params=json.loads(params) if params else None, tags=tags)
         for parent in no_depends_on or []:
             remove_dependency(conn, settings.schema_name, parent, e.name)
         for parent in depends_on or []:
@@ -288,6 +316,68 @@ def tables_set(
         for parent in soft_depends_on or []:
             add_dependency(conn, settings.schema_name, parent, e.name, "soft")
     console.print(f"{e.name} updated")
+
+
+@app.command("export")
+def export_tables_file(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file (default: stdout).",
+                                                dir_okay=False)] = None,
+) -> None:
+    """Write the registry as a tables file (YAML): each table's settings, tags, dependencies and sync parameters,
+    never its watermark or run times. bq-refresh apply -f FILE applies it."""
+    from tasks.tablesfile import current_tables, dump_tables
+
+    conn, settings = _conn()
+    with conn:
+        tables = current_tables(conn, settings.schema_name)
+    if output is None:
+        typer.echo(dump_tables(tables), nl=False)
+    else:
+        output.write_text(dump_tables(tables))
+        err_console.print(f"wrote {len(tables)} table(s) to {output}", markup=False)
+
+
+@app.command("apply")
+def apply_tables_file(
+    file: Annotated[str, typer.Option("--file", "-f", help="The tables file (YAML; - for stdin), as bq-refresh"
+                                      " export writes it.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Apply without asking (needed off a terminal).")] = False,
+    plan_only: Annotated[bool, typer.Option("--plan-only", "--dry-run", help="Show the plan, change nothing.")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Delete the registered tables absent from the file"
+                                        " (default: disable them).")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Make the registry what the file says: shows the plan (tables to add, change, disable) and applies it in one
+    transaction, all or nothing. Tables absent from the file are disabled, never deleted unless --prune."""
+    from tasks.tablesfile import apply_tables, current_tables, parse_tables_file, plan_tables
+
+    label = "stdin" if file == "-" else file
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {file}: {exc.strerror}", param_hint="'--file' / '-f'") from None
+    desired = parse_tables_file(text, load_settings().schema_name, label)  # a bad file is said before connecting
+    conn, settings = _conn()
+    with conn:
+        plan = plan_tables(desired, current_tables(conn, settings.schema_name), prune=prune)
+        ask = not (plan.empty or plan_only or yes)
+        if not as_json:
+            typer.echo(f"plan for the registry in schema {settings.schema_name} from {label}: {plan.counts()}")
+            for line in plan.lines():
+                typer.echo(line)
+        if ask and not sys.stdin.isatty():
+            _emit({**plan.as_dict(), "applied": False}, as_json)
+            raise ConfigError("not on a terminal, so not asking: pass --yes to apply this plan (or --plan-only to"
+                              " only show it)")
+        if ask:
+            typer.confirm("Apply this plan?", abort=True)
+        applied = not (plan.empty or plan_only)
+        if applied:
+            apply_tables(conn, settings.schema_name, desired, prune=prune, shown=plan)
+    if not _emit({**plan.as_dict(), "applied": applied}, as_json):
+        typer.echo(f"applied: {plan.done()}" if applied else
+                   "nothing to apply: the registry is as the file says" if plan.empty else
+                   "plan only: nothing changed")
 
 
 @app.command()
@@ -587,6 +677,8 @@ def _run_with_progress(start: Any) -> Any:
 @app.command()
 def run(
     table: Annotated[list[str] | None, typer.Option("--table", help="Table to refresh (repeatable); none = all due.")] = None,
+    select: SelectOption = None,
+    exclude: ExcludeOption = None,
     full_refresh: Annotated[bool, typer.Option("--full-refresh", help="Re-read everything and replace.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Everything except publishing; report what would change.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Refresh enabled tables even if not due.")] = False,
@@ -606,20 +698,32 @@ def run(
     # run), a BigQuery project or dataset that is not there. Each is one line and exit 2 (3 for a service down).
     settings = load_settings()
     res = resolve_resources(settings)
+    tolerance = timedelta(minutes=settings.due_tolerance_minutes)
+    selecting = bool(select or exclude)
     with res.target.connect(autocommit=True) as conn:
-        due = due_entries(conn, settings.schema_name, names=table or None, force=force,
-                          tolerance=timedelta(minutes=settings.due_tolerance_minutes))
         registered = list_entries(conn, settings.schema_name)
+        names, left_out = (_selection(conn, settings.schema_name, registered, table or [], select or [], exclude or [],
+                                      force, tolerance) if selecting else (table or [], []))
+        due = due_entries(conn, settings.schema_name, names=names or None, force=force, tolerance=tolerance)
+    if selecting and not as_json:
+        console.print(f"selected {len(names)} table(s): {', '.join(names) or '-'}"
+                      + (f"; left out, disabled: {', '.join(left_out)}" if left_out else ""), markup=False)
+    if selecting and not names:  # --exclude alone, nothing due but what it leaves out
+        if not _emit({"tables": [], "failed": [], "selected": []}, as_json):
+            console.print(_nothing_ran(registered, force))
+        return
     require_session_state(res.target)
     _require_source_datasets(res.source, due)
     from flows.daily_refresh import daily_refresh, night_summary
 
     def start() -> Any:
-        return daily_refresh(tables=table or None, full_refresh=full_refresh, dry_run=dry_run, force=force,
+        return daily_refresh(tables=names or None, full_refresh=full_refresh, dry_run=dry_run, force=force,
                              allow_deletes=allow_deletes, max_concurrency=max_concurrency, return_state=True)
 
     state: Any = start() if as_json else _run_with_progress(start)
     summary = night_summary(state)  # Completed, or Failed with the failed tables: the summary either way
+    if selecting:
+        summary = {**summary, "selected": names, "left_out_disabled": left_out}
     if not _emit(summary, as_json):
         out = Table("table", "status", "mode", "read", "inserted", "updated", "deleted", "ms", "note",
                     title="dry run: nothing published" if dry_run else None)
@@ -633,6 +737,38 @@ def run(
         err_console.print(f"error: {len(failed)} table(s) failed: {', '.join(failed)}"
                           " (bq-refresh history --status failed says why)", markup=False)
         raise typer.Exit(EXIT_FAILED)
+
+
+def _selection(conn: Any, schema: str, registered: list[Any], table: list[str], select: list[str], exclude: list[str],
+               force: bool, tolerance: timedelta) -> tuple[list[str], list[str]]:
+    """The tables a run with --select or --exclude refreshes, in registry order, and the disabled tables its
+    selectors matched but left out. --select and --table add up (neither minds whether a table is due); without
+    either, the due tables; --exclude removes from both.
+
+    Raises:
+        SelectionError: a selector malformed or matching nothing; --exclude leaving nothing of a --select.
+        ConfigError: a --table not registered.
+    """
+    from tasks.registry import due_entries, list_dependencies
+    from tasks.selection import Candidate, Graph, SelectionError, choose
+    from tasks.selection import select as resolve
+
+    candidates = [Candidate(e.name, frozenset(e.tags), e.is_enabled) for e in registered]
+    pairs = [(d.parent, d.dependent) for d in list_dependencies(conn, schema)]
+    left_out: list[str] = []
+    if select or table:
+        chosen = {e.name for e in due_entries(conn, schema, names=table)} if table else set()  # registered?
+        if select:
+            picked = resolve(candidates, pairs, select, default_schema=schema, enabled_only=True)
+            chosen |= set(picked.tables)
+            left_out = picked.left_out_disabled
+    else:
+        chosen = {e.name for e in due_entries(conn, schema, force=force, tolerance=tolerance)}
+    excluded = choose(exclude, candidates, Graph.of(pairs), option="--exclude", default_schema=schema)
+    names = [c.name for c in candidates if c.name in chosen - excluded]
+    if not names and (select or table):
+        raise SelectionError(f"--exclude {' '.join(exclude)!r} leaves out every table chosen: nothing to run")
+    return names, left_out
 
 
 def _nothing_ran(registered: list[Any], force: bool) -> str:
@@ -862,6 +998,13 @@ def explain(exc: BaseException) -> tuple[int, str]:
             missing = exc.diag.message_primary or _one_line(exc)
             return EXIT_USAGE, (f"schema {schema} is not initialised ({missing}): run bq-refresh init"
                                 " (or set BQ_REFRESH_SCHEMA to the schema it was run for)")
+        return EXIT_FAILED, f"PostgreSQL: {_one_line(exc)}"
+    if isinstance(exc, psycopg.errors.UndefinedColumn):  # a schema of an earlier version: a migration not applied
+        from tasks.migrations import system_tables
+
+        primary = exc.diag.message_primary or _one_line(exc)
+        if any(f'relation "{name}"' in primary for name in system_tables()):
+            return EXIT_USAGE, (f"schema {_registry_schema()} is not up to date ({primary}): run bq-refresh init")
         return EXIT_FAILED, f"PostgreSQL: {_one_line(exc)}"
     if isinstance(exc, psycopg.OperationalError):
         text = _without_password(_one_line(exc))
