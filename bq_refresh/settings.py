@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import time
 from pathlib import Path
 from typing import Literal
@@ -14,15 +15,42 @@ DEFAULT_STAGING_SCHEMA = "sqp_staging"
 DEFAULT_BATCH_SIZE = 50_000  # rows per COPY and checkpoint; bench/run.py: 5k-row batches cost ~0.5 s per 1M rows in commits
 DEFAULT_PROJECT = "bq-refresh-local"
 DEFAULT_DATASET = "sqp_source"
+# The settings that point at a BigQuery of the user's own: any of them set, a running demo emulator is not used.
+BIGQUERY_FIELDS = frozenset({"bigquery_project_id", "bigquery_dataset", "bigquery_location", "bigquery_api_endpoint",
+                             "bigquery_storage_endpoint", "google_credentials_json"})
 
 
-class Settings(BaseSettings):
-    """Runtime configuration, read from the environment (and nothing else).
+def default_state_dir() -> Path:
+    """$XDG_STATE_HOME/bq-refresh, or ~/.local/state/bq-refresh (the XDG default; a relative XDG_STATE_HOME is
+    ignored, as the XDG specification asks): the same folder from whatever directory a command runs."""
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"
+    return base / "bq-refresh"
 
-    Unset database URL means the embedded PostgreSQL; unset BigQuery endpoints mean real Google.
+
+class StateSettings(BaseSettings):
+    """Where the local state lives; read alone before Prefect is imported (bq_refresh.offline)."""
+
+    # A .env in the current directory is read too; the environment wins over it.
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True, env_file=".env")
+
+    state_dir: Path = Field(
+        default_factory=default_state_dir, validation_alias="BQ_REFRESH_STATE_DIR",
+        description="Local state: the embedded PostgreSQL, the demo's BigQuery emulator, the Prefect home.")
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Made absolute once: a Prefect worker or a thread in another directory finds the same folder.
+        return value.expanduser().absolute()
+
+
+class Settings(StateSettings):
+    """Runtime configuration, read from the environment and a .env in the current directory.
+
+    Unset database URL means the embedded PostgreSQL; unset BigQuery endpoints mean real Google, or the demo's
+    emulator while it runs and nothing else is configured (``load_settings``).
     """
-
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
 
     database_url: SecretStr | None = Field(
         default=None,
@@ -32,7 +60,6 @@ class Settings(BaseSettings):
     schema_name: str = Field(default=DEFAULT_SCHEMA, validation_alias="BQ_REFRESH_SCHEMA")
     staging_schema: str = Field(default=DEFAULT_STAGING_SCHEMA, validation_alias="BQ_REFRESH_STAGING_SCHEMA")
     shadow_schema_setting: str | None = Field(default=None, validation_alias="BQ_REFRESH_SHADOW_SCHEMA")
-    state_dir: Path = Field(default=Path(".state"), validation_alias="BQ_REFRESH_STATE_DIR")
 
     bigquery_project_id: str = Field(default=DEFAULT_PROJECT, validation_alias="BIGQUERY_PROJECT_ID")
     bigquery_dataset: str = Field(default=DEFAULT_DATASET, validation_alias="BIGQUERY_DATASET")
@@ -171,7 +198,27 @@ class Settings(BaseSettings):
     def uses_emulator(self) -> bool:
         return self.bigquery_api_endpoint is not None
 
+    @property
+    def is_embedded_default(self) -> bool:
+        """Neither a database nor a BigQuery of the user's own is configured: the embedded PostgreSQL, and the
+        demo's emulator when one runs in the state folder."""
+        return (self.database_url is None and not self.model_fields_set & BIGQUERY_FIELDS
+                and "GOOGLE_APPLICATION_CREDENTIALS" not in os.environ)
+
 
 def load_settings() -> Settings:
-    """Read the settings from the environment now (not at import time)."""
-    return Settings()
+    """Read the settings from the environment (and .env) now, not at import time.
+
+    On the embedded default, a BigQuery emulator that ``bq-refresh demo --keep-up`` left running in the state
+    folder is the source (its endpoints and project), so that every command finds the demo's data by itself.
+    """
+    settings = Settings()
+    if settings.is_embedded_default:
+        from bq_refresh.services import running_emulator
+
+        emulator = running_emulator(settings.state_dir)
+        if emulator is not None:
+            settings = settings.model_copy(update={
+                "bigquery_api_endpoint": emulator.rest_url, "bigquery_storage_endpoint": emulator.grpc_target,
+                "bigquery_project_id": emulator.project or settings.bigquery_project_id})
+    return settings

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -614,7 +617,8 @@ def role_sql(role: Annotated[str, typer.Option(help="Name of the login role the 
 @app.command()
 def serve(host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080) -> None:
-    """Serve the HTTP API (health, status, history, metrics, config, trigger)."""
+    """Serve the HTTP API: status, runs, history, Prometheus metrics, config, trigger; /healthz for probes; its
+    docs at /docs (offline). Stops on SIGTERM, with the temporary Prefect server it started for local runs."""
     import uvicorn
 
     from flows.api import create_app
@@ -623,7 +627,12 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0:
 
 
 def _run_with_progress(start: Any) -> Any:
-    """Run the flow in a thread while a live table shows, per table, rows staged and rows/s."""
+    """Run the flow in a thread while, on a terminal, a live table shows per table its phase (planning, reading,
+    checking, publishing; then done, failed or skipped from its audit row), rows read of those expected, rows/s and
+    the ETA of the read. Prefect's console logging keeps WARNING and above meanwhile, printed above the table
+    (its INFO lines still reach the Prefect API and UI). Off a terminal the flow just runs."""
+    if not console.is_terminal:
+        return start()
     import threading
     import time
 
@@ -631,6 +640,7 @@ def _run_with_progress(start: Any) -> Any:
     from rich.table import Table
 
     from tasks import status as q
+    from tasks.artifacts import format_duration, live_progress, progress_cells, wait_for_phase_change
 
     outcome: dict[str, Any] = {}
 
@@ -641,37 +651,73 @@ def _run_with_progress(start: Any) -> Any:
             outcome["error"] = exc
 
     conn, settings = _conn()
-    first_seen: dict[str, float] = {}
+    began = time.monotonic()
+    columns = ("phase", "rows", "rows/s", "ETA", "time")
+    finished_as = {"success": "done", "warning": "done (warning)"}
     with conn:
         latest = q.history(conn, settings.schema_name, limit=1)
         floor_id = latest[0]["id"] if latest else 0
 
         def render() -> Table:
-            view = Table("table", "state", "rows", "rows/s", title="bq-refresh run")
+            view = Table("table", *columns, title="bq-refresh run")
+            now = time.monotonic()
+            rows: dict[str, list[str]] = {}
             try:
-                for c in q.checkpoints(conn, settings.schema_name, status="active"):
-                    seen = first_seen.setdefault(c["table"], time.monotonic())
-                    rows = int(c["rows_staged"] or 0)
-                    view.add_row(c["table"], "loading", f"{rows:,}", f"{rows / max(time.monotonic() - seen, 0.1):,.0f}")
+                for p in live_progress(since=began):
+                    shown = progress_cells(p, now)
+                    rows[p.table] = [shown[c] for c in columns]
                 for h in reversed(q.history(conn, settings.schema_name, limit=100)):
                     if h["id"] <= floor_id or h["status"] == "running":
                         continue
-                    done = int(h["rows_processed"] or 0)
-                    rate = done / max((h["execution_time_ms"] or 0) / 1000, 0.001)
-                    view.add_row(f"{h['table_schema']}.{h['table_name']}", h["status"], f"{done:,}", f"{rate:,.0f}")
+                    name = f"{h['table_schema']}.{h['table_name']}"
+                    read = f"{int(h['rows_processed'] or 0):,}"
+                    seconds = (h["execution_time_ms"] or 0) / 1000
+                    rows[name] = [finished_as.get(h["status"], h["status"]), read, "", "", format_duration(seconds)]
             except Exception:  # noqa: BLE001 - the display never breaks the run
                 pass
+            for name, cells in rows.items():
+                view.add_row(name, *cells)
             return view
 
         worker = threading.Thread(target=target, daemon=True)
-        worker.start()
-        with Live(render(), console=console, refresh_per_second=2, transient=True) as live:
+        with Live(render(), console=console, refresh_per_second=4, transient=True) as live, _prefect_logs_above():
+            worker.start()
             while worker.is_alive():
-                worker.join(0.5)
-                live.update(render())
+                wait_for_phase_change(0.5)  # a new phase shows at once, rows every half second
+                live.update(render(), refresh=True)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["state"]
+
+
+@contextmanager
+def _prefect_logs_above() -> Iterator[None]:
+    """While a live display runs on ``console``: Prefect's console handlers print only WARNING and above, through
+    ``console`` (above the display, not through it); stream handlers write to sys.stderr, which rich's Live
+    redirects above the display too. Everything is put back afterwards."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    known = list(logging.Logger.manager.loggerDict.values())  # one copy: other threads may add loggers
+    loggers = [logging.getLogger(), *(logger for logger in known if isinstance(logger, logging.Logger))]
+    handlers = {h for logger in loggers for h in logger.handlers}
+    undo: list[Any] = []
+    for h in handlers:
+        if isinstance(h, PrefectConsoleHandler):
+            undo.append((h.setLevel, h.level))
+            undo.append((partial(setattr, h, "console"), h.console))
+            h.setLevel(max(h.level, logging.WARNING))
+            h.console = console
+        elif (isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+              and h.stream in (sys.__stderr__, sys.__stdout__)):
+            undo.append((h.setStream, h.stream))
+            h.setStream(sys.stderr)
+    try:
+        yield
+    finally:
+        for put_back, value in reversed(undo):
+            put_back(value)
 
 
 @app.command()
@@ -874,16 +920,23 @@ def demo(
     weeks: Annotated[int, typer.Option(help="Weeks of data (rows = asins x queries x weeks).")] = 12,
     keep_up: Annotated[bool, typer.Option("--keep-up", help="Leave the emulator and PostgreSQL running.")] = False,
     reset: Annotated[bool, typer.Option("--reset/--reuse", help="Start from an empty source and target.")] = True,
+    stop: Annotated[bool, typer.Option("--stop", help="Only stop what a demo left running in the state folder (the "
+                                       "emulator, the embedded PostgreSQL) and say what was stopped.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Nightly refresh of generated SQP data from the local BigQuery emulator into the embedded PostgreSQL,
-    then a simulated next day (new week, restated week, deleted row, new column) and the second night."""
+    then a simulated next day (new week, restated week, deleted row, new column) and the second night.
+    With --keep-up, every other command finds the demo's emulator and database by itself until demo --stop."""
     from bq_refresh.services import stop_embedded_postgres, stop_emulator
-    from flows.daily_refresh import daily_refresh
-    from flows.demo import create_summaries, prepare_demo, simulate_next_day
 
     settings = load_settings()
     state = settings.state_dir
+    if stop:
+        typer.echo(_stop_demo_services(state))
+        return
+    from flows.daily_refresh import daily_refresh
+    from flows.demo import create_summaries, prepare_demo, simulate_next_day
+
     nights: list[dict[str, Any]] = []
     try:
         with console.status("starting the BigQuery emulator and PostgreSQL, generating SQP data"):
@@ -902,17 +955,41 @@ def demo(
         if as_json:
             typer.echo(json.dumps({"source_rows": info["rows"], "next_day": change, "nights": nights}, default=str))
         else:
-            console.print("\nnext steps:\n  .venv/bin/bq-refresh status        # health per table"
-                          "\n  .venv/bin/bq-refresh history --limit 10"
-                          "\n  .venv/bin/bq-refresh serve         # the API: /health /status /metrics on :8080"
-                          "\n  .venv/bin/prefect server start     # the Prefect UI on this data (PREFECT_HOME=.state/prefect)"
-                          "\n  rerun with --keep-up to leave the emulator and PostgreSQL running")
+            import os
+
+            prefect_home = os.environ.get("PREFECT_HOME", str(state / "prefect"))
+            steps = ("\nnext steps (from any folder, while they run):\n  bq-refresh status        # health per table"
+                     "\n  bq-refresh history --limit 10\n  bq-refresh run --force   # another night"
+                     "\n  bq-refresh serve         # the API: /health /status /metrics on :8080"
+                     f"\n  PREFECT_HOME={prefect_home} prefect server start   # the Prefect UI on these runs"
+                     "\n  bq-refresh demo --stop   # stop the emulator and PostgreSQL")
+            console.print(steps if keep_up else "\nrerun with --keep-up to leave the emulator and PostgreSQL running;"
+                          " then bq-refresh status, history, run and serve use them from any folder",
+                          markup=False, highlight=False)
     finally:
         if not keep_up:
             stop_emulator(state)
             stop_embedded_postgres(state)
     if any(n["failed"] for n in nights):
         raise typer.Exit(1)
+
+
+def _stop_demo_services(state: Path) -> str:
+    """Stop the emulator and the embedded PostgreSQL running in the state folder; say what was stopped."""
+    from bq_refresh.services import (
+        embedded_postgres_pid,
+        running_emulator,
+        stop_embedded_postgres,
+        stop_emulator,
+    )
+
+    emulator, postgres = running_emulator(state), embedded_postgres_pid(state)
+    stopped = []
+    if stop_emulator(state):
+        stopped.append("the BigQuery emulator" + (f" (pid {emulator.pid}, {emulator.rest_url})" if emulator else ""))
+    if stop_embedded_postgres(state):
+        stopped.append(f"the embedded PostgreSQL (pid {postgres}, {state / 'pgdata'})")
+    return f"stopped {' and '.join(stopped)}" if stopped else f"nothing running in {state}"
 
 
 def _demo_night(daily_refresh: Any, title: str, as_json: bool) -> dict[str, Any]:
