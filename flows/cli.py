@@ -156,9 +156,12 @@ def tables_add(
     frequency_hours: Annotated[int, typer.Option(help="Refresh every this many hours (24: nightly).")] = 24,
     disabled: Annotated[bool, typer.Option("--disabled", help="Register it disabled (not refreshed).")] = False,
     tag: TagOption = None,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Check the source in BigQuery first: it exists,"
+                                        " the key, cursor and window columns are there with usable types, a read"
+                                        " session opens (bq-refresh doctor's source lines).")] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Register (or update) a table; its sync parameters are validated first."""
+    """Register (or update) a table; its sync parameters are validated first, and its source checked."""
     from tasks.registry import register_table
 
     spec: dict[str, Any] = json.loads(params) if params else {}
@@ -172,6 +175,22 @@ def tables_add(
         spec["lookback"] = lookback
     conn, settings = _conn()
     with conn:
+        if check:  # a typo in a column is found now, not at 02:00: nothing is registered
+            from blocks import resolve_resources
+            from tasks import doctor as preflight
+            from tasks.registry import RegistryEntry
+            from tasks.spec import TableSpec
+            from tasks.sqlnames import split_qualified
+
+            table_schema, table_name = split_qualified(name, settings.schema_name)
+            TableSpec.parse_for(f"{table_schema}.{table_name}", spec)  # bad parameters: worded as registration does
+            provisional = RegistryEntry(0, table_schema, table_name, True, frequency_hours, priority, None, None, None,
+                                        None, spec)
+            failed = [c for c in preflight.source_checks(resolve_resources(settings), provisional)
+                      if c["status"] == "fail"]
+            if failed:
+                raise ConfigError(f"not registered: {'; '.join(c['message'] for c in failed)} (--no-check registers"
+                                  " without looking at BigQuery)", table=provisional.name)
         entry = register_table(conn, settings.schema_name, name, spec, priority=priority,
                                frequency_hours=frequency_hours, enabled=not disabled, tags=tag)
     if not _emit({"id": entry.id, "table": entry.name, "tags": entry.tags, "params": entry.params}, as_json):
@@ -526,18 +545,29 @@ def shadow_enable(name: TableName) -> None:
 
 @app.command()
 def doctor(as_json: JsonOption = False) -> None:
-    """Preflight checks, one line each: OK, or what to do (exit 1 when one fails)."""
+    """Preflight checks, one line each: OK, or what to do (exit 1 when one fails): PostgreSQL (version, TLS, the
+    role, the targets, staging, event triggers, timeouts, the pooler, disk) and BigQuery (the identity, and for
+    every enabled table its source, columns and a read session)."""
     from blocks import resolve_resources
+    from tasks import doctor as preflight
     from tasks.headroom import disk_report, registered_targets
     from tasks.preflight import session_check
+    from tasks.registry import list_entries
 
     conn, settings = _conn()
+    res = resolve_resources(settings)
     with conn:
-        checks = [session_check(resolve_resources(settings).target),
-                  disk_report(conn, registered_targets(conn, settings.schema_name), settings.disk_budget_mb)]
+        targets = registered_targets(conn, settings.schema_name)
+        entries = [e for e in list_entries(conn, settings.schema_name) if e.is_enabled] if targets else []
+        checks = [*preflight.postgres_checks(conn, staging_schema=settings.staging_schema, targets=targets,
+                                             session_timeouts=settings.session_timeouts),
+                  session_check(res.target), disk_report(conn, targets, settings.disk_budget_mb)]
+    checks.append(preflight.identity(res))
+    for entry in entries:
+        checks += preflight.source_checks(res, entry)
     if not _emit({"checks": checks}, as_json):
         for check in checks:  # plain lines: never wrapped, whatever the terminal
-            typer.echo(f"{check['status'].upper():<8}{check['name']}: {check['message']}")
+            typer.echo(preflight.line(check))
     if any(check["status"] == "fail" for check in checks):
         raise typer.Exit(1)
 
