@@ -689,7 +689,9 @@ def _run_with_progress(start: Any) -> Any:
         floor_id = latest[0]["id"] if latest else 0
 
         def render() -> Table:
-            view = Table("table", *columns, title="bq-refresh run")
+            view = Table("table", title="bq-refresh run")
+            for column, width in zip(columns, (10, 24, 8, 6, 6), strict=True):  # widths steady from frame to frame
+                view.add_column(column, min_width=width, justify="left" if column == "phase" else "right")
             now = time.monotonic()
             rows: dict[str, list[str]] = {}
             try:
