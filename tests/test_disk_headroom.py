@@ -133,7 +133,9 @@ def test_doctor_shows_the_headroom_or_says_it_is_unknown(
 
     unknown = doctor(base)
     assert unknown.returncode == 0, unknown.stderr
-    session, line = unknown.stdout.strip().split("\n")  # one line per check, never wrapped
+    shown = unknown.stdout.strip().split("\n")  # one line per check, never wrapped
+    session = next(text for text in shown if " session: " in text)
+    line = next(text for text in shown if " disk: " in text)
     assert session.startswith("OK      session: session state survives"), session  # the pooler probe
     assert line.startswith("UNKNOWN disk: ")
     assert f"a full reload of the largest target, {registry}.sqp (" in line
