@@ -576,6 +576,8 @@ def doctor(as_json: JsonOption = False) -> None:
 def verify(
     table: Annotated[list[str] | None, typer.Option("--table", help="Table to verify (repeatable); none = every enabled"
                                                     " table.")] = None,
+    select: SelectOption = None,
+    exclude: ExcludeOption = None,
     rows: Annotated[bool, typer.Option("--rows", help="Bisect each differing slice down to the rows that differ"
                                        " and list them (key; missing, extra, or which columns differ).")] = False,
     repair: Annotated[bool, typer.Option("--repair", help="Reload what differs through a normal run (window mode:"
@@ -596,6 +598,17 @@ def verify(
     with conn:
         entries = ([get_entry(conn, settings.schema_name, t) for t in table] if table
                    else [e for e in list_entries(conn, settings.schema_name) if e.is_enabled])
+        if select or exclude:  # dbt's selectors, as for run (enabled tables only)
+            from tasks.registry import list_dependencies
+            from tasks.selection import Candidate
+            from tasks.selection import select as resolve
+
+            pairs = [(d.parent, d.dependent) for d in list_dependencies(conn, settings.schema_name)]
+            every = list_entries(conn, settings.schema_name)
+            chosen = set(resolve([Candidate(e.name, frozenset(e.tags), e.is_enabled) for e in every], pairs,
+                                 select or [], exclude or [], default_schema=settings.schema_name,
+                                 enabled_only=True).tables)
+            entries = [e for e in (entries if table else every) if e.name in chosen]
     res = resolve_resources(settings)
     verdicts = [verify_table(res, e, rows=rows, max_bytes=max_bytes) for e in entries]
     if repair:

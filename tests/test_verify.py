@@ -201,6 +201,9 @@ def test_verify_is_refused_while_a_run_holds_the_table(
     assert code == 1
     (verdict,) = out["tables"]
     assert verdict["status"] == "not_verified" and "its lock is held" in verdict["notes"][0]
+    register_table(pg, registry, "other", {"source": "plain", "key": SQP_KEY, "mode": "full"})
+    code, out = verify("--select", f"{registry}.pl*")  # dbt's selectors, as for run
+    assert code == 0 and [t["table"] for t in out["tables"]] == [f"{registry}.plain"], out
 
 
 def test_weekly_maintenance_verifies_records_alerts_and_repairs_where_asked(
