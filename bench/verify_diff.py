@@ -141,6 +141,15 @@ class PostgresSource:
     def postgres(self, query: Any) -> list[Any]:
         return [tuple(r) for r in self._target.execute(query).fetchall()]
 
+    def both(self, source_query: Any, target_query: Any) -> tuple[list[Any], list[Any]]:
+        """Both sides at once, as tasks.verify's _Sides.both (two connections, one thread each)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            source = pool.submit(self.bigquery, source_query)
+            target = self.postgres(target_query)
+            return source.result(), target
+
 
 class _DigestWithPostgresSource:
     """tasks.digest as locate_rows sees it here: the source side's bq_* queries are their pg_* twins."""
@@ -184,8 +193,9 @@ def bq_refresh_side(db: str, spec: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     with psycopg.connect(db, autocommit=True) as source, psycopg.connect(db, autocommit=True) as target:
         sides = PostgresSource(columns, slicing, ident(SCHEMA, "a"), ident(SCHEMA, "b"), source, target)
-        mine = digest.slice_digests(sides.bigquery(digest.pg_query(sides.source_from, columns, slicing)))
-        theirs = digest.slice_digests(sides.postgres(digest.pg_query(sides.target, columns, slicing, sides.where)))
+        source_rows, target_rows = sides.both(digest.pg_query(sides.source_from, columns, slicing),
+                                              digest.pg_query(sides.target, columns, slicing, sides.where))
+        mine, theirs = digest.slice_digests(source_rows), digest.slice_digests(target_rows)
         differing = digest.differences(mine, theirs)
         slices_at = time.monotonic() - started
         with source_reads_postgres():

@@ -12,6 +12,7 @@ of non-NULL values, and listed.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -137,6 +138,13 @@ class _Sides:
         with self.res.target.connect(autocommit=True) as conn:
             return [tuple(r) for r in conn.execute(query).fetchall()]
 
+    def both(self, bigquery_query: str, postgres_query: sql.Composed) -> tuple[list[Any], list[Any]]:
+        """The two sides' queries at the same time (each engine scans its own copy: the slower one sets the pace)."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-bigquery") as pool:
+            source = pool.submit(self.bigquery, bigquery_query)
+            target = self.postgres(postgres_query)
+            return source.result(), target
+
 
 def verify_table(res: Resources, entry: RegistryEntry, *, rows: bool = False, max_bytes: int | None = None,
                  lock_wait_s: float = 0.0) -> Verdict:
@@ -156,9 +164,10 @@ def verify_table(res: Resources, entry: RegistryEntry, *, rows: bool = False, ma
         with table_lock(res.target, entry.name, lock_wait_s):  # no publish between the two sides' reads
             sides = _sides(res, entry, verdict)
             sides.max_bytes = max_bytes
-            mine = digest.slice_digests(sides.bigquery(digest.bq_query(sides.source_from, sides.columns, sides.slicing)))
-            theirs = digest.slice_digests(sides.postgres(digest.pg_query(sides.target, sides.columns, sides.slicing,
-                                                                          sides.where)))
+            source_rows, target_rows = sides.both(
+                digest.bq_query(sides.source_from, sides.columns, sides.slicing),
+                digest.pg_query(sides.target, sides.columns, sides.slicing, sides.where))
+            mine, theirs = digest.slice_digests(source_rows), digest.slice_digests(target_rows)
             differing = digest.differences(mine, theirs)
             keeps_deleted = spec.delete_policy.mode == "none" and spec.mode == "incremental"
             if (rows or keeps_deleted) and differing:
@@ -249,20 +258,19 @@ def locate_rows(sides: _Sides, differing: list[digest.SliceDifference], verdict:
         if not big:
             break
         level = min(level + 2, digest.MAX_PREFIX)
-        a = digest.segment_digests(sides.bigquery(digest.bq_children_query(sides.source_from, sides.columns,
-                                                                            sides.slicing, big, level)))
-        b = digest.segment_digests(sides.postgres(digest.pg_children_query(sides.target, sides.columns, sides.slicing,
-                                                                            big, level, sides.where)))
+        source_rows, target_rows = sides.both(
+            digest.bq_children_query(sides.source_from, sides.columns, sides.slicing, big, level),
+            digest.pg_children_query(sides.target, sides.columns, sides.slicing, big, level, sides.where))
+        a, b = digest.segment_digests(source_rows), digest.segment_digests(target_rows)
         pending = []
         for seg in a.keys() | b.keys():
             x, y = a.get(seg), b.get(seg)
             if x is None or y is None or (x.rows, x.h1, x.h2, x.nonnull) != (y.rows, y.h1, y.h2, y.nonnull):
                 pending.append((seg, max(x.rows if x else 0, y.rows if y else 0)))
-    found = digest.row_differences(
-        sides.columns, sides.slicing,
-        sides.bigquery(digest.bq_rows_query(sides.source_from, sides.columns, sides.slicing, final)) if final else [],
-        sides.postgres(digest.pg_rows_query(sides.target, sides.columns, sides.slicing, final, sides.where))
-        if final else [])
+    source_rows, target_rows = sides.both(
+        digest.bq_rows_query(sides.source_from, sides.columns, sides.slicing, final),
+        digest.pg_rows_query(sides.target, sides.columns, sides.slicing, final, sides.where)) if final else ([], [])
+    found = digest.row_differences(sides.columns, sides.slicing, source_rows, target_rows)
     if len(found) > MAX_ROWS_LISTED:
         verdict.notes.append(f"the first {MAX_ROWS_LISTED} of {len(found)} differing rows listed")
     return found[:MAX_ROWS_LISTED]
