@@ -376,7 +376,7 @@ def comparison(res: dict[str, Any]) -> str:
     return (f"- {res['rows']:,} rows: {faster} ({ours['seconds']:.2f} s against {theirs['seconds']:.2f} s);"
             f" {fewer} ({ours['bytes_to_client']:,} against {theirs['bytes_to_client']:,}). bq-refresh spent"
             f" {ours['slices_seconds']:.1f} s of its {ours['seconds']:.1f} s on the two slice digests (one full scan of"
-            f" each table, one after the other), the rest bisecting ({ours['source_queries']} queries a side in all).")
+            f" each table, side by side), the rest bisecting ({ours['source_queries']} queries a side in all).")
 
 
 def render(results: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
