@@ -166,38 +166,19 @@ class SliceDigest:
 
 
 def bq_query(source_from: str, columns: list[DigestColumn], slicing: Slicing, where: str = "") -> str:
-    """One aggregate query over ``source_from`` (a table reference, with FOR SYSTEM_TIME AS OF when it applies)."""
-    exact = [c for c in columns if c.exact]
-    weak = [c for c in columns if not c.exact]
-    nonnull = "".join(f", COUNT({bq_ident(c.source_name)}) AS w{i}" for i, c in enumerate(weak))
-    weak_cols = "".join(f", {bq_ident(c.source_name)}" for c in weak)
-    return (f"SELECT s, COUNT(*) AS n, SUM(CAST(CONCAT('0x', SUBSTR(d, 1, 8)) AS INT64)) AS h1,"  # noqa: S608
-            f" SUM(CAST(CONCAT('0x', SUBSTR(d, 9, 8)) AS INT64)) AS h2{nonnull}"
-            f" FROM (SELECT {slicing.bq()} AS s, TO_HEX(MD5({bq_row_text(exact)})) AS d{weak_cols}"
-            f" FROM {source_from}{f' WHERE {where}' if where else ''}) GROUP BY s")
+    """One aggregate query over ``source_from`` (a table reference, with FOR SYSTEM_TIME AS OF when it applies):
+    per slice the rows, the digest halves' sums and the weaker columns' non-NULL counts."""
+    return _bq_aggregate(source_from, columns, slicing, where, 0)
 
 
 def pg_query(target: sql.Composable, columns: list[DigestColumn], slicing: Slicing,
              where: sql.Composable | None = None) -> sql.Composed:
-    exact = [c for c in columns if c.exact]
-    weak = [c for c in columns if not c.exact]
-    half = "('x' || lpad(substr(d, {}, 8), 16, '0'))::bit(64)::bigint"
-    return sql.SQL("SELECT s, count(*), sum({}), sum({}){} FROM (SELECT {} AS s, md5({}) AS d{} FROM {} t{}) x"
-                   " GROUP BY s").format(
-        sql.SQL(half.format(1)), sql.SQL(half.format(9)),
-        sql.SQL("").join(sql.SQL(", count({})").format(ident(c.target_name)) for c in weak),
-        slicing.pg("t"), pg_row_text(exact, "t"),
-        sql.SQL("").join(sql.SQL(", t.{}").format(ident(c.target_name)) for c in weak),
-        target, sql.SQL(" WHERE {}").format(where) if where is not None else sql.SQL(""))
+    return _pg_aggregate(target, columns, slicing, where, 0)
 
 
 def slice_digests(rows: list[Any]) -> dict[str | None, SliceDigest]:
     """Rows of ``bq_query`` or ``pg_query`` by slice."""
-    out = {}
-    for r in rows:
-        s = None if r[0] is None else str(r[0])
-        out[s] = SliceDigest(s, int(r[1]), int(r[2] or 0), int(r[3] or 0), tuple(int(v or 0) for v in r[4:]))
-    return out
+    return {seg.slice: d for seg, d in segment_digests(rows).items()}
 
 
 @dataclass(frozen=True)
@@ -316,35 +297,48 @@ def pg_segment_filter(slicing: Slicing, segments: list[Segment], alias: str = "t
 def bq_children_query(source_from: str, columns: list[DigestColumn], slicing: Slicing, parents: list[Segment],
                       prefix_len: int) -> str:
     """Per (slice, key-hash prefix of ``prefix_len`` hex digits) digests of the rows in ``parents``."""
-    exact = [c for c in columns if c.exact]
-    weak = [c for c in columns if not c.exact]
-    nonnull = "".join(f", COUNT({bq_ident(c.source_name)}) AS w{i}" for i, c in enumerate(weak))
-    weak_cols = "".join(f", {bq_ident(c.source_name)}" for c in weak)
-    return (f"SELECT s, p, COUNT(*) AS n, SUM(CAST(CONCAT('0x', SUBSTR(d, 1, 8)) AS INT64)) AS h1,"  # noqa: S608
-            f" SUM(CAST(CONCAT('0x', SUBSTR(d, 9, 8)) AS INT64)) AS h2{nonnull}"
-            f" FROM (SELECT {slicing.bq()} AS s, SUBSTR({_bq_key_hash(slicing)}, 1, {prefix_len}) AS p,"
-            f" TO_HEX(MD5({bq_row_text(exact)})) AS d{weak_cols} FROM {source_from}"
-            f" WHERE {bq_segment_filter(slicing, parents)}) GROUP BY s, p")
+    return _bq_aggregate(source_from, columns, slicing, bq_segment_filter(slicing, parents), prefix_len)
 
 
 def pg_children_query(target: sql.Composable, columns: list[DigestColumn], slicing: Slicing, parents: list[Segment],
                       prefix_len: int, where: sql.Composable | None = None) -> sql.Composed:
+    scope = pg_segment_filter(slicing, parents, "t")
+    return _pg_aggregate(target, columns, slicing, scope if where is None else sql.SQL("({}) AND {}").format(scope, where),
+                         prefix_len)
+
+
+def _bq_aggregate(source_from: str, columns: list[DigestColumn], slicing: Slicing, where: str, prefix_len: int) -> str:
+    """Per (slice, key-hash prefix: '' when ``prefix_len`` is 0) the rows, the digest halves' sums, the weaker
+    columns' non-NULL counts."""
+    exact = [c for c in columns if c.exact]
+    weak = [c for c in columns if not c.exact]
+    nonnull = "".join(f", COUNT({bq_ident(c.source_name)}) AS w{i}" for i, c in enumerate(weak))
+    weak_cols = "".join(f", {bq_ident(c.source_name)}" for c in weak)
+    prefix = f"SUBSTR({_bq_key_hash(slicing)}, 1, {prefix_len})" if prefix_len else "''"
+    return (f"SELECT s, p, COUNT(*) AS n, SUM(CAST(CONCAT('0x', SUBSTR(d, 1, 8)) AS INT64)) AS h1,"  # noqa: S608
+            f" SUM(CAST(CONCAT('0x', SUBSTR(d, 9, 8)) AS INT64)) AS h2{nonnull}"
+            f" FROM (SELECT {slicing.bq()} AS s, {prefix} AS p, TO_HEX(MD5({bq_row_text(exact)})) AS d{weak_cols}"
+            f" FROM {source_from}{f' WHERE {where}' if where else ''}) GROUP BY s, p")
+
+
+def _pg_aggregate(target: sql.Composable, columns: list[DigestColumn], slicing: Slicing,
+                  where: sql.Composable | None, prefix_len: int) -> sql.Composed:
     exact = [c for c in columns if c.exact]
     weak = [c for c in columns if not c.exact]
     half = "('x' || lpad(substr(d, {}, 8), 16, '0'))::bit(64)::bigint"
-    scope = pg_segment_filter(slicing, parents, "t")
-    if where is not None:
-        scope = sql.SQL("({}) AND {}").format(scope, where)
-    return sql.SQL("SELECT s, p, count(*), sum({}), sum({}){} FROM (SELECT {} AS s, left({}, {}) AS p, md5({}) AS d{}"
-                   " FROM {} t WHERE {}) x GROUP BY s, p").format(
+    prefix = (sql.SQL("left({}, {})").format(_pg_key_hash(slicing, "t"), sql.Literal(prefix_len)) if prefix_len
+              else sql.SQL("''"))
+    return sql.SQL("SELECT s, p, count(*), sum({}), sum({}){} FROM (SELECT {} AS s, {} AS p, md5({}) AS d{}"
+                   " FROM {} t{}) x GROUP BY s, p").format(
         sql.SQL(half.format(1)), sql.SQL(half.format(9)),
         sql.SQL("").join(sql.SQL(", count({})").format(ident(c.target_name)) for c in weak),
-        slicing.pg("t"), _pg_key_hash(slicing, "t"), sql.Literal(prefix_len), pg_row_text(exact, "t"),
+        slicing.pg("t"), prefix, pg_row_text(exact, "t"),
         sql.SQL("").join(sql.SQL(", t.{}").format(ident(c.target_name)) for c in weak),
-        target, scope)
+        target, sql.SQL(" WHERE {}").format(where) if where is not None else sql.SQL(""))
 
 
 def segment_digests(rows: list[Any]) -> dict[Segment, SliceDigest]:
+    """Rows of the aggregate queries (slice, key-hash prefix, rows, sums, non-NULL counts) by segment."""
     out = {}
     for r in rows:
         s = None if r[0] is None else str(r[0])
