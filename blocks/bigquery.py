@@ -35,11 +35,20 @@ class BigQuerySource(Block):
     gcp_credentials: GcpCredentials | None = Field(default=None, description="prefect-gcp credentials block.")
     credentials_json: SecretStr | None = Field(default=None, description="Service-account key as JSON text.")
     timeout_s: float = Field(default=120.0, description="Deadline for one API call, seconds.")
+    query_results_readable: bool | None = Field(
+        default=None, description="Whether the Storage Read API reads a query job's result table (BigQuery does;"
+        " the local emulator does not: there a query's result is written into a table by DDL). Default: not on the"
+        " emulator (storage_endpoint set).")
 
     @property
     def honours_read_offset(self) -> bool:
         """BigQuery starts ReadRows at the requested offset; the local emulator ignores it."""
         return self.storage_endpoint is None
+
+    @property
+    def reads_query_results(self) -> bool:
+        """A query's result is read from the job's own result table (``job.destination``) by a read session."""
+        return self.storage_endpoint is None if self.query_results_readable is None else self.query_results_readable
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BigQuerySource:

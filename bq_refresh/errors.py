@@ -66,6 +66,11 @@ class DiskBudgetExceeded(RefreshError):
     ``context`` holds need_bytes, headroom_bytes and budget_mb."""
 
 
+class OverBudget(RefreshError):
+    """BigQuery estimates that a table's query or read scans more bytes than its maximum_bytes_billed: refused
+    before it runs. ``context`` holds estimate_bytes and limit_bytes."""
+
+
 class AlreadyRunning(RefreshError):
     """Another refresh of the same table holds its lock."""
 

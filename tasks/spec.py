@@ -92,6 +92,15 @@ class TableSpec(BaseModel):
 
     source: str | None = Field(default=None, description="BigQuery table: project.dataset.table, dataset.table or table.")
     query: str | None = Field(default=None, description="A SQL query whose result is the source (instead of source).")
+    materialization_dataset: str | None = Field(
+        default=None, min_length=1, pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_]+)?$",
+        description="dataset or project.dataset where a query's (or a view's) result is written as a named table, "
+                    "instead of the query job's anonymous result table: needed when a result is larger than an "
+                    "anonymous table holds (roles/bigquery.dataEditor on that dataset only).")
+    maximum_bytes_billed: int | None = Field(
+        default=None, gt=0, description="The most bytes one BigQuery query or read of this table may scan: a larger "
+                                        "dry-run or read-session estimate is refused before anything runs "
+                                        "(default BIGQUERY_MAXIMUM_BYTES_BILLED).")
     target: str | None = Field(default=None, description="schema.table in PostgreSQL; default the registry row's.")
     key: list[str] = Field(min_length=1, description="Primary-key columns (source names).")
     cursor: str | None = Field(default=None, description="TIMESTAMP/DATETIME/DATE/INT64 column for incremental reads.")

@@ -1,0 +1,199 @@
+"""Source kinds and where they live: a logical view (or a non-BigLake external table, or a materialized view) is read
+through a query job, because the Storage Read API reads tables only (cloud.google.com/bigquery/docs/reference/storage,
+"Limitations": it cannot "directly read from logical or materialized views"; tests/storage_standin.py refuses them as
+BigQuery does). On BigQuery the job's own anonymous result table is read (no write right, nothing left behind, no
+time travel: a result table never changes); on the emulator, which cannot read a result table through its Storage
+API, the result is written into a named table by DDL (the source's capability ``reads_query_results``). Jobs carry
+the dataset's location, taken from its metadata when none is configured."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pytest
+from google.cloud import bigquery
+
+from blocks import BigQuerySource
+from bq_refresh.errors import SourceError, SourceUnavailable
+from bq_refresh.services import EmulatorEndpoints
+from bq_refresh.settings import Settings
+from flows.refresh_table import refresh_table
+from tasks import extract
+from tasks.registry import register_table
+from tasks.sources import read_route, resolve_source
+from tests.bqdata import bq_schema, pg_rows, put_table, run_sql, source_rows
+from tests.bqrecorder import RecordingProxy
+from tests.comparator import assert_same_rows
+from tests.conftest import EMULATOR_PROJECT
+from tests.storage_standin import StorageStandIn, table_path
+
+pytestmark = [pytest.mark.once]
+
+SCHEMA = bq_schema([("id", "INT64", "REQUIRED"), ("day", "DATE"), ("name", "STRING"), ("amount", "NUMERIC")])
+
+
+def rows(n: int) -> pa.Table:
+    from decimal import Decimal
+
+    return pa.table({"id": list(range(n)), "day": [date(2026, 1, 1) + timedelta(days=i % 9) for i in range(n)],
+                     "name": [f"name {i}" if i % 7 else None for i in range(n)],
+                     "amount": [Decimal(i) / 100 for i in range(n)]},
+                    schema=pa.schema([pa.field("id", pa.int64(), nullable=False), ("day", pa.date32()),
+                                      ("name", pa.string()), ("amount", pa.decimal128(38, 9))]))
+
+
+@pytest.mark.parametrize(("table_type", "connection", "route"), [
+    ("TABLE", False, "read_session"), ("SNAPSHOT", False, "read_session"), (None, False, "read_session"),
+    ("EXTERNAL", True, "read_session"),  # BigLake: an external table with a connection
+    ("EXTERNAL", False, "query"), ("VIEW", False, "query"), ("MATERIALIZED_VIEW", False, "query"),
+])
+def test_each_kind_of_source_is_routed_where_bigquery_can_read_it(table_type: str | None, connection: bool,
+                                                                  route: str) -> None:
+    assert read_route(table_type, connection=connection) == route
+
+
+@pytest.mark.emulator
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_view_source_refreshes_through_a_query_and_equals_the_view(
+        env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource) -> None:
+    put_table(source, "orders", SCHEMA, rows(500))
+    run_sql(source, f"CREATE VIEW `{source.table_ref('recent')}` AS SELECT id, day, name, amount"
+                    f" FROM `{source.table_ref('orders')}` WHERE MOD(id, 3) <> 0")
+    register_table(pg, registry, "recent", {"source": "recent", "key": ["id"], "mode": "full"})
+    result = refresh_table("recent")
+    assert result["status"] == "success" and result["rows_inserted"] == 333, result
+    # the emulator's way: the view's result written by DDL into a table of ours, read from there
+    audit = pg.execute(f'SELECT bigquery_job_id, sync_metadata FROM "{registry}".refresh_audit_log'
+                       " ORDER BY id DESC LIMIT 1").fetchone()
+    assert audit is not None and audit[0] and "sessions" not in audit[0], audit  # the query job's id
+    assert set(audit[1]["bigquery_bytes"]) >= {"read_estimated", "query_processed", "query_billed"}
+    assert_same_rows(source_rows(source, "recent"), pg_rows(pg, f'"{registry}".recent', "id"), ["id"])
+
+
+@pytest.fixture
+def standin() -> Any:
+    with StorageStandIn() as server:
+        yield server
+
+
+@pytest.fixture
+def recorder(emulator: EmulatorEndpoints) -> Any:
+    proxy = RecordingProxy(emulator.rest_url)
+    yield proxy
+    proxy.close()
+
+
+def read_all(source: BigQuerySource, table: extract.SourceTable) -> tuple[extract.ReadSessionInfo, pa.Table]:
+    """Every row of ``table`` through a read session, as the refresh reads it."""
+    session = extract.create_session(source, table, selected_fields=[f.name for f in table.fields],
+                                     row_restriction="", snapshot_time=datetime.now(UTC) - timedelta(seconds=1),
+                                     max_streams=2, table_name="t")
+    schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema))
+    client = source.get_read_client()
+    batches = [b for s in session.streams for b, _ in extract.read_stream(client, s, 0, schema, table_name="t")]
+    return session, pa.Table.from_batches(batches, schema=schema)
+
+
+@pytest.mark.emulator
+def test_a_view_is_read_from_its_query_jobs_anonymous_result_table_without_writing_anything(
+        dataset: str, emulator: EmulatorEndpoints, standin: StorageStandIn, recorder: RecordingProxy) -> None:
+    """BigQuery's way (REST on the emulator, Storage Read on the stand-in): the job's destination is read, with no
+    snapshot modifier; no DDL, no table created; the view itself is never given to the Storage Read API (the
+    stand-in refuses it, as BigQuery does)."""
+    source = BigQuerySource(project_id=EMULATOR_PROJECT, dataset=dataset, api_endpoint=recorder.url,
+                            storage_endpoint=standin.target, query_results_readable=True, timeout_s=30)
+    put_table(source, "orders", SCHEMA, rows(200))
+    view = source.table_ref("recent")
+    run_sql(source, f"CREATE VIEW `{view}` AS SELECT * FROM `{source.table_ref('orders')}` WHERE MOD(id, 4) = 1")
+    expected = source_rows(source, "recent")
+    standin.register(view, rows(1), kind="VIEW")  # a session on the view itself would be refused
+    standin.register(source.table_ref("orders"), rows(200))
+
+    def serve_result(seen: Any, answer: dict[str, Any]) -> None:
+        dest = answer.get("configuration", {}).get("query", {}).get("destinationTable")
+        if dest and not answer.get("configuration", {}).get("dryRun"):
+            ref = f"{dest['projectId']}.{dest['datasetId']}.{dest['tableId']}"
+            if table_path(ref) not in standin._tables:  # what BigQuery keeps for the job: its result rows
+                standin.register(ref, pa.Table.from_pylist(expected, schema=rows(0).schema))
+
+    recorder.rewrite = serve_result
+    recorder.requests.clear()
+    resolved = resolve_source(source, table="s.recent", source_ref="recent", query=None)
+    assert resolved.kind == "view" and resolved.job_result and resolved.job_id
+    assert resolved.ref.split(".")[1] == "_bqemu_anonymous", resolved.ref  # the job's own result table
+    session, table = read_all(source, resolved)
+    [record] = standin.sessions
+    assert record.table == table_path(resolved.ref) and record.snapshot_time is None and record.error is None
+    queries = [r.query for r in recorder.jobs()]
+    assert queries == [f"SELECT * FROM `{view}`"], queries  # one query, no CREATE ... AS, no destination asked
+    assert not any(r.method in {"POST", "PUT", "PATCH"} and "/tables" in r.path for r in recorder.requests)
+    assert_same_rows(expected, table.to_pylist(), ["id"])
+
+
+@pytest.mark.emulator
+def test_a_result_too_large_for_an_anonymous_table_names_materialization_dataset(
+        dataset: str, standin: StorageStandIn, recorder: RecordingProxy) -> None:
+    source = BigQuerySource(project_id=EMULATOR_PROJECT, dataset=dataset, api_endpoint=recorder.url,
+                            storage_endpoint=standin.target, query_results_readable=True, timeout_s=30)
+    put_table(source, "orders", SCHEMA, rows(10))
+
+    def too_large(seen: Any) -> tuple[int, dict[str, Any]] | None:
+        if seen.job_insert and not seen.dry_run:  # what BigQuery answers (reason responseTooLarge, HTTP 403)
+            message = "Response too large to return. Consider specifying a destination table in your job configuration."
+            return 403, {"error": {"code": 403, "message": message, "status": "PERMISSION_DENIED",
+                                   "errors": [{"reason": "responseTooLarge", "message": message}]}}
+        return None
+
+    recorder.answer = too_large
+    with pytest.raises(SourceError, match=r"^s\.big: the query source's result is too large for an anonymous result"
+                                          r" table .*set materialization_dataset") as caught:
+        resolve_source(source, table="s.big", source_ref=None, query=f"SELECT * FROM `{source.table_ref('orders')}`")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.emulator
+def test_jobs_carry_the_datasets_location_from_its_metadata_and_a_stuck_query_is_cancelled_there(
+        emulator: EmulatorEndpoints, recorder: RecordingProxy) -> None:
+    name = f"ds_eu_{datetime.now(UTC).strftime('%H%M%S%f')}"
+    admin = BigQuerySource(project_id=EMULATOR_PROJECT, dataset=name, api_endpoint=emulator.rest_url,
+                           storage_endpoint=emulator.grpc_target)
+    ds = bigquery.Dataset(f"{EMULATOR_PROJECT}.{name}")
+    ds.location = "asia-northeast1"
+    admin.get_bigquery_client().create_dataset(ds)
+    other = bigquery.Dataset(f"{EMULATOR_PROJECT}.{name}_us")
+    other.location = "US"
+    admin.get_bigquery_client().create_dataset(other)
+    try:
+        put_table(admin, "orders", SCHEMA, rows(10))
+        source = BigQuerySource(project_id=EMULATOR_PROJECT, dataset=name, api_endpoint=recorder.url,
+                                storage_endpoint=emulator.grpc_target, timeout_s=3)  # no location configured
+        query = f"SELECT * FROM `{source.table_ref('orders')}`"
+        resolve_source(source, table="s.t", source_ref=None, query=query, maximum_bytes_billed=10**9)
+        inserts = recorder.jobs()
+        assert [r.dry_run for r in inserts] == [True, False]
+        assert {r.body["jobReference"]["location"] for r in inserts if r.body} == {"asia-northeast1"}, inserts
+
+        recorder.requests.clear()
+
+        def never_done(_: Any, answer: dict[str, Any]) -> None:  # the job runs on past the deadline
+            if isinstance(answer.get("status"), dict):
+                answer["status"] = {"state": "RUNNING"}
+            if "jobComplete" in answer:
+                answer["jobComplete"] = False
+
+        recorder.rewrite = never_done
+        with pytest.raises(SourceUnavailable):  # the deadline (BIGQUERY_TIMEOUT_SECONDS) passed
+            resolve_source(source, table="s.t", source_ref=None, query=query)
+        cancels = [r for r in recorder.requests if r.path.endswith("/cancel")]
+        assert cancels and cancels[0].params.get("location") == "asia-northeast1", recorder.requests
+
+        recorder.rewrite = None
+        with pytest.raises(SourceError, match=rf"materialization_dataset {EMULATOR_PROJECT}\.{name}_us is in US,"
+                                              " the source's query runs in asia-northeast1"):
+            resolve_source(source, table="s.t", source_ref=None, query=query, materialization_dataset=f"{name}_us")
+    finally:
+        for n in (name, f"{name}_us"):
+            admin.get_bigquery_client().delete_dataset(n, delete_contents=True, not_found_ok=True)
