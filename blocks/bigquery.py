@@ -34,21 +34,23 @@ class BigQuerySource(Block):
     storage_endpoint: str | None = Field(default=None, description="Storage Read gRPC host:port override (emulator).", examples=["127.0.0.1:9060"])
     gcp_credentials: GcpCredentials | None = Field(default=None, description="prefect-gcp credentials block.")
     credentials_json: SecretStr | None = Field(default=None, description="Service-account key as JSON text.")
+    storage_honours_offsets: bool | None = Field(
+        default=None, description="Whether the Storage Read endpoint starts ReadRows at the requested offset, as"
+        " BigQuery does (a stand-in may too); the local emulator restarts every call at row 0. Default: not when"
+        " storage_endpoint is set.")
     timeout_s: float = Field(default=120.0, description="Deadline for one API call, seconds.")
-    query_results_readable: bool | None = Field(
-        default=None, description="Whether the Storage Read API reads a query job's result table (BigQuery does;"
-        " the local emulator does not: there a query's result is written into a table by DDL). Default: not on the"
-        " emulator (storage_endpoint set).")
 
     @property
     def honours_read_offset(self) -> bool:
         """BigQuery starts ReadRows at the requested offset; the local emulator ignores it."""
+        if self.storage_honours_offsets is not None:
+            return self.storage_honours_offsets
         return self.storage_endpoint is None
 
     @property
-    def reads_query_results(self) -> bool:
-        """A query's result is read from the job's own result table (``job.destination``) by a read session."""
-        return self.storage_endpoint is None if self.query_results_readable is None else self.query_results_readable
+    def time_travel(self) -> bool:
+        """Queries may read a table as of a past time (FOR SYSTEM_TIME AS OF): BigQuery; not the local emulator."""
+        return self.api_endpoint is None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BigQuerySource:
@@ -59,6 +61,7 @@ class BigQuerySource(Block):
             location=settings.bigquery_location,
             api_endpoint=settings.bigquery_api_endpoint,
             storage_endpoint=settings.bigquery_storage_endpoint,
+            storage_honours_offsets=settings.bigquery_storage_honours_offsets,
             credentials_json=settings.google_credentials_json,
             timeout_s=settings.bigquery_timeout_s,
         )

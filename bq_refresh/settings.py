@@ -66,14 +66,14 @@ class Settings(StateSettings):
     bigquery_location: str | None = Field(default=None, validation_alias="BIGQUERY_LOCATION")
     bigquery_api_endpoint: str | None = Field(default=None, validation_alias="BIGQUERY_API_ENDPOINT")
     bigquery_storage_endpoint: str | None = Field(default=None, validation_alias="BIGQUERY_STORAGE_ENDPOINT")
+    bigquery_storage_honours_offsets: bool | None = Field(
+        default=None, validation_alias="BIGQUERY_STORAGE_HONOURS_OFFSETS",
+        description="The Storage Read endpoint starts ReadRows at the requested offset (BigQuery does); unset: not when"
+                    " BIGQUERY_STORAGE_ENDPOINT is set (the local emulator restarts every call at row 0).")
     google_credentials_json: SecretStr | None = Field(
         default=None, validation_alias="GOOGLE_APPLICATION_CREDENTIALS_JSON"
     )
     bigquery_timeout_s: float = Field(default=120.0, validation_alias="BIGQUERY_TIMEOUT_SECONDS")
-    bigquery_maximum_bytes_billed: int | None = Field(
-        default=None, gt=0, validation_alias="BIGQUERY_MAXIMUM_BYTES_BILLED",
-        description="Default per-table budget: a query whose dry run, or a read whose read session, BigQuery estimates "
-                    "above this many bytes is refused before it runs (a table's maximum_bytes_billed wins).")
 
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, gt=0, validation_alias="REFRESH_BATCH_SIZE")
     timeout_warning_ms: int = Field(default=240_000, validation_alias="REFRESH_TIMEOUT_WARNING_MS")

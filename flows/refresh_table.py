@@ -415,9 +415,8 @@ def finish_run(res: Resources, table: str, plan: sync.RefreshPlan, manifest: syn
         "lock_reacquired": lock_reacquired, "future_cursor_rows": result.future_cursor_rows,
         # the BigQuery snapshot the published data reflects (refresh_freshness.data_as_of)
         "data_as_of": (plan.session or {}).get("snapshot_time"),
+        **({"restarted": plan.restarted} if plan.restarted else {}),  # a checkpoint not resumed, and why
         "publish_group": plan.publish_group,
-        # bytes BigQuery scans: the read session's estimate; a query or view source's job, processed and billed
-        "bigquery_bytes": plan.bigquery_bytes,
         "analyzed": False,
     }
     with res.target.connect(autocommit=True) as conn:

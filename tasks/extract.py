@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import random
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import google.auth.exceptions
+import grpc
 import pyarrow as pa
 from google.api_core import exceptions as gexc
+from google.api_core import gapic_v1
 from google.api_core.retry import Retry
 from google.cloud import bigquery
 from google.cloud.bigquery_storage_v1 import BigQueryReadClient, types
@@ -21,6 +28,18 @@ from tasks.typemap import normalize_type
 
 SESSION_GONE = (gexc.NotFound, gexc.FailedPrecondition, gexc.InvalidArgument, gexc.PermissionDenied)
 TRANSIENT = (gexc.ServerError, gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.TooManyRequests, gexc.RetryError)
+# What a ReadRows call resumes from, at the next row wanted: server errors (UNAVAILABLE, INTERNAL, UNKNOWN: google-cloud-
+# bigquery-storage's reader.py resumes these; "Stream removed": retry, https://cloud.google.com/bigquery/docs/reference/
+# storage#troubleshoot) and RESOURCE_EXHAUSTED / 429 (a quota: after its RetryInfo delay, or a backoff).
+RESUMABLE = (gexc.ServerError, gexc.TooManyRequests)
+RESUME_BACKOFF_S = (0.5, 5.0)  # the first and the longest pause between attempts (a RetryInfo's delay wins)
+# A dataset's time travel window when it does not say: "from a minimum of two days to a maximum of seven days", seven
+# by default (https://cloud.google.com/bigquery/docs/time-travel; the dataset's max_time_travel_hours, 48 to 168).
+DEFAULT_TIME_TRAVEL_HOURS = 168
+MIN_TIME_TRAVEL_HOURS = 48
+# A resumed read must end, and its counts at the snapshot be taken, before the snapshot leaves the window.
+TIME_TRAVEL_MARGIN = timedelta(hours=1)
+log = logging.getLogger(__name__)
 
 
 def short_retry(timeout_s: float) -> Retry:
@@ -44,13 +63,6 @@ class SourceTable:
     job_id: str | None = None
     num_rows: int = 0  # the table's metadata (0: not known), for the disk a full or initial load needs
     num_bytes: int = 0
-    kind: str = "table"  # table, snapshot, external (BigLake); or view, materialized_view, external, query: read
-    # through a query job's result table (tasks/sources.py)
-    job_result: bool = False  # a query's result table: it never changes, read without time travel
-    location: str | None = None
-    bytes_processed: int = 0  # the query job's figures (query and view sources)
-    bytes_billed: int = 0
-    bytes_estimated: int = 0  # its dry run's estimate (with a budget, or in a dry run)
 
     @property
     def read_path(self) -> str:
@@ -63,6 +75,50 @@ class SourceTable:
 
 def _fields(schema: list[bigquery.SchemaField]) -> list[SourceField]:
     return [SourceField(f.name, normalize_type(f.field_type), f.mode or "NULLABLE") for f in schema]
+
+
+def resolve_source(source: BigQuerySource, *, table: str, source_ref: str | None, query: str | None) -> SourceTable:
+    """Find the source table and its schema; run a query source into a table first.
+
+    Raises:
+        SourceError: the table does not exist or the query fails.
+        SourceUnavailable: BigQuery did not answer.
+    """
+    client = source.get_bigquery_client()
+    retry = short_retry(source.timeout_s)
+    try:
+        if query is not None:
+            dest = source.table_ref(f"_bqr_query_{uuid.uuid5(uuid.NAMESPACE_URL, table).hex[:16]}")
+            # A DDL statement rather than a destination table: the same on BigQuery and the emulator,
+            # and the table stays readable by the Storage Read API (query results are not, there).
+            ddl = f"CREATE OR REPLACE TABLE `{dest}` AS {query}"
+            job = client.query(ddl, retry=retry, job_retry=None)
+            job.result(timeout=source.timeout_s, retry=retry)
+            bq_table = client.get_table(dest, retry=retry, timeout=source.timeout_s)
+            return SourceTable(dest, _fields(bq_table.schema), job.job_id, int(bq_table.num_rows or 0),
+                               int(bq_table.num_bytes or 0))
+        assert source_ref is not None
+        ref = source.table_ref(source_ref)
+        bq_table = client.get_table(ref, retry=retry, timeout=source.timeout_s)
+        return SourceTable(ref, _fields(bq_table.schema), num_rows=int(bq_table.num_rows or 0),
+                           num_bytes=int(bq_table.num_bytes or 0))
+    except gexc.NotFound:
+        raise SourceError(f"source table {source_ref or 'of the query'} not found in BigQuery", table=table) from None
+    except gexc.Forbidden as exc:
+        raise SourceError(f"permission denied reading the source: {exc.message}", table=table) from None
+    except gexc.Unauthorized as exc:
+        raise SourceError(f"BigQuery rejected the credentials: {exc.message}", table=table) from None
+    except google.auth.exceptions.RefreshError as exc:
+        raise SourceError(f"BigQuery credentials rejected (token refresh failed: {_first_line(exc)})",
+                          table=table) from None
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        raise SourceError(f"no usable BigQuery credentials: {_first_line(exc)}", table=table) from None
+    except gexc.BadRequest as exc:
+        raise SourceError(f"BigQuery rejected the request: {exc.message}", table=table) from None
+    except TRANSIENT as exc:
+        raise SourceUnavailable(f"BigQuery unavailable: {_describe(exc)}", table=table) from None
+    except OSError as exc:
+        raise SourceUnavailable(f"BigQuery unreachable: {exc}", table=table) from None
 
 
 def _describe(exc: BaseException) -> str:
@@ -179,8 +235,7 @@ def create_session(
         table=table.read_path,
         data_format=types.DataFormat.ARROW,
         read_options=read_options,
-        # A query's result table never changes, and did not exist at a snapshot taken before its job ended.
-        table_modifiers=None if table.job_result else types.ReadSession.TableModifiers(snapshot_time=ts),
+        table_modifiers=types.ReadSession.TableModifiers(snapshot_time=ts),
     )
     try:
         session = client.create_read_session(
@@ -188,6 +243,17 @@ def create_session(
             retry=short_retry(source.timeout_s), timeout=source.timeout_s,
         )
     except gexc.BadRequest as exc:
+        if "non-table entities" in str(exc.message):
+            # https://cloud.google.com/bigquery/docs/reference/storage#limitations: "you cannot use the Storage Read
+            # API to directly read from logical or materialized views"; nor external tables.
+            raise SourceError(f"{table.ref} is not a table (a logical or materialized view, or an external table):"
+                              " BigQuery's Storage Read API reads tables only; register it as a query source (a"
+                              f" --query that selects from it) [{exc.message}]", table=table_name) from None
+        if "Invalid snapshot time" in str(exc.message):
+            # https://cloud.google.com/bigquery/docs/access-historical-data: a time before the time travel window.
+            raise SourceError(f"BigQuery can no longer read {table.ref} as of {snapshot_time.isoformat()}: the"
+                              " snapshot is outside the dataset's time travel window (max_time_travel_hours)"
+                              f" [{exc.message}]", table=table_name) from None
         raise SourceError(f"read session refused: {exc.message}", table=table_name) from None
     except gexc.NotFound:
         raise SourceError(f"source table {table.ref} not found", table=table_name) from None
@@ -212,18 +278,17 @@ def create_session(
 
 
 class _Watchdog:
-    """Cancels a ReadRows stream that receives nothing for ``seconds`` (time spent by our consumer between
-    messages does not count). The Google client resumes a stream broken by the network without end; this
-    bounds it by our own deadline."""
+    """Cancels a ReadRows call that receives nothing for ``seconds`` (time spent by our consumer between
+    messages does not count): a connection that hangs without an error is ended by our own deadline."""
 
-    def __init__(self, rows: Any, seconds: float | None) -> None:
-        self.rows, self.seconds = rows, seconds
+    def __init__(self, call: Any, seconds: float | None) -> None:
+        self.call, self.seconds = call, seconds
         self.fired = threading.Event()
         self.timer: threading.Timer | None = None
 
     def _fire(self) -> None:
         self.fired.set()
-        self.rows.cancel()
+        self.call.cancel()
 
     def arm(self) -> None:
         self.disarm()
@@ -238,6 +303,28 @@ class _Watchdog:
             self.timer = None
 
 
+def _open_rows(client: BigQueryReadClient, stream: str, offset: int) -> Any:
+    """One ReadRows call, without the Google client's own resumption (ReadRowsStream resumes at its own count of
+    rows, which a server that ignores offsets answers from row 0: rows read twice) nor its retry (a day's deadline):
+    ``read_stream`` resumes, at offsets it knows how the server honours, under the read's deadline."""
+    request = types.ReadRowsRequest(read_stream=stream, offset=offset)
+    # The routing header the generated client adds (BigQuery routes the call to the stream's session by it).
+    routing = gapic_v1.routing_header.to_grpc_metadata((("read_stream", stream),))
+    call: Any = client.transport.read_rows  # the generated stub, typed without its gRPC keywords
+    return call(request, metadata=[routing])
+
+
+def _retry_delay(exc: gexc.GoogleAPICallError, attempt: int) -> float:
+    """The pause before the next attempt: the server's RetryInfo when it sends one (RESOURCE_EXHAUSTED does), else
+    exponential with jitter."""
+    for detail in getattr(exc, "details", None) or []:
+        delay = getattr(detail, "retry_delay", None)
+        if delay is not None and (delay.seconds or delay.nanos):
+            return float(delay.seconds) + float(delay.nanos) / 1e9
+    first, longest = RESUME_BACKOFF_S
+    return float(min(longest, first * 2**attempt) * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not secrecy
+
+
 def read_stream(
     client: BigQueryReadClient,
     stream: str,
@@ -248,55 +335,95 @@ def read_stream(
     server_offsets: bool = True,
     stall_timeout_s: float | None = None,
 ) -> Iterator[tuple[pa.RecordBatch, int]]:
-    """Yield (batch, offset after it) from ``stream`` starting at row ``offset``.
+    """Yield (batch, offset after it) from ``stream`` starting at row ``offset``, each row once.
 
-    BigQuery starts the stream at ``offset`` itself; a server that ignores the offset (the local
-    emulator does) is handled with ``server_offsets=False``: the rows before it are dropped here.
+    BigQuery starts a ReadRows call at the offset asked for ("you can restart reading a stream at a particular point
+    by supplying the row offset", https://cloud.google.com/bigquery/docs/reference/storage); a server that ignores
+    it (the local emulator) starts every call at row 0: ``server_offsets=False``, and the rows before the one wanted
+    are dropped here, on the first call and on every resumption. A call that fails mid-stream with a transient error
+    (UNAVAILABLE, RESOURCE_EXHAUSTED / 429, INTERNAL, ...) is resumed at the next row wanted after a backoff (the
+    server's RetryInfo delay when it sends one).
 
     Args:
-        stall_timeout_s: give up when no message arrives for this long (the client's own reconnects
-            included); None waits without end.
+        server_offsets: the server starts ReadRows at the requested offset (``BigQuerySource.honours_read_offset``).
+        stall_timeout_s: give up when no new row arrives for this long (resumptions included) or a call sends
+            nothing for this long; None waits without end.
 
     Raises:
-        SessionExpired: the session is gone; the caller re-creates it.
-        SourceUnavailable: the server failed mid-read, or sent nothing for ``stall_timeout_s``.
+        SessionExpired: the session is gone (expired after its 6 hours, or unknown); the caller re-creates it.
+        SourceUnavailable: the server kept failing, or sent nothing, for ``stall_timeout_s``.
     """
-    skip = 0 if server_offsets else offset
-    watchdog = _Watchdog(None, stall_timeout_s)
-    try:
-        # Each (re)connection's retry is bounded too: the client fetches a connection's first message inside
-        # its retry, whose default deadline is a day.
-        kwargs: dict[str, Any] = {"retry": short_retry(stall_timeout_s)} if stall_timeout_s else {}
-        watchdog.rows = rows = client.read_rows(stream, offset=offset, **kwargs)
-        watchdog.arm()
-        for response in rows:
-            watchdog.disarm()
-            if response.arrow_record_batch.serialized_record_batch:
-                batch = pa.ipc.read_record_batch(
-                    pa.py_buffer(response.arrow_record_batch.serialized_record_batch), arrow_schema
-                )
-                if skip:
-                    dropped = min(skip, batch.num_rows)
-                    batch, skip = batch.slice(dropped), skip - dropped
-                if batch.num_rows:
-                    offset += batch.num_rows
-                    yield batch, offset
+    position = offset  # the next row of the stream this read yields
+    progress_at = time.monotonic()  # when ``position`` last moved (or the read started)
+    attempt = 0
+    while True:
+        served = position if server_offsets else 0  # the stream row the server sends next on this call
+        call = _open_rows(client, stream, position)
+        watchdog = _Watchdog(call, stall_timeout_s)
+        try:
             watchdog.arm()
-    except SESSION_GONE as exc:
-        raise SessionExpired(f"read session gone: {type(exc).__name__}", table=table_name) from None
-    except TRANSIENT as exc:
-        raise SourceUnavailable(f"BigQuery Storage Read API failed mid-read: {_describe(exc)}",
-                                table=table_name) from None
-    except Exception:
-        if not watchdog.fired.is_set():
-            raise
-    finally:
-        watchdog.disarm()
-    if watchdog.fired.is_set():
-        raise SourceUnavailable(f"BigQuery Storage Read stream sent nothing for {stall_timeout_s:g} s at row {offset}"
-                                " (the connection kept breaking; BIGQUERY_TIMEOUT_SECONDS); the next attempt resumes"
-                                " from the checkpoint", table=table_name)
+            for response in call:
+                watchdog.disarm()
+                if response.arrow_record_batch.serialized_record_batch:
+                    batch = pa.ipc.read_record_batch(
+                        pa.py_buffer(response.arrow_record_batch.serialized_record_batch), arrow_schema
+                    )
+                    drop = min(max(position - served, 0), batch.num_rows)
+                    served += batch.num_rows
+                    if drop < batch.num_rows:
+                        batch = batch.slice(drop)
+                        position += batch.num_rows
+                        progress_at, attempt = time.monotonic(), 0
+                        yield batch, position
+                watchdog.arm()
+            return
+        except grpc.RpcError as rpc_error:
+            if watchdog.fired.is_set():
+                raise SourceUnavailable(
+                    f"BigQuery Storage Read stream sent nothing for {stall_timeout_s:g} s at row {position}"
+                    " (BIGQUERY_TIMEOUT_SECONDS); the next attempt resumes from the checkpoint", table=table_name,
+                ) from None
+            exc = gexc.from_grpc_error(rpc_error)
+            if isinstance(exc, SESSION_GONE):
+                raise SessionExpired(f"read session gone: {type(exc).__name__}: {_first_line(exc)}",
+                                     table=table_name) from None
+            if not isinstance(exc, RESUMABLE) or isinstance(exc, gexc.MethodNotImplemented):
+                raise exc from None
+            delay = _retry_delay(exc, attempt)
+            waited = time.monotonic() - progress_at
+            if stall_timeout_s is not None and waited + delay > stall_timeout_s:
+                raise SourceUnavailable(
+                    f"BigQuery Storage Read API failed mid-read: gave up retrying (no new row for {waited:.1f} s,"
+                    f" {attempt + 1} attempt(s), BIGQUERY_TIMEOUT_SECONDS={stall_timeout_s:g}) at row {position};"
+                    f" last error: {type(exc).__name__}: {_first_line(exc)}", table=table_name) from None
+            attempt += 1
+            log.warning("%s: ReadRows on %s failed at row %d (%s: %s); resuming in %.2f s", table_name, stream,
+                        position, type(exc).__name__, _first_line(exc), delay)
+            time.sleep(delay)
+        finally:
+            watchdog.disarm()
+            call.cancel()  # a consumer that stops early (or an error) leaves no call open on the channel
 
 
 class SessionExpired(SourceUnavailable):
     """The read session expired or vanished; a new one at the same snapshot continues the read."""
+
+
+def time_travel_hours(source: BigQuerySource, table_ref: str) -> int:
+    """The time travel window of the dataset holding ``table_ref``, hours (its ``max_time_travel_hours``)."""
+    project, dataset, _ = table_ref.split(".")
+    client = source.get_bigquery_client()
+    found = client.get_dataset(f"{project}.{dataset}", retry=short_retry(source.timeout_s), timeout=source.timeout_s)
+    hours = found.max_time_travel_hours  # the REST resource's maxTimeTravelHours, a string; absent: the default
+    return int(hours) if hours else DEFAULT_TIME_TRAVEL_HOURS
+
+
+def snapshot_out_of_reach(snapshot: datetime, now: datetime, window_hours: int) -> str | None:
+    """Why a read at ``snapshot`` can no longer be continued at ``now`` (BigQuery reads a table as of a time inside
+    its dataset's time travel window only, https://cloud.google.com/bigquery/docs/time-travel), or None."""
+    age = now - snapshot
+    if age <= timedelta(hours=window_hours) - TIME_TRAVEL_MARGIN:
+        return None
+    return (f"its read snapshot {snapshot.isoformat()} is {age.total_seconds() / 3600:.0f} h old, past what BigQuery"
+            f" can still serve (the dataset's time travel window is {window_hours} h, max_time_travel_hours, less"
+            f" {TIME_TRAVEL_MARGIN.total_seconds() / 3600:g} h to finish the read): the table is read afresh")

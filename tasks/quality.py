@@ -68,7 +68,7 @@ def source_count(res: Resources, source_ref: str, restriction: str, snapshot: st
     client = res.source.get_bigquery_client()
     project, dataset, table = source_ref.split(".")
     at = ""
-    if snapshot and res.source.honours_read_offset:  # the emulator has no time travel
+    if snapshot and res.source.time_travel:  # the emulator has no time travel
         at = f" FOR SYSTEM_TIME AS OF TIMESTAMP '{datetime.fromisoformat(snapshot).isoformat()}'"
     where = f" WHERE {restriction}" if restriction else ""
     # identifiers quoted by bq_ident; the restriction is ours, built from typed literals (extract.bq_literal)

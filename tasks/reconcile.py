@@ -61,7 +61,7 @@ def source_slices(
     client = res.source.get_bigquery_client()
     project, dataset, table = source_ref.split(".")
     at = ""
-    if snapshot and res.source.honours_read_offset:  # the emulator has no time travel
+    if snapshot and res.source.time_travel:  # the emulator has no time travel
         at = f" FOR SYSTEM_TIME AS OF TIMESTAMP '{datetime.fromisoformat(snapshot).isoformat()}'"
     any_null = " OR ".join(f"{bq_ident(k)} IS NULL" for k in key)
     struct = ", ".join(bq_ident(k) for k in key)

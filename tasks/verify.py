@@ -24,7 +24,6 @@ from bq_refresh.errors import AlreadyRunning, RefreshError
 from tasks import digest, extract, load, reconcile
 from tasks.locks import table_lock
 from tasks.registry import RegistryEntry
-from tasks.sources import describe_source
 from tasks.sqlnames import ident
 
 # BigQuery serves time travel for the dataset's window (7 days by default, 2 at least): an older snapshot is not
@@ -75,7 +74,7 @@ def plan_columns(res: Resources, entry: RegistryEntry, declared: dict[str, str])
     from tasks.sync import _columns  # the one mapping of source columns to target columns
 
     spec = entry.spec()
-    source = describe_source(res.source, table=entry.name, source_ref=str(spec.source))
+    source = extract.resolve_source(res.source, table=entry.name, source_ref=spec.source, query=None)
     columns = _columns(spec, source, entry.name)
     key = {spec.target_name(k) for k in spec.key}
     chosen, excluded = [], []
@@ -234,7 +233,7 @@ def _window_columns(res: Resources, entry: RegistryEntry) -> list[digest.DigestC
     spec = entry.spec()
     if not spec.window_column:
         return []
-    source = describe_source(res.source, table=entry.name, source_ref=str(spec.source))
+    source = extract.resolve_source(res.source, table=entry.name, source_ref=spec.source, query=None)
     field_ = source.field(spec.window_column)
     return [digest.DigestColumn(spec.window_column, spec.target_name(spec.window_column), field_.type)] if field_ else []
 
@@ -297,7 +296,7 @@ def _sides(res: Resources, entry: RegistryEntry, verdict: Verdict) -> _Sides:
     at = ""
     if snapshot is None:
         verdict.notes.append("no successful run recorded its read snapshot: BigQuery read as it is now")
-    elif not res.source.honours_read_offset:  # the emulator has no time travel
+    elif not res.source.time_travel:  # the emulator has no time travel
         verdict.notes.append("the emulator has no time travel: BigQuery read as it is now")
     elif datetime.now(UTC) - snapshot > TIME_TRAVEL_SAFE:
         verdict.notes.append(f"the last run's snapshot ({snapshot.isoformat()}) is older than BigQuery's time"

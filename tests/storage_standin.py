@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -107,6 +107,7 @@ class Fault:
     retry_delay_s: float | None = None
     message: str = ""
     hits: int = 0
+    on_hit: Callable[[], None] | None = None  # run when it fires (e.g. a new version of the table lands meanwhile)
 
 
 @dataclass
@@ -228,9 +229,10 @@ class StorageStandIn:
                 known.estimated_bytes = estimated_bytes if estimated_bytes is not None else known.estimated_bytes
 
     def fail_mid_stream(self, kind: str, *, at_row: int, times: int = 1, stream: int | None = None,
-                        retry_delay_s: float | None = None, message: str = "") -> Fault:
+                        retry_delay_s: float | None = None, message: str = "",
+                        on_hit: Callable[[], None] | None = None) -> Fault:
         """A ReadRows call fails with ``kind`` once its stream reaches ``at_row`` (see Fault)."""
-        fault = Fault(kind, at_row, times, stream, retry_delay_s, message)
+        fault = Fault(kind, at_row, times, stream, retry_delay_s, message, on_hit=on_hit)
         with self._lock:
             self.faults.append(fault)
         return fault
@@ -412,6 +414,8 @@ class StorageStandIn:
             fault = self._fault_at(position, index)
             if fault is not None:
                 record.ended = fault.kind
+                if fault.on_hit is not None:
+                    fault.on_hit()
                 if fault.kind == "expire":
                     session.expired = True
                     self._expire(context, session, stream, record)
