@@ -39,6 +39,10 @@ class BigQuerySource(Block):
         " BigQuery does (a stand-in may too); the local emulator restarts every call at row 0. Default: not when"
         " storage_endpoint is set.")
     timeout_s: float = Field(default=120.0, description="Deadline for one API call, seconds.")
+    query_results_readable: bool | None = Field(
+        default=None, description="Whether the Storage Read API reads a query job's result table (BigQuery does;"
+        " the local emulator does not: there a query's result is written into a table by DDL). Default: not on the"
+        " emulator (storage_endpoint set).")
 
     @property
     def honours_read_offset(self) -> bool:
@@ -51,6 +55,11 @@ class BigQuerySource(Block):
     def time_travel(self) -> bool:
         """Queries may read a table as of a past time (FOR SYSTEM_TIME AS OF): BigQuery; not the local emulator."""
         return self.api_endpoint is None
+
+    @property
+    def reads_query_results(self) -> bool:
+        """A query's result is read from the job's own result table (``job.destination``) by a read session."""
+        return self.storage_endpoint is None if self.query_results_readable is None else self.query_results_readable
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BigQuerySource:

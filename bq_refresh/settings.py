@@ -74,6 +74,10 @@ class Settings(StateSettings):
         default=None, validation_alias="GOOGLE_APPLICATION_CREDENTIALS_JSON"
     )
     bigquery_timeout_s: float = Field(default=120.0, validation_alias="BIGQUERY_TIMEOUT_SECONDS")
+    bigquery_maximum_bytes_billed: int | None = Field(
+        default=None, gt=0, validation_alias="BIGQUERY_MAXIMUM_BYTES_BILLED",
+        description="Default per-table budget: a query whose dry run, or a read whose read session, BigQuery estimates "
+                    "above this many bytes is refused before it runs (a table's maximum_bytes_billed wins).")
 
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, gt=0, validation_alias="REFRESH_BATCH_SIZE")
     timeout_warning_ms: int = Field(default=240_000, validation_alias="REFRESH_TIMEOUT_WARNING_MS")

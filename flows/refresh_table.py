@@ -417,6 +417,8 @@ def finish_run(res: Resources, table: str, plan: sync.RefreshPlan, manifest: syn
         "data_as_of": (plan.session or {}).get("snapshot_time"),
         **({"restarted": plan.restarted} if plan.restarted else {}),  # a checkpoint not resumed, and why
         "publish_group": plan.publish_group,
+        # bytes BigQuery scans: the read session's estimate; a query or view source's job, processed and billed
+        "bigquery_bytes": plan.bigquery_bytes,
         "analyzed": False,
     }
     with res.target.connect(autocommit=True) as conn:

@@ -6,13 +6,11 @@ import logging
 import random
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-import google.auth.exceptions
 import grpc
 import pyarrow as pa
 from google.api_core import exceptions as gexc
@@ -63,6 +61,13 @@ class SourceTable:
     job_id: str | None = None
     num_rows: int = 0  # the table's metadata (0: not known), for the disk a full or initial load needs
     num_bytes: int = 0
+    kind: str = "table"  # table, snapshot, external (BigLake); or view, materialized_view, external, query: read
+    # through a query job's result table (tasks/sources.py)
+    job_result: bool = False  # a query's result table: it never changes, read without time travel
+    location: str | None = None
+    bytes_processed: int = 0  # the query job's figures (query and view sources)
+    bytes_billed: int = 0
+    bytes_estimated: int = 0  # its dry run's estimate (with a budget, or in a dry run)
 
     @property
     def read_path(self) -> str:
@@ -75,50 +80,6 @@ class SourceTable:
 
 def _fields(schema: list[bigquery.SchemaField]) -> list[SourceField]:
     return [SourceField(f.name, normalize_type(f.field_type), f.mode or "NULLABLE") for f in schema]
-
-
-def resolve_source(source: BigQuerySource, *, table: str, source_ref: str | None, query: str | None) -> SourceTable:
-    """Find the source table and its schema; run a query source into a table first.
-
-    Raises:
-        SourceError: the table does not exist or the query fails.
-        SourceUnavailable: BigQuery did not answer.
-    """
-    client = source.get_bigquery_client()
-    retry = short_retry(source.timeout_s)
-    try:
-        if query is not None:
-            dest = source.table_ref(f"_bqr_query_{uuid.uuid5(uuid.NAMESPACE_URL, table).hex[:16]}")
-            # A DDL statement rather than a destination table: the same on BigQuery and the emulator,
-            # and the table stays readable by the Storage Read API (query results are not, there).
-            ddl = f"CREATE OR REPLACE TABLE `{dest}` AS {query}"
-            job = client.query(ddl, retry=retry, job_retry=None)
-            job.result(timeout=source.timeout_s, retry=retry)
-            bq_table = client.get_table(dest, retry=retry, timeout=source.timeout_s)
-            return SourceTable(dest, _fields(bq_table.schema), job.job_id, int(bq_table.num_rows or 0),
-                               int(bq_table.num_bytes or 0))
-        assert source_ref is not None
-        ref = source.table_ref(source_ref)
-        bq_table = client.get_table(ref, retry=retry, timeout=source.timeout_s)
-        return SourceTable(ref, _fields(bq_table.schema), num_rows=int(bq_table.num_rows or 0),
-                           num_bytes=int(bq_table.num_bytes or 0))
-    except gexc.NotFound:
-        raise SourceError(f"source table {source_ref or 'of the query'} not found in BigQuery", table=table) from None
-    except gexc.Forbidden as exc:
-        raise SourceError(f"permission denied reading the source: {exc.message}", table=table) from None
-    except gexc.Unauthorized as exc:
-        raise SourceError(f"BigQuery rejected the credentials: {exc.message}", table=table) from None
-    except google.auth.exceptions.RefreshError as exc:
-        raise SourceError(f"BigQuery credentials rejected (token refresh failed: {_first_line(exc)})",
-                          table=table) from None
-    except google.auth.exceptions.DefaultCredentialsError as exc:
-        raise SourceError(f"no usable BigQuery credentials: {_first_line(exc)}", table=table) from None
-    except gexc.BadRequest as exc:
-        raise SourceError(f"BigQuery rejected the request: {exc.message}", table=table) from None
-    except TRANSIENT as exc:
-        raise SourceUnavailable(f"BigQuery unavailable: {_describe(exc)}", table=table) from None
-    except OSError as exc:
-        raise SourceUnavailable(f"BigQuery unreachable: {exc}", table=table) from None
 
 
 def _describe(exc: BaseException) -> str:
@@ -235,7 +196,8 @@ def create_session(
         table=table.read_path,
         data_format=types.DataFormat.ARROW,
         read_options=read_options,
-        table_modifiers=types.ReadSession.TableModifiers(snapshot_time=ts),
+        # A query's result table never changes, and did not exist at a snapshot taken before its job ended.
+        table_modifiers=None if table.job_result else types.ReadSession.TableModifiers(snapshot_time=ts),
     )
     try:
         session = client.create_read_session(

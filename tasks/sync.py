@@ -33,6 +33,7 @@ from tasks.artifacts import Progress, record_phase, rows_expected
 from tasks.fastpath import HASH_COLUMN, LocalSource
 from tasks.planning import streams_within
 from tasks.registry import RegistryEntry
+from tasks.sources import over_budget, resolve_source
 from tasks.spec import QualityConfig, TableSpec
 from tasks.sqlnames import ident, idents, quote_ident
 from tasks.transform import get_transform, shape
@@ -68,6 +69,8 @@ class RefreshPlan(BaseModel):
     transform: str | None
     source_ref: str
     bigquery_job_id: str | None
+    source_job_result: bool = False  # source_ref is a query job's result table: read and counted without time travel
+    bigquery_bytes: dict[str, int] = {}  # what BigQuery scans for the run (tasks.sources; the audit row records it)
     session: dict[str, Any]
     checkpoint_id: int
     watermark_from: str | None
@@ -192,12 +195,15 @@ def plan_refresh(
     spec = entry.spec()
     table = entry.name
     record_phase(table, "planning")
+    budget = spec.maximum_bytes_billed or settings.bigquery_maximum_bytes_billed
     if local is not None:
         source = extract.SourceTable(local.ref, [extract.SourceField(f.name, arrow_to_bq(f.type, f.name, table),
                                                                      "NULLABLE" if f.nullable else "REQUIRED")
                                                  for f in local.schema])
     else:
-        source = extract.resolve_source(res.source, table=table, source_ref=spec.source, query=spec.query)
+        source = resolve_source(res.source, table=table, source_ref=spec.source, query=spec.query,
+                                materialization_dataset=spec.materialization_dataset, maximum_bytes_billed=budget,
+                                dry_run=dry_run)
     columns = _columns(spec, source, table)
     by_source = {c.source_name: c for c in columns}
     cursor_col = by_source[spec.cursor] if spec.cursor else None
@@ -309,6 +315,14 @@ def plan_refresh(
                 floor_expr = f"{extract.bq_ident(cursor_col.source_name)} >= {extract.bq_literal(floor, cursor_col.bq_type)}"
         restriction = floor_expr or ""
         snapshot = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+        at = None if source.job_result else snapshot.isoformat()  # a query's result table has no past to travel to
+        selected = [c.source_name for c in columns if not c.derived]
+        streams = streams_within(spec.streams, settings.max_connections)
+        first = None
+        if budget is not None and local is None:  # the read's estimate, before any query job or ReadRows
+            first = extract.create_session(res.source, source, selected_fields=selected, row_restriction=restriction,
+                                           snapshot_time=snapshot, max_streams=streams, table_name=table)
+            _refuse_over_budget(table, source, first, budget)
         soft_column = spec.delete_policy.soft_delete_column if spec.delete_policy.mode == "soft" else None
         window_col = by_source[spec.window_column] if spec.window_column else None
         periods: list[str | None] | None = None
@@ -317,7 +331,7 @@ def plan_refresh(
         if spec.mode == "window" and window_col is not None:
             # Which periods changed is decided from the source (a delete changes no cursor), and each is read whole.
             slices = (fastpath.local_slices(local, spec.key, window_col.source_name) if local is not None else
-                      reconcile.source_slices(res, source.ref, snapshot=snapshot.isoformat(), key=spec.key,
+                      reconcile.source_slices(res, source.ref, snapshot=at, key=spec.key,
                                               window=window_col.source_name, cursor_floor=floor_expr))
             held = {} if created else reconcile.target_period_counts(conn, target_schema, target_table,
                                                                      window_col.target_name, soft_column)
@@ -331,9 +345,8 @@ def plan_refresh(
             expected_periods = list(choice.expected.items())
         elif spec.mode == "full" or spec.delete_policy.mode != "none":  # the whole table is in the run's scope
             slices = (fastpath.local_slices(local, spec.key, None) if local is not None else
-                      reconcile.source_slices(res, source.ref, snapshot=snapshot.isoformat(), key=spec.key, window=None))
+                      reconcile.source_slices(res, source.ref, snapshot=at, key=spec.key, window=None))
             expected_rows = slices[0].keys if slices else 0
-        selected = [c.source_name for c in columns if not c.derived]
         if local is not None:
             session = extract.ReadSessionInfo(
                 name=f"local-{uuid.uuid4().hex[:12]}", streams=list(local.streams),
@@ -341,11 +354,15 @@ def plan_refresh(
                 row_restriction="", selected_fields=selected, offsets={k: 0 for k in local.streams},
                 estimated_rows=local.estimated_rows,
             )
+        elif first is not None and first.row_restriction == restriction:
+            session = first
         else:
             session = extract.create_session(
                 res.source, source, selected_fields=selected, row_restriction=restriction,
-                snapshot_time=snapshot, max_streams=streams_within(spec.streams, settings.max_connections), table_name=table,
+                snapshot_time=snapshot, max_streams=streams, table_name=table,
             )
+            if budget is not None:
+                _refuse_over_budget(table, source, session, budget)
         if full or empty:  # may need about twice the table's size while it runs: refused now if it cannot fit
             headroom.check_load_fits(conn, table=table, target_schema=target_schema, target_table=target_table,
                                      empty=empty, direct=direct, source_rows=max(session.estimated_rows, source.num_rows),
@@ -364,6 +381,7 @@ def plan_refresh(
             max_delete_fraction=spec.delete_policy.max_delete_fraction,
             batch_size=batch_size or spec.batch_size or settings.batch_size, transform=spec.transform,
             source_ref=source.ref, bigquery_job_id=source.job_id, watermark_from=watermark_from,
+            source_job_result=source.job_result, bigquery_bytes=_bigquery_bytes(source, session),
             target_created=created, drift=drift, source_schema=[f.__dict__ for f in source.fields],
             reconcile_keys=spec.delete_policy.mode != "none" and spec.mode == "incremental" and not full,
             frequency_hours=entry.refresh_frequency_hours,
@@ -391,6 +409,22 @@ def plan_refresh(
         assert row is not None
         return RefreshPlan(**plan_fields, checkpoint_id=int(row[0]), resumed=False, rows_already_staged=0,
                            session=session_data, restarted=restarted)
+
+
+def _refuse_over_budget(table: str, source: extract.SourceTable, session: extract.ReadSessionInfo, budget: int) -> None:
+    refusal = over_budget(table, f"the read of {source.ref}", session.estimated_bytes, budget)
+    if refusal is not None:
+        raise refusal
+
+
+def _bigquery_bytes(source: extract.SourceTable, session: extract.ReadSessionInfo) -> dict[str, int]:
+    """What BigQuery scans for the run: the read session's estimate and, for a query or view source, its job's
+    bytes processed and billed (and its dry run's estimate)."""
+    figures = {"read_estimated": session.estimated_bytes}
+    if source.job_id:
+        figures |= {"query_processed": source.bytes_processed, "query_billed": source.bytes_billed,
+                    "query_estimated": source.bytes_estimated}
+    return figures
 
 
 def _snapshot_gone(res: Resources, source_ref: str, data: dict[str, Any]) -> str | None:
@@ -680,7 +714,7 @@ def _recreate_session(
 ) -> tuple[dict[str, Any], dict[str, int], dict[str, bool], int]:
     """A new session at the same snapshot: offsets of the old one mean nothing in it, so staging
     restarts empty (in the same transaction as the checkpoint) and the new session is read whole."""
-    source = extract.SourceTable(plan.source_ref, [])
+    source = extract.SourceTable(plan.source_ref, [], job_result=plan.source_job_result)
     info = extract.create_session(
         res.source, source, selected_fields=old["selected_fields"], row_restriction=old["row_restriction"],
         snapshot_time=datetime.fromisoformat(old["snapshot_time"]), max_streams=len(old["streams"]) or 1,
@@ -705,7 +739,7 @@ def _stage_source_keys(res: Resources, plan: RefreshPlan, session: dict[str, Any
     """Read every key of the source (same snapshot) for delete reconciliation."""
     key_cols = [c for c in plan.columns if c.target_name in plan.key]
     info = extract.create_session(
-        res.source, extract.SourceTable(plan.source_ref, []), selected_fields=[c.source_name for c in key_cols],
+        res.source, extract.SourceTable(plan.source_ref, [], job_result=plan.source_job_result), selected_fields=[c.source_name for c in key_cols],
         row_restriction="", snapshot_time=datetime.fromisoformat(session["snapshot_time"]),
         max_streams=1, table_name=plan.table,
     )
@@ -779,7 +813,7 @@ def _refetch_missing_keys(res: Resources, plan: RefreshPlan, session: dict[str, 
                                    f"{reconcile.bq_value_literal(str(reconcile.period_text(v)), c.bq_type)}"
                                    for c, v in zip(key_cols, values, strict=True)) + ")" for values in chunk)
             info = extract.create_session(
-                res.source, extract.SourceTable(plan.source_ref, []), selected_fields=session["selected_fields"],
+                res.source, extract.SourceTable(plan.source_ref, [], job_result=plan.source_job_result), selected_fields=session["selected_fields"],
                 row_restriction=restriction, snapshot_time=datetime.fromisoformat(session["snapshot_time"]),
                 max_streams=1, table_name=plan.table)
             schema = pa.ipc.read_schema(pa.py_buffer(info.arrow_schema))
@@ -818,7 +852,7 @@ def check_staged(res: Resources, plan: RefreshPlan, *, audit_id: int | None) -> 
         res, table=plan.table, target_schema=plan.target_schema, target_table=plan.target_table,
         staging_schema=plan.staging_schema, staging_table=plan.staging_table, columns=plan.columns, key=plan.key,
         critical=plan.critical_fields, config=plan.checks, source_ref=plan.source_ref,
-        restriction=str(plan.session.get("row_restriction") or ""), snapshot=plan.session.get("snapshot_time"),
+        restriction=str(plan.session.get("row_restriction") or ""), snapshot=None if plan.source_job_result else plan.session.get("snapshot_time"),
         stage_state={**state, "verify_sample": plan.verify_sample if plan.row_hash else None},
         previous_rows=int(prev[0]) if prev and prev[0] is not None else None,
     )
@@ -1250,7 +1284,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
             res, table=plan.table, target_schema=plan.target_schema, target_table=plan.target_table,
             staging_schema=plan.target_schema, staging_table=plan.target_table, columns=plan.columns, key=plan.key,
             critical=plan.critical_fields, config=plan.checks, source_ref=plan.source_ref,
-            restriction=str(plan.session.get("row_restriction") or ""), snapshot=plan.session.get("snapshot_time"),
+            restriction=str(plan.session.get("row_restriction") or ""), snapshot=None if plan.source_job_result else plan.session.get("snapshot_time"),
             stage_state={"checksum": str(counters["checksum"]), "quarantined": counters["quarantined"],
                          "verify_sample": plan.verify_sample if plan.row_hash else None},
             previous_rows=None, conn=session, adbc_conn=adbc_conn,

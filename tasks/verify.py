@@ -24,6 +24,7 @@ from bq_refresh.errors import AlreadyRunning, RefreshError
 from tasks import digest, extract, load, reconcile
 from tasks.locks import table_lock
 from tasks.registry import RegistryEntry
+from tasks.sources import describe_source
 from tasks.sqlnames import ident
 
 # BigQuery serves time travel for the dataset's window (7 days by default, 2 at least): an older snapshot is not
@@ -74,7 +75,7 @@ def plan_columns(res: Resources, entry: RegistryEntry, declared: dict[str, str])
     from tasks.sync import _columns  # the one mapping of source columns to target columns
 
     spec = entry.spec()
-    source = extract.resolve_source(res.source, table=entry.name, source_ref=spec.source, query=None)
+    source = describe_source(res.source, table=entry.name, source_ref=str(spec.source))
     columns = _columns(spec, source, entry.name)
     key = {spec.target_name(k) for k in spec.key}
     chosen, excluded = [], []
@@ -233,7 +234,7 @@ def _window_columns(res: Resources, entry: RegistryEntry) -> list[digest.DigestC
     spec = entry.spec()
     if not spec.window_column:
         return []
-    source = extract.resolve_source(res.source, table=entry.name, source_ref=spec.source, query=None)
+    source = describe_source(res.source, table=entry.name, source_ref=str(spec.source))
     field_ = source.field(spec.window_column)
     return [digest.DigestColumn(spec.window_column, spec.target_name(spec.window_column), field_.type)] if field_ else []
 
