@@ -38,7 +38,8 @@ class BigQuerySource(Block):
         default=None, description="Whether the Storage Read endpoint starts ReadRows at the requested offset, as"
         " BigQuery does (a stand-in may too); the local emulator restarts every call at row 0. Default: not when"
         " storage_endpoint is set.")
-    timeout_s: float = Field(default=120.0, description="Deadline for one API call, seconds.")
+    timeout_s: float = Field(default=60.0, description="How long BigQuery is tried when it gives no answer, seconds"
+                             " (BIGQUERY_TIMEOUT_SECONDS).")
     query_results_readable: bool | None = Field(
         default=None, description="Whether the Storage Read API reads a query job's result table (BigQuery does;"
         " the local emulator does not: there a query's result is written into a table by DDL). Default: not on the"

@@ -73,7 +73,10 @@ class Settings(StateSettings):
     google_credentials_json: SecretStr | None = Field(
         default=None, validation_alias="GOOGLE_APPLICATION_CREDENTIALS_JSON"
     )
-    bigquery_timeout_s: float = Field(default=120.0, validation_alias="BIGQUERY_TIMEOUT_SECONDS")
+    bigquery_timeout_s: float = Field(
+        default=60.0, gt=0, validation_alias="BIGQUERY_TIMEOUT_SECONDS",
+        description="How long a BigQuery that gives no answer is tried, Google's retries, ours and Prefect's task "
+                    "retries together (tasks/deadline.py); a run's first such error is said within 15 s.")
     bigquery_maximum_bytes_billed: int | None = Field(
         default=None, gt=0, validation_alias="BIGQUERY_MAXIMUM_BYTES_BILLED",
         description="Default per-table budget: a query whose dry run, or a read whose read session, BigQuery estimates "

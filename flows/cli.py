@@ -873,17 +873,20 @@ def _nothing_ran(registered: list[Any], force: bool) -> str:
 
 
 def _require_source_datasets(source: Any, entries: list[Any]) -> None:
-    """Every BigQuery dataset the tables of a run read exists and answers.
+    """Every BigQuery dataset the tables of a run read exists and answers, and the Storage Read API accepts a
+    connection; within one budget, BIGQUERY_TIMEOUT_SECONDS, whose first error is said early (tasks/deadline.py).
 
     Raises:
         ConfigError: a dataset is not found or not readable (naming BIGQUERY_PROJECT_ID and BIGQUERY_DATASET when
             it is theirs), or the credentials are refused.
-        SourceUnavailable: BigQuery did not answer.
+        SourceUnavailable: BigQuery did not answer within the budget.
     """
+    from functools import partial
+
     import google.auth.exceptions
     from google.api_core import exceptions as gexc
 
-    from tasks.extract import TRANSIENT, short_retry
+    from tasks.deadline import Budget, call_within
 
     default = f"{source.project_id}.{source.dataset}"
     readers: dict[str, list[str]] = {}
@@ -894,8 +897,16 @@ def _require_source_datasets(source: Any, entries: list[Any]) -> None:
             continue  # the run fails that table naming its parameters; the others still run
         dataset = default if spec.source is None else source.table_ref(spec.source).rsplit(".", 1)[0]
         readers.setdefault(dataset, []).append(e.name)
+    if not readers:
+        return
     where = source.api_endpoint or "bigquery.googleapis.com"
-    deadline = min(source.timeout_s, 30.0)
+    budget = Budget(source.timeout_s)
+    limit = f"BIGQUERY_TIMEOUT_SECONDS={source.timeout_s:g}"
+
+    def first_error(exc: BaseException) -> None:
+        err_console.print(f"warning: BigQuery unreachable at {where} ({_one_line(exc)}); trying until {limit} s have"
+                          " passed", markup=False)
+
     try:
         client = source.get_bigquery_client()
         for dataset, tables in sorted(readers.items()):
@@ -904,7 +915,7 @@ def _require_source_datasets(source: Any, entries: list[Any]) -> None:
                    f" the sources are" if dataset == default else "fix the table's source (bq-refresh tables set"
                    """ NAME --params '{"source": "project.dataset.table"}')""")
             try:
-                client.get_dataset(dataset, retry=short_retry(deadline), timeout=deadline)
+                call_within(budget, partial(_get_dataset, client, dataset), on_first_error=first_error)
             except gexc.NotFound:
                 raise ConfigError(f"BigQuery dataset {dataset} not found (read by {names}): {fix}") from None
             except gexc.Forbidden as exc:
@@ -914,9 +925,46 @@ def _require_source_datasets(source: Any, entries: list[Any]) -> None:
             gexc.Unauthorized) as exc:
         raise ConfigError(f"BigQuery refused the credentials ({_one_line(exc)}): set"
                           " GOOGLE_APPLICATION_CREDENTIALS_JSON to a service account key") from None
-    except (*TRANSIENT, OSError) as exc:
-        raise SourceUnavailable(f"BigQuery unreachable at {where} ({_one_line(exc)}): check BIGQUERY_API_ENDPOINT"
-                                " and the network") from None
+    except (gexc.GoogleAPICallError, gexc.RetryError, OSError) as exc:
+        raise SourceUnavailable(f"BigQuery unreachable at {where} (no answer within {limit} s; last error:"
+                                f" {_one_line(exc)}): check BIGQUERY_API_ENDPOINT and the network") from None
+    _require_read_api(source, budget, limit)
+
+
+def _get_dataset(client: Any, dataset: str, timeout: float) -> Any:
+    return client.get_dataset(dataset, retry=None, timeout=timeout)
+
+
+def _require_read_api(source: Any, budget: Any, limit: str) -> None:
+    """The Storage Read API's endpoint accepts a connection (gRPC's handshake, before any call or credential)
+    within what is left of the budget; a black hole is said once FIRST_ERROR_S would pass.
+
+    Raises:
+        SourceUnavailable: no connection within the budget.
+    """
+    import grpc
+
+    from tasks.deadline import ATTEMPT_S
+
+    where = source.storage_endpoint or "bigquerystorage.googleapis.com"
+    channel = source.get_read_client().transport.grpc_channel
+    ready = grpc.channel_ready_future(channel)
+    try:
+        try:
+            ready.result(timeout=min(ATTEMPT_S, budget.remaining_s) if budget.reports_first_error
+                         else budget.remaining_s)
+        except grpc.FutureTimeoutError:
+            if not budget.reports_first_error or budget.remaining_s <= 0:
+                raise
+            err_console.print(f"warning: BigQuery Storage Read API unreachable at {where} (no connection after"
+                              f" {ATTEMPT_S:g} s); trying until {limit} s have passed", markup=False)
+            ready.result(timeout=budget.remaining_s)
+    except grpc.FutureTimeoutError:
+        raise SourceUnavailable(f"BigQuery Storage Read API unreachable at {where} (no connection within {limit} s):"
+                                " check BIGQUERY_STORAGE_ENDPOINT and the network") from None
+    finally:
+        ready.cancel()
+        channel.close()
 
 
 @app.command()

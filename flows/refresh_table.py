@@ -18,7 +18,6 @@ from bq_refresh.errors import (
     QualityCheckFailed,
     RefreshError,
     SchemaDriftError,
-    is_transient,
     name_failure,
 )
 from bq_refresh.settings import load_settings
@@ -35,6 +34,7 @@ from tasks.audit import (
     mark_views_failed,
     start_audit,
 )
+from tasks.deadline import worth_retrying
 from tasks.load import analyze_after_publish
 from tasks.locks import table_lock
 from tasks.preflight import require_session_state
@@ -47,11 +47,12 @@ def _resources() -> Resources:
 
 
 def _retry_transient(task: Any, task_run: Any, state: State[Any]) -> bool:
-    """Retry only errors a retry may cure; drift, failed checks and bad config fail at once."""
+    """Retry only errors a retry may cure; drift, failed checks and bad config fail at once, and so does a BigQuery
+    that gave no answer for BIGQUERY_TIMEOUT_SECONDS (its retries already spent the one budget: tasks/deadline.py)."""
     try:
         state.result()
     except BaseException as exc:  # noqa: BLE001 - classification of the task's own failure
-        return is_transient(exc)
+        return worth_retrying(exc)
     return False
 
 
