@@ -20,6 +20,7 @@ from blocks.resources import Resources
 from bq_refresh.errors import RefreshError
 from tasks import extract, load
 from tasks.registry import RegistryEntry
+from tasks.sources import read_route
 from tasks.typemap import CURSOR_TYPES
 
 Check = dict[str, str]
@@ -82,11 +83,21 @@ def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
     kind = table.table_type or "TABLE"
     where = f" in {table.location}" if table.location else ""
     out = []
-    if kind in {"VIEW", "MATERIALIZED_VIEW", "EXTERNAL"}:
-        fix = "register it as a query source: --query 'SELECT * FROM `" + ref + "`'"  # noqa: S608 -- advice printed, never run
-        out.append(check(name, "fail", f"{ref} is a {kind}{where}: the Storage Read API reads tables, not {kind}s; {fix}"))
-        return out
-    out.append(check(name, "ok", f"{ref} is a {kind}{where}, {int(table.num_rows or 0)} rows"))
+    external = table.external_data_configuration
+    by_query = read_route(kind, connection=bool(external is not None and external.connection_id)) == "query"
+    if by_query:  # no read session can read it: a query job does, then its result table is read
+        from google.cloud import bigquery
+
+        try:
+            dry = client.query(f"SELECT * FROM `{ref}`", job_config=bigquery.QueryJobConfig(  # noqa: S608
+                dry_run=True, use_query_cache=False), retry=retry, job_retry=None)
+        except gexc.GoogleAPICallError as exc:
+            return [check(name, "fail", f"{ref} is a {kind}{where}, read through a query job, which does not run:"
+                                        f" {exc.message} (roles/bigquery.jobUser on the project)")]
+        out.append(check(name, "ok", f"{ref} is a {kind}{where}, read through a query job (dry run:"
+                                     f" {int(dry.total_bytes_processed or 0)} bytes)"))
+    else:
+        out.append(check(name, "ok", f"{ref} is a {kind}{where}, {int(table.num_rows or 0)} rows"))
     types = {f.name: (f.field_type, f.mode) for f in table.schema}
     problems = []
     unusable = {"FLOAT64", "FLOAT", "JSON", "GEOGRAPHY", "RECORD", "STRUCT"}  # no equality a key or period can rely on
@@ -108,6 +119,8 @@ def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
     out.append(check(f"columns {entry.name}", "ok", "key " + ", ".join(spec.key)
                      + (f", cursor {spec.cursor}" if spec.cursor else "")
                      + (f", window {spec.window_column}" if spec.window_column else "") + " exist with usable types"))
+    if by_query:
+        return out  # its result table exists only once the query has run
     try:
         session = extract.create_session(
             res.source, extract.SourceTable(ref, extract._fields(table.schema)), selected_fields=list(spec.key),

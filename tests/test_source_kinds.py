@@ -197,3 +197,18 @@ def test_jobs_carry_the_datasets_location_from_its_metadata_and_a_stuck_query_is
     finally:
         for n in (name, f"{name}_us"):
             admin.get_bigquery_client().delete_dataset(n, delete_contents=True, not_found_ok=True)
+
+
+@pytest.mark.emulator
+def test_doctor_says_a_view_is_read_through_a_query_job(
+        env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, resources: Any) -> None:
+    from tasks.doctor import line, source_checks
+    from tasks.registry import get_entry
+
+    put_table(source, "orders", SCHEMA, rows(5))
+    view = source.table_ref("recent")
+    run_sql(source, f"CREATE VIEW `{view}` AS SELECT * FROM `{source.table_ref('orders')}`")
+    register_table(pg, registry, "recent", {"source": "recent", "key": ["id"], "mode": "full"})
+    lines = [line(c) for c in source_checks(resources, get_entry(pg, registry, "recent"))]
+    assert lines[0] == f"OK      source {registry}.recent: {view} is a VIEW, read through a query job (dry run: 0 bytes)", lines
+    assert not any(c.startswith("FAIL") for c in lines), lines
