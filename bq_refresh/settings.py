@@ -143,6 +143,12 @@ class Settings(StateSettings):
     )
     verify_sample_min_rows: int = Field(default=200_000, ge=0, validation_alias="REFRESH_VERIFY_SAMPLE_MIN_ROWS",
                                         description="Smaller reads are verified whole.")
+    repair_max_rows: int = Field(
+        default=1000, ge=0, validation_alias="REFRESH_REPAIR_MAX_ROWS",
+        description="bq-refresh verify --repair: up to this many differing rows are re-read by key and replaced one "
+                    "by one; more (or rows whose key has no simple literal) reload their periods whole (window mode) "
+                    "or the table (a full refresh). 0: always by period or table.",
+    )
     schedule_anchor: time = Field(
         default=time(2, 0), validation_alias="REFRESH_SCHEDULE_ANCHOR",
         description="UTC time of day the nightly schedule starts (HH:MM); a table's due slots are counted from it "

@@ -580,9 +580,9 @@ def verify(
     exclude: ExcludeOption = None,
     rows: Annotated[bool, typer.Option("--rows", help="Bisect each differing slice down to the rows that differ"
                                        " and list them (key; missing, extra, or which columns differ).")] = False,
-    repair: Annotated[bool, typer.Option("--repair", help="Reload what differs through a normal run (window mode:"
-                                         " the differing periods, whole; else a full refresh), then verify again."
-                                         )] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Reload what differs through a normal run (up to"
+                                         " REFRESH_REPAIR_MAX_ROWS differing rows by key; else, window mode, the"
+                                         " differing periods whole, or a full refresh), then verify again.")] = False,
     max_bytes: Annotated[int | None, typer.Option("--max-bytes", min=0, help="Budget of one BigQuery query in bytes:"
                                                   " over BigQuery's dry-run estimate the table is not verified,"
                                                   " and the query carries it as maximumBytesBilled.")] = None,
@@ -610,7 +610,8 @@ def verify(
                                  enabled_only=True).tables)
             entries = [e for e in (entries if table else every) if e.name in chosen]
     res = resolve_resources(settings)
-    verdicts = [verify_table(res, e, rows=rows, max_bytes=max_bytes) for e in entries]
+    # A repair re-reads the differing rows by key where verify can list them: bisected down to them first.
+    verdicts = [verify_table(res, e, rows=rows or repair, max_bytes=max_bytes) for e in entries]
     if repair:
         from tasks.verify import repair_table
 

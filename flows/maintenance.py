@@ -84,8 +84,9 @@ def verify_all(res: Resources, *, repair: bool, max_bytes: int | None = None) ->
     repaired: list[str] = []
     for entry in entries:
         try:
-            verdict = verify_table(res, entry, max_bytes=max_bytes)
-            if verdict.status == "differs" and (repair or entry.spec().auto_repair):
+            mend = repair or entry.spec().auto_repair
+            verdict = verify_table(res, entry, rows=mend, max_bytes=max_bytes)  # rows located: repaired by key
+            if verdict.status == "differs" and mend:
                 run = repair_table(res, entry, verdict)
                 repaired.append(entry.name)
                 verdict = verify_table(res, entry, max_bytes=max_bytes)

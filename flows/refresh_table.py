@@ -58,12 +58,13 @@ def _retry_transient(task: Any, task_run: Any, state: State[Any]) -> bool:
 
 @task(name="plan", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient, task_run_name="plan-{table}")
 def plan_task(table: str, full_refresh: bool, batch_size: int | None, dry_run: bool = False,
-              allow_deletes: bool = False, repair_periods: list[str | None] | None = None) -> sync.RefreshPlan:
+              allow_deletes: bool = False, repair_periods: list[str | None] | None = None,
+              repair_keys: list[list[str | None]] | None = None) -> sync.RefreshPlan:
     res = _resources()
     with res.target.connect() as conn:
         entry = get_entry(conn, res.settings.schema_name, table)
     return sync.plan_refresh(res, entry, full_refresh=full_refresh, batch_size=batch_size, dry_run=dry_run,
-                             allow_deletes=allow_deletes, repair_periods=repair_periods)
+                             allow_deletes=allow_deletes, repair_periods=repair_periods, repair_keys=repair_keys)
 
 
 @task(name="stage", cache_policy=NO_CACHE, retry_condition_fn=_retry_transient, task_run_name="stage-{plan.table}")
@@ -274,6 +275,7 @@ def refresh_table(
     allow_deletes: bool = False,
     hold_publish: bool = False,
     repair_periods: list[str | None] | None = None,
+    repair_keys: list[list[str | None]] | None = None,
 ) -> dict[str, Any]:
     """Refresh one registered table from BigQuery, exactly once, resumably.
 
@@ -289,6 +291,9 @@ def refresh_table(
             publishes the table with the other members of its publish group (``publish_group``).
         repair_periods: window mode: re-read exactly these periods whole and replace them, no row skipped by
             its hash (``bq-refresh verify --repair``).
+        repair_keys: re-read exactly these keys (the key columns' canonical texts, in key order) and replace
+            exactly them (``bq-refresh verify --repair`` below a size). A repair run leaves the watermark, the
+            refresh time and the table's freshness as the nights left them.
 
     Returns:
         A summary: status, mode, rows read/inserted/updated/deleted, audit id.
@@ -325,7 +330,8 @@ def refresh_table(
             audit_id = start_audit(conn, schema, config_id=entry.id, table_schema=entry.table_schema,
                                    table_name=entry.table_name,
                                    metadata={"dry_run": dry_run, "full_refresh": full_refresh, "flow_run_id": run_id,
-                                             **({"repair_periods": repair_periods} if repair_periods is not None else {})})
+                                             **({"repair_periods": repair_periods} if repair_periods is not None else {}),
+                                             **({"repair_keys": len(repair_keys)} if repair_keys is not None else {})})
             interrupted = close_interrupted_audits(conn, schema, entry.table_schema, entry.table_name, audit_id)
         if interrupted:
             logger.warning("%s: %d earlier run(s) had been interrupted; closed their audit rows", entry.name, interrupted)
@@ -348,7 +354,7 @@ def refresh_table(
                         "reason": f"source not ready: {waited.reason}", "audit_id": audit_id}
         try:
             plan = _with_retries(plan_task, settings.retries, settings.retry_delay_s)(
-                entry.name, full_refresh, batch_size, dry_run, allow_deletes, repair_periods)
+                entry.name, full_refresh, batch_size, dry_run, allow_deletes, repair_periods, repair_keys)
             held.ensure()
             manifest = _with_retries(stage_task, settings.retries, settings.retry_delay_s)(plan, audit_id)
             held.ensure()
@@ -415,7 +421,9 @@ def finish_run(res: Resources, table: str, plan: sync.RefreshPlan, manifest: syn
         "direct_load": manifest.published is not None, "rows_skipped_unchanged": manifest.rows_unchanged,
         "lock_reacquired": lock_reacquired, "future_cursor_rows": result.future_cursor_rows,
         # the BigQuery snapshot the published data reflects (refresh_freshness.data_as_of)
-        "data_as_of": (plan.session or {}).get("snapshot_time"),
+        # (a repair's is not: it mended a few rows or periods, the rest is as of the last night)
+        ("repair_read_snapshot" if plan.repair else "data_as_of"): (plan.session or {}).get("snapshot_time"),
+        **({"repair": True} if plan.repair else {}),
         **({"restarted": plan.restarted} if plan.restarted else {}),  # a checkpoint not resumed, and why
         "publish_group": plan.publish_group,
         # bytes BigQuery scans: the read session's estimate; a query or view source's job, processed and billed

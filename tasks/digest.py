@@ -53,7 +53,7 @@ class DigestColumn:
 
     @property
     def exact(self) -> bool:
-        return not self.repeated and self.bq_type not in WEAK_TYPES
+        return not self.repeated and self.bq_type.split("<")[0] not in WEAK_TYPES  # RANGE<DATE> is a RANGE
 
 
 def bq_ident(name: str) -> str:
@@ -262,6 +262,40 @@ def _pg_native(c: DigestColumn, text: str) -> Any:
     if c.bq_type == "DATETIME" and _INTEGER.match(text):
         return datetime(1970, 1, 1) + timedelta(microseconds=int(text))
     return None
+
+
+def bq_key_restriction(key: list[DigestColumn], keys: list[list[str | None]]) -> str | None:
+    """A BigQuery boolean expression naming exactly these keys (each a list of the key columns' canonical texts),
+    on the columns themselves (usable as a Storage Read row restriction); None where a key value has no simple
+    literal (the caller then reads more)."""
+    parts = []
+    for values in keys:
+        conds = []
+        for c, text in zip(key, values, strict=True):
+            native = None if text is None else _bq_native(c, text)
+            if text is not None and native is None:
+                return None
+            conds.append(f"{bq_ident(c.source_name)} IS NULL" if text is None else f"{bq_ident(c.source_name)} = {native}")
+        parts.append("(" + " AND ".join(conds) + ")")
+    return " OR ".join(parts) if parts else "FALSE"
+
+
+def pg_key_scope(key: list[DigestColumn], keys: list[list[str | None]], alias: str, pg_types: dict[str, str]
+                 ) -> sql.Composable | None:
+    """SQL: the target rows of these keys (see bq_key_restriction), values bound as literals of the key columns'
+    types so the key's index finds them; None where a key value has no simple literal."""
+    parts: list[sql.Composable] = []
+    for values in keys:
+        conds: list[sql.Composable] = []
+        for c, text in zip(key, values, strict=True):
+            col = sql.SQL("{}.{}").format(sql.Identifier(alias), ident(c.target_name))
+            native = None if text is None else _pg_native(c, text)
+            if text is not None and native is None:
+                return None
+            conds.append(sql.SQL("{} IS NULL").format(col) if text is None else
+                         sql.SQL("{} = {}::{}").format(col, sql.Literal(native), sql.SQL(pg_types[c.target_name])))
+        parts.append(sql.SQL("({})").format(sql.SQL(" AND ").join(conds)))
+    return sql.SQL("({})").format(sql.SQL(" OR ").join(parts)) if parts else sql.SQL("false")
 
 
 def bq_segment_filter(slicing: Slicing, segments: list[Segment]) -> str:

@@ -49,7 +49,7 @@ def bq_value_literal(text: str, bq_type: str) -> str:
 
 def source_slices(
     res: Resources, source_ref: str, *, snapshot: str | None, key: list[str], window: str | None,
-    cursor_floor: str | None = None,
+    cursor_floor: str | None = None, where: str | None = None,
 ) -> list[SourceSlice]:
     """One aggregate query at the read snapshot: per period (or for the whole table) the rows, the distinct
     non-NULL keys and the rows at or past the cursor floor.
@@ -57,6 +57,7 @@ def source_slices(
     Args:
         key, window: source column names.
         cursor_floor: a BigQuery boolean expression (ours, built from typed literals) marking changed rows.
+        where: a BigQuery boolean expression (ours) restricting the rows counted (a repair's keys).
     """
     client = res.source.get_bigquery_client()
     project, dataset, table = source_ref.split(".")
@@ -68,7 +69,7 @@ def source_slices(
     changed = f"COUNTIF({cursor_floor})" if cursor_floor else "0"
     select = (f"COUNT(*) AS n, COUNT(DISTINCT IF({any_null}, NULL, TO_JSON_STRING(STRUCT({struct})))) AS k,"
               f" {changed} AS c")
-    src = f"{bq_ident(project)}.{bq_ident(dataset)}.{bq_ident(table)}{at}"
+    src = f"{bq_ident(project)}.{bq_ident(dataset)}.{bq_ident(table)}{at}" + (f" WHERE {where}" if where else "")
     if window:
         query = f"SELECT {bq_ident(window)} AS w, {select} FROM {src} GROUP BY 1"  # noqa: S608
     else:
@@ -145,9 +146,10 @@ def period_scope(alias: str, column: str, pg_type: str, periods: list[str | None
 
 def prove(conn: Any, *, table: str, target: sql.Composable, window: str | None, pg_type: str | None,
           expected_periods: dict[str | None, int] | None, expected_rows: int | None,
-          live_only: str | None) -> list[str]:
-    """Inside the publish transaction: the target's rows per replaced period (or in all) against the source's
-    count at the read snapshot. Returns the differences, each naming the slice and both figures."""
+          live_only: str | None, scope: sql.Composable | None = None) -> list[str]:
+    """Inside the publish transaction: the target's rows per replaced period (or in all, or in ``scope``: a
+    repair's keys) against the source's count at the read snapshot. Returns the differences, each naming the slice
+    and both figures."""
     live = sql.SQL(" AND t.{} IS NULL").format(ident(live_only)) if live_only else sql.SQL("")
     problems: list[str] = []
     if expected_periods is not None and window and pg_type:
@@ -159,10 +161,12 @@ def prove(conn: Any, *, table: str, target: sql.Composable, window: str | None, 
             if have.get(period, 0) != want:
                 problems.append(f"{window} = {period}: target {have.get(period, 0)} rows, source {want}")
     if expected_rows is not None:
-        row = conn.execute(sql.SQL("SELECT count(*) FROM {} t WHERE true{}").format(target, live)).fetchone()
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {} t WHERE {}{}").format(
+            target, scope if scope is not None else sql.SQL("true"), live)).fetchone()
         have_rows = int(row[0]) if row else -1
         if have_rows != expected_rows:
-            problems.append(f"whole table: target {have_rows} rows, source {expected_rows}")
+            problems.append(f"{'the repaired keys' if scope is not None else 'whole table'}: target {have_rows} rows,"
+                            f" source {expected_rows}")
     return problems
 
 

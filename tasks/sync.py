@@ -28,7 +28,7 @@ from bq_refresh.errors import (
     SourceError,
     StagingLost,
 )
-from tasks import extract, fastpath, headroom, load, quality, reconcile, registry
+from tasks import digest, extract, fastpath, headroom, load, quality, reconcile, registry
 from tasks.artifacts import Progress, record_phase, rows_expected
 from tasks.fastpath import HASH_COLUMN, LocalSource
 from tasks.planning import streams_within
@@ -102,6 +102,11 @@ class RefreshPlan(BaseModel):
     # TIMESTAMP columns the target declares ``timestamp without time zone``: target column -> the zone whose wall
     # time is written there (the table's target_timezone), converted explicitly, never by the session's TimeZone.
     wall_time: dict[str, str] = {}
+    # ``bq-refresh verify --repair``: a repair mends what verify found and is not a night: the watermark, the source
+    # schema and the refresh time stay as they were, and its snapshot is not the table's freshness. ``repair_keys``:
+    # the keys (each a list of the key columns' canonical texts, tasks/digest.py) it re-read and replaces one by one.
+    repair: bool = False
+    repair_keys: list[list[str | None]] | None = None
 
     @property
     def same_table(self) -> str:
@@ -181,12 +186,15 @@ def _drift(
 def plan_refresh(
     res: Resources, entry: RegistryEntry, *, full_refresh: bool = False, batch_size: int | None = None,
     dry_run: bool = False, local: LocalSource | None = None, allow_deletes: bool = False,
-    repair_periods: list[str | None] | None = None,
+    repair_periods: list[str | None] | None = None, repair_keys: list[list[str | None]] | None = None,
 ) -> RefreshPlan:
     """Resolve the source, check drift, prepare target and staging, and open or resume the read.
 
     ``repair_periods`` (window mode; ``bq-refresh verify --repair``): read exactly these periods whole and replace
     them, every row staged (a row edited by hand in PostgreSQL still has its old hash: no hash skip).
+    ``repair_keys`` (``verify --repair`` below a size): read exactly these keys through a read session whose row
+    restriction names them, and replace exactly them (a key the source no longer holds is deleted as the table's
+    delete policy says); nothing else is read, written or deleted.
 
     A valid active checkpoint of an earlier, unfinished run of the same table is resumed: its
     staging table, read session and stream offsets are reused.
@@ -234,6 +242,11 @@ def plan_refresh(
             # source schema, every run does so, so a failed backfill is retried by the next run.
             full = True
             drift["backfill"] = drift["added_in_source"]
+        if repair_keys is not None:
+            if drift.get("backfill"):
+                raise ConfigError("a column added in the source is not filled yet: run the table once before"
+                                  " repairing its rows", table=table)
+            full = False  # a few keys: never "the whole table" (its deletes, its watermark)
         created = False
         row_hash = spec.row_hash
         if existing is None:
@@ -272,7 +285,7 @@ def plan_refresh(
                   and all(c.staging_type == c.pg_type for c in columns)
                   and all(declared.get(c.target_name, declared_form(c.pg_type)) == declared_form(c.pg_type)
                           for c in columns))
-        hash_skip = row_hash and not empty and not full_refresh and repair_periods is None
+        hash_skip = row_hash and not empty and not full_refresh and repair_periods is None and repair_keys is None
         if repair_periods is not None and (spec.mode != "window" or not spec.window_column):
             raise ConfigError("only a window-mode table repairs by period (verify --repair runs a full refresh of"
                               " the others)", table=table)
@@ -288,7 +301,7 @@ def plan_refresh(
         fingerprint = hashlib.sha1(repr((columns, key, full, spec.mode, entry.watermark, spec.lookback, target_schema,
                                          spec.checks, spec.critical_fields, row_hash, direct, hash_skip,
                                          local is not None, spec.publish_group, hashes, sorted(wall_time.items()),
-                                         repair_periods)).encode()).hexdigest()
+                                         repair_periods, repair_keys)).encode()).hexdigest()
         restarted = None
         if active is not None:
             why = ("the plan changed" if active[1].get("fingerprint") != fingerprint
@@ -328,7 +341,18 @@ def plan_refresh(
         periods: list[str | None] | None = None
         expected_periods: list[tuple[str | None, int]] | None = None
         expected_rows: int | None = None
-        if spec.mode == "window" and window_col is not None:
+        if repair_keys is not None:
+            key_columns = [digest.DigestColumn(c.source_name, c.target_name, c.bq_type) for c in
+                           (by_source[k] for k in spec.key)]
+            by_key = digest.bq_key_restriction(key_columns, repair_keys)
+            if by_key is None or local is not None:
+                raise ConfigError("these keys cannot be named in a row restriction (a key column of type "
+                                  f"{', '.join(c.bq_type for c in key_columns)}): repair by period or full refresh",
+                                  table=table)
+            restriction = by_key
+            slices = reconcile.source_slices(res, source.ref, snapshot=at, key=spec.key, window=None, where=by_key)
+            expected_rows = slices[0].keys if slices else 0
+        elif spec.mode == "window" and window_col is not None:
             # Which periods changed is decided from the source (a delete changes no cursor), and each is read whole.
             slices = (fastpath.local_slices(local, spec.key, window_col.source_name) if local is not None else
                       reconcile.source_slices(res, source.ref, snapshot=at, key=spec.key,
@@ -383,12 +407,14 @@ def plan_refresh(
             source_ref=source.ref, bigquery_job_id=source.job_id, watermark_from=watermark_from,
             source_job_result=source.job_result, bigquery_bytes=_bigquery_bytes(source, session),
             target_created=created, drift=drift, source_schema=[f.__dict__ for f in source.fields],
-            reconcile_keys=spec.delete_policy.mode != "none" and spec.mode == "incremental" and not full,
+            reconcile_keys=(spec.delete_policy.mode != "none" and spec.mode == "incremental" and not full
+                            and repair_keys is None),
             frequency_hours=entry.refresh_frequency_hours,
             critical_fields=[spec.target_name(c) for c in spec.critical_fields], checks=spec.checks, shadow=spec.shadow,
             row_hash=row_hash, rowhash_table=hashes, hash_skip=hash_skip, direct=direct, local=local is not None,
             periods=periods, expected_periods=expected_periods, expected_rows=expected_rows,
             source_timezone=spec.source_timezone, publish_group=spec.publish_group, wall_time=wall_time,
+            repair=repair_periods is not None or repair_keys is not None, repair_keys=repair_keys,
             verify_sample=(res.settings.verify_sample if (session.estimated_rows or 0) >= res.settings.verify_sample_min_rows
                            else 1) if row_hash else 1,
         )
@@ -1002,7 +1028,9 @@ def _publish_in(conn: Any, res: Resources, plan: RefreshPlan, *, dry_run: bool, 
         conn.execute(p.upsert_hashes())
 
     delete_scope: sql.Composable | None = None
-    if plan.mode == "window":
+    if plan.repair_keys is not None:  # the keys it re-read, and nothing else
+        delete_scope, source_keys = _repair_scope(plan), staging
+    elif plan.mode == "window":
         if plan.periods is not None and plan.window_column:  # every period in it was read whole
             delete_scope = reconcile.period_scope("t", plan.window_column, _pg_type(plan, plan.window_column),
                                                   plan.periods)
@@ -1057,6 +1085,8 @@ def _publish_in(conn: Any, res: Resources, plan: RefreshPlan, *, dry_run: bool, 
     _record_and_gate(res, plan, audit_id, post, conn.rollback, "failed quality check after publish")
 
     watermark, future = _new_watermark(conn, plan, staging)
+    if plan.repair:
+        watermark = None  # a repair leaves the watermark where the nights left it
     result = PublishResult(
         rows_inserted=inserted, rows_updated=updated, rows_unchanged=distinct - inserted - updated + skipped,
         rows_deleted=deleted, duplicate_keys=staged - distinct, watermark=watermark, dry_run=dry_run,
@@ -1065,7 +1095,8 @@ def _publish_in(conn: Any, res: Resources, plan: RefreshPlan, *, dry_run: bool, 
     )
     if dry_run:
         return result
-    _advance_watermark(conn, plan, watermark, res.settings.schedule_anchor)
+    if not plan.repair:
+        _advance_watermark(conn, plan, watermark, res.settings.schedule_anchor)
     conn.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s,"
                          " checkpoint_data = checkpoint_data || %s WHERE id = %s").format(ckpt_table),
                  (staged, Jsonb({"published": result.model_dump(mode="json")}), plan.checkpoint_id))
@@ -1098,16 +1129,28 @@ def _reconciliation(conn: Any, plan: RefreshPlan, target: sql.Composable, soft: 
     """The target's rows per replaced period, or in all, against the source's at the read snapshot (hard).
     Nothing when the run's mode promises no count (incremental without deletes): no check row that proves nothing."""
     expected = dict(plan.expected_periods) if plan.expected_periods is not None else None
+    scope = _repair_scope(plan) if plan.repair_keys is not None else None
     slices = (len(expected) if expected is not None else 0) + (1 if plan.expected_rows is not None else 0)
     if not slices:
         return []
     problems = reconcile.prove(conn, table=plan.table, target=target, window=plan.window_column,
                                pg_type=_pg_type(plan, plan.window_column) if plan.window_column else None,
-                               expected_periods=expected, expected_rows=plan.expected_rows, live_only=soft)
+                               expected_periods=expected, expected_rows=plan.expected_rows, live_only=soft,
+                               scope=scope)
     return [quality.CheckResult(
         "reconciliation", float(len(problems)), 0.0, ok=not problems, hard="reconciliation" in plan.checks.hard,
         detail="; ".join(problems[:20]) + (f" (and {len(problems) - 20} more)" if len(problems) > 20 else "")
         if problems else f"{slices} slice(s) equal to the source's count")]
+
+
+def _repair_scope(plan: RefreshPlan) -> sql.Composable:
+    """The target rows of a repair's keys (alias t)."""
+    assert plan.repair_keys is not None
+    key_columns = [digest.DigestColumn(c.source_name, c.target_name, c.bq_type) for k in plan.key
+                   for c in plan.columns if c.target_name == k]
+    scope = digest.pg_key_scope(key_columns, plan.repair_keys, "t", {k: _pg_type(plan, k) for k in plan.key})
+    assert scope is not None  # the plan named them in BigQuery
+    return scope
 
 
 def _advance_watermark(conn: Any, plan: RefreshPlan, watermark: str | None, anchor: time) -> None:

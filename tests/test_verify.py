@@ -164,10 +164,13 @@ def test_verify_finds_exactly_the_slices_edited_by_hand(
                          .encode()).hexdigest()[:2]
     assert [d["slice"] for d in by[f"{s}.plain"]["differing"]] == [bucket]
 
-    # --repair: the differing periods re-read whole (every row staged: the edited row's hash is stale), the other
-    # table by a full refresh; then verified again. Rows of untouched periods and rows already equal keep their xmin.
-    untouched = sql.SQL("SELECT asin, search_query, xmin::text FROM {} WHERE start_date = '2025-01-26' ORDER BY 1, 2")
+    # --repair: the rows verify located are re-read by key (a read session whose row restriction names them) and
+    # exactly those keys replaced, in both tables; then verified again. Every other row keeps its xmin, in the
+    # edited periods too.
+    untouched = sql.SQL("SELECT start_date, asin, search_query, xmin::text FROM {} WHERE NOT (search_query = 'query 0'"
+                        " AND asin IN ('B000000000', 'B000000001', 'B0HANDMADE')) ORDER BY 1, 2, 3")
     before = pg.execute(untouched.format(t)).fetchall()
+    assert len(before) == 1198  # 1200, one deleted by hand, one made by hand (left out), one edited (left out)
     others = sql.SQL("SELECT asin, start_date, search_query, xmin::text FROM {} WHERE NOT (asin = 'B000000005' AND"
                      " search_query = 'query 0') ORDER BY 1, 2, 3")
     plain_before = pg.execute(others.format(plain)).fetchall()
@@ -175,17 +178,17 @@ def test_verify_finds_exactly_the_slices_edited_by_hand(
     by = {t["table"]: t for t in out["tables"]}
     assert code == 0, out
     assert by[f"{s}.sqp"]["status"] == by[f"{s}.plain"]["status"] == "equal"
-    assert by[f"{s}.sqp"]["repair"]["repaired"] == ["2025-01-05", "2025-01-12", "2025-01-19"], by[f"{s}.sqp"]
+    assert by[f"{s}.sqp"]["repair"]["repaired"] == "3 rows by key", by[f"{s}.sqp"]
     assert (by[f"{s}.sqp"]["repair"]["rows_inserted"], by[f"{s}.sqp"]["repair"]["rows_updated"],
             by[f"{s}.sqp"]["repair"]["rows_deleted"]) == (1, 1, 1)
-    assert by[f"{s}.plain"]["repair"]["repaired"] == "full refresh" and by[f"{s}.plain"]["repair"]["rows_updated"] == 1
+    assert by[f"{s}.plain"]["repair"]["repaired"] == "1 rows by key" and by[f"{s}.plain"]["repair"]["rows_updated"] == 1
     assert pg.execute(untouched.format(t)).fetchall() == before
     assert pg.execute(others.format(plain)).fetchall() == plain_before
     assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{s}".sqp', "1, 2, 3"), SQP_KEY)
     assert_same_rows(source_rows(source, "plain"), pg_rows(pg, f'"{s}".plain', "1, 2, 3"), SQP_KEY)
-    audit = pg.execute(f"SELECT sync_metadata->'repair_periods' FROM \"{s}\".refresh_audit_log WHERE table_name = 'sqp'"
-                       " ORDER BY id DESC LIMIT 1").fetchone()
-    assert audit == (["2025-01-05", "2025-01-12", "2025-01-19"],)
+    audit = pg.execute(f"SELECT sync_metadata->'repair_keys', sync_metadata ? 'data_as_of' FROM \"{s}\".refresh_audit_log"
+                       " WHERE table_name = 'sqp' ORDER BY id DESC LIMIT 1").fetchone()
+    assert audit == (3, False)  # a repair's snapshot is not the table's freshness
 
 
 def test_verify_is_refused_while_a_run_holds_the_table(
@@ -281,7 +284,7 @@ def test_what_the_nightly_cursor_cannot_see_is_found_and_mended(
 ) -> None:
     """A restatement that kept its cursor value (in a column outside the critical fields) and a late row older
     than the watermark: the incremental night does not read them (by design); verify finds exactly their slices and
-    rows, and --repair (a full refresh for an incremental table) makes the copy equal again."""
+    rows, and --repair (the two rows re-read by key) makes the copy equal again."""
     from blocks import resolve_resources
     from tasks.registry import get_entry
     from tasks.verify import repair_table, verify_table
@@ -310,7 +313,7 @@ def test_what_the_nightly_cursor_cannot_see_is_found_and_mended(
         (restated["asin"], "differs", ["median_price"]), ("B0LATE0000", "missing", [])]
 
     run = repair_table(res, get_entry(pg, s, "inc"), verdict)
-    assert (run["repaired"], run["rows_inserted"], run["rows_updated"]) == ("full refresh", 1, 1), run
+    assert (run["repaired"], run["rows_inserted"], run["rows_updated"]) == ("2 rows by key", 1, 1), run
     assert verify_table(res, get_entry(pg, s, "inc")).status == "equal"
     assert_same_rows(source_rows(source, "inc"), pg_rows(pg, f'"{s}".inc', "1, 2, 3"), SQP_KEY)
 
@@ -338,3 +341,48 @@ def test_columns_a_transform_makes_or_may_change_are_left_out_and_listed(
     # The keys and the counts are still compared: a key deleted by hand shows.
     pg.execute(sql.SQL("DELETE FROM {} WHERE asin = 'B000000002' AND search_query = 'query 0'").format(sql.Identifier(s, "sqp")))
     assert [d["slice"] for d in verify_table(res, get_entry(pg, s, "sqp")).differing] == ["2025-01-05"]
+
+
+@pytest.mark.parametrize("how", ["keys", "periods"])
+def test_a_repair_is_not_a_night(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, how: str,
+) -> None:
+    """A repair mends one row's period (or the row alone) while BigQuery holds changes the next night must read: a
+    row of another period changed a day after the watermark, and a row of the repaired period two days after. The
+    repair must not move the watermark to that row's cursor (the next night's read would start past the other
+    change, and leave it stale with status success), nor count as the night (refresh time, freshness)."""
+    from datetime import timedelta
+
+    s = registry
+    first = sqp_rows(200, weeks=2)
+    put_table(source, "sqp", SQP_SCHEMA, first)
+    register_table(pg, s, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "lookback": "0",
+                                  "mode": "window", "window_column": "start_date"})
+    assert refresh_table("sqp")["status"] == "success"
+    night = pg.execute(f"SELECT c.watermark, c.last_refresh_at, c.next_refresh_at, f.data_as_of FROM \"{s}\".refresh_config c"
+                       f" JOIN \"{s}\".refresh_freshness f USING (table_schema, table_name) WHERE c.table_name = 'sqp'"
+                       ).fetchone()
+    rows = first.to_pylist()
+    wm = max(r["updated_at"] for r in rows)
+    other = next(r for r in rows if str(r["start_date"]) == "2025-01-12")
+    other.update(impressions=-1, updated_at=wm + timedelta(days=1))  # tonight's change, another period
+    mended = next(r for r in rows if str(r["start_date"]) == "2025-01-05")
+    mended.update(impressions=-2, updated_at=wm + timedelta(days=2))  # the row repaired, its cursor the latest
+    put_table(source, "sqp", SQP_SCHEMA, pa.Table.from_pylist(rows, schema=first.schema))
+
+    if how == "keys":
+        run = refresh_table("sqp", repair_keys=[[str(mended["start_date"]), mended["asin"], mended["search_query"]]])
+        assert (run["status"], run["rows_read"], run["rows_updated"], run["rows_deleted"]) == ("success", 1, 1, 0), run
+    else:
+        run = refresh_table("sqp", repair_periods=["2025-01-05"])
+        assert (run["status"], run["rows_read"], run["rows_updated"]) == ("success", 100, 1), run
+    after = pg.execute(f"SELECT c.watermark, c.last_refresh_at, c.next_refresh_at, f.data_as_of FROM \"{s}\".refresh_config c"
+                       f" JOIN \"{s}\".refresh_freshness f USING (table_schema, table_name) WHERE c.table_name = 'sqp'"
+                       ).fetchone()
+    assert after == night  # watermark, refresh time, next slot and freshness as the night left them
+    stale = pg.execute(sql.SQL("SELECT impressions FROM {} WHERE start_date = %s AND asin = %s AND search_query = %s").format(
+        sql.Identifier(s, "sqp")), (other["start_date"], other["asin"], other["search_query"])).fetchone()
+    assert stale is not None and stale[0] != -1  # not repaired: the next night's
+
+    assert refresh_table("sqp")["status"] == "success"
+    assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{s}".sqp', "1, 2, 3"), SQP_KEY)
