@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import google.auth.exceptions
 import psycopg
 from google.api_core import exceptions as gexc
 
@@ -45,9 +46,21 @@ def identity(res: Resources) -> Check:
     try:
         creds = res.source.get_bigquery_client()._credentials
     except Exception as exc:  # noqa: BLE001 -- reported, not raised: the preflight goes on
-        return check("bigquery identity", "fail", f"no usable credentials: {exc}")
+        return check("bigquery identity", "fail", no_credentials(exc))
     who = getattr(creds, "service_account_email", None) or getattr(creds, "signer_email", None)
     return check("bigquery identity", "ok", f"{who or type(creds).__name__} on project {res.source.project_id}")
+
+
+def no_credentials(exc: BaseException) -> str:
+    """The fix for a BigQuery client that cannot be made: no key found, or one that cannot be read."""
+    return (f"no usable credentials ({str(exc).strip().splitlines()[0]}): set GOOGLE_APPLICATION_CREDENTIALS_JSON to a"
+            " service account key (or GOOGLE_APPLICATION_CREDENTIALS to its file)")
+
+
+def bigquery_says(exc: gexc.GoogleAPICallError) -> str:
+    """BigQuery's own words for a refused request, on one line (the client's message starts with the URL)."""
+    said = next((str(e["message"]) for e in exc.errors or [] if isinstance(e, dict) and e.get("message")), exc.message)
+    return " ".join(said.split("\n")[0].split())
 
 
 def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
@@ -57,7 +70,10 @@ def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
         spec = entry.spec()
     except RefreshError as exc:
         return [check(name, "fail", str(exc))]
-    client = res.source.get_bigquery_client()
+    try:
+        client = res.source.get_bigquery_client()
+    except google.auth.exceptions.GoogleAuthError as exc:
+        return [check(name, "fail", no_credentials(exc))]
     retry = extract.short_retry(res.source.timeout_s)
     if spec.query is not None:
         from google.cloud import bigquery
@@ -66,7 +82,8 @@ def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
             job = client.query(spec.query, job_config=bigquery.QueryJobConfig(dry_run=True, use_query_cache=False),
                                retry=retry, job_retry=None)
         except gexc.GoogleAPICallError as exc:
-            return [check(name, "fail", f"the query does not run: {exc.message}")]
+            return [check(name, "fail", f"the query does not run: {bigquery_says(exc)}: fix it (bq-refresh tables"
+                                        f""" set {entry.name} --params '{{"query": "..."}}')""")]
         return [check(name, "ok", f"query source: dry run ok ({int(job.total_bytes_processed or 0)} bytes)")]
     assert spec.source is not None
     ref = res.source.table_ref(spec.source)
@@ -127,7 +144,8 @@ def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
             row_restriction="", snapshot_time=datetime.now(UTC) - timedelta(seconds=1), max_streams=1,
             table_name=entry.name)
     except RefreshError as exc:
-        out.append(check(f"read session {entry.name}", "fail", f"{exc}: grant the identity"
+        why = str(exc).removeprefix(f"{entry.name}: ")
+        out.append(check(f"read session {entry.name}", "fail", f"{why}: grant the identity"
                                                                " roles/bigquery.readSessionUser on the project"))
         return out
     out.append(check(f"read session {entry.name}", "ok", f"opened ({len(session.streams)} stream(s))"))
@@ -135,6 +153,13 @@ def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------------------------------
+
+def version_check(number: int, version: str) -> Check:
+    """The server's version (``server_version_num``, ``server_version``) against the oldest bq-refresh supports."""
+    if number >= MIN_SERVER_VERSION:
+        return check("postgres version", "ok", f"PostgreSQL {version}")
+    return check("postgres version", "fail", f"PostgreSQL {version}: bq-refresh needs 13 or later")
+
 
 def postgres_checks(conn: psycopg.Connection[Any], *, staging_schema: str, targets: list[tuple[str, str]],
                     session_timeouts: dict[str, int]) -> list[Check]:
@@ -147,9 +172,7 @@ def postgres_checks(conn: psycopg.Connection[Any], *, staging_schema: str, targe
                        " FROM pg_roles r WHERE r.rolname = current_user").fetchone()
     assert row is not None
     number, version, role, superuser, bypass, createrole, ssl, ssl_version, socket = row
-    out.append(check("postgres version", "ok" if number >= MIN_SERVER_VERSION else "fail",
-                     f"PostgreSQL {version}" if number >= MIN_SERVER_VERSION
-                     else f"PostgreSQL {version}: bq-refresh needs 13 or later"))
+    out.append(version_check(number, version))
     if ssl:
         out.append(check("tls", "ok", f"on ({ssl_version})"))
     elif socket:

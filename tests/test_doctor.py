@@ -20,6 +20,7 @@ import pytest
 from psycopg import sql
 
 from blocks import BigQuerySource
+from blocks.resources import Resources, resolve_resources
 from bq_refresh.settings import Settings
 from tasks import doctor
 from tasks.migrations import apply_migrations
@@ -29,6 +30,9 @@ from tests.conftest import ROOT
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
 
 pytestmark = [pytest.mark.emulator]
+# The emulator's words for a column that is not there (BigQuery's own are "Unrecognized name: no_such_column at [1:8]")
+BAD_COLUMN = 'Query execution failed: Binder Error: Referenced column "no_such_column" not found in FROM clause!'
+
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -169,3 +173,117 @@ def test_the_postgres_lines_show_each_problem_with_its_fix(
         pg.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(s, "theirs")))
         pg.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(other)))
         pg.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(other)))
+
+
+# --- each remaining check with a set-up that makes it fail, and the exact line ------------------------------------
+
+def resources_with(env: Settings, **update: Any) -> Resources:
+    return resolve_resources(env.model_copy(update=update))
+
+
+@pytest.mark.once
+def test_identity_without_credentials_says_how_to_give_them(env: Settings, monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Any) -> None:
+    """Real Google's endpoints (no emulator), no key, and GOOGLE_APPLICATION_CREDENTIALS naming a file not there."""
+    missing = tmp_path / "key.json"
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(missing))
+    res = resources_with(env, bigquery_api_endpoint=None, bigquery_storage_endpoint=None)
+    assert doctor.line(doctor.identity(res)) == (
+        f"FAIL    bigquery identity: no usable credentials (File {missing} was not found.): set"
+        " GOOGLE_APPLICATION_CREDENTIALS_JSON to a service account key (or GOOGLE_APPLICATION_CREDENTIALS to its file)")
+
+
+@pytest.mark.once
+def test_identity_without_credentials_fails_doctor_through_the_cli_with_every_source_line(
+    env: Settings, pg: psycopg.Connection[Any], tmp_path: Any,
+) -> None:
+    """The same through the real entry point: exit 1, --json, and each table's source line says the same instead of
+    a traceback."""
+    s = env.schema_name
+    apply_migrations(pg, s)
+    register_table(pg, s, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at"})
+    missing = tmp_path / "key.json"
+    bare = {k: v for k, v in os.environ.items() if k not in ("BIGQUERY_API_ENDPOINT", "BIGQUERY_STORAGE_ENDPOINT")}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "doctor", "--json"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**bare, "GOOGLE_APPLICATION_CREDENTIALS": str(missing)})
+    assert done.returncode == 1, done.stderr[-3000:]
+    by = {c["name"]: doctor.line(c) for c in json.loads(done.stdout)["checks"]}
+    why = (f"no usable credentials (File {missing} was not found.): set GOOGLE_APPLICATION_CREDENTIALS_JSON to a"
+           " service account key (or GOOGLE_APPLICATION_CREDENTIALS to its file)")
+    assert by["bigquery identity"] == f"FAIL    bigquery identity: {why}"
+    assert by[f"source {s}.sqp"] == f"FAIL    source {s}.sqp: {why}"
+
+
+@pytest.mark.once
+def test_a_read_session_refused_names_the_permission_and_the_role(
+    env: Settings, pg: psycopg.Connection[Any], source: BigQuerySource,
+) -> None:
+    """The table exists (the emulator's REST API), the Storage Read API refuses the session as BigQuery does without
+    bigquery.readsessions.create (PERMISSION_DENIED, the stand-in)."""
+    from tests.storage_standin import StorageStandIn
+
+    s = env.schema_name
+    apply_migrations(pg, s)
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(5))
+    register_table(pg, s, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at"})
+    (entry,) = list_entries(pg, s)
+    denied = (f"request failed: the user does not have 'bigquery.readsessions.create' permission for"
+              f" 'projects/{source.project_id}'")
+    with StorageStandIn() as standin:
+        standin.fail_create("PERMISSION_DENIED").message = denied
+        checks = doctor.source_checks(resources_with(env, bigquery_storage_endpoint=standin.target), entry)
+    by = {c["name"]: doctor.line(c) for c in checks}
+    assert by[f"read session {s}.sqp"] == (
+        f"FAIL    read session {s}.sqp: permission denied reading {source.table_ref('sqp')}: {denied}: grant the"
+        " identity roles/bigquery.readSessionUser on the project")
+    assert by[f"source {s}.sqp"].startswith("OK      ")  # the table itself is there and readable by REST
+
+
+@pytest.mark.once
+def test_a_query_source_that_does_not_run_is_refused_with_bigquerys_words(
+    env: Settings, pg: psycopg.Connection[Any], source: BigQuerySource,
+) -> None:
+    s = env.schema_name
+    apply_migrations(pg, s)
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(5))
+    table = source.table_ref("sqp")
+    register_table(pg, s, "good", {"query": f"SELECT * FROM `{table}`", "key": SQP_KEY, "mode": "full"})
+    register_table(pg, s, "bad", {"query": f"SELECT no_such_column FROM `{table}`", "key": SQP_KEY, "mode": "full"})
+    lines_ = {c["name"]: doctor.line(c) for e in list_entries(pg, s)
+              for c in doctor.source_checks(resolve_resources(env), e)}
+    assert re.fullmatch(rf"OK      source {s}\.good: query source: dry run ok \(\d+ bytes\)", lines_[f"source {s}.good"])
+    assert lines_[f"source {s}.bad"] == (f"FAIL    source {s}.bad: the query does not run: {BAD_COLUMN}: fix it"
+                                         f""" (bq-refresh tables set {s}.bad --params '{{"query": "..."}}')""")
+
+
+@pytest.mark.once
+@pytest.mark.parametrize(("number", "version", "expected"), [
+    (120017, "12.17", "FAIL    postgres version: PostgreSQL 12.17: bq-refresh needs 13 or later"),
+    (130000, "13.0", "OK      postgres version: PostgreSQL 13.0"),
+    (170002, "17.2 (Debian 17.2-1)", "OK      postgres version: PostgreSQL 17.2 (Debian 17.2-1)"),
+])
+def test_the_server_version_line(number: int, version: str, expected: str) -> None:
+    """No server older than 13 runs in the tests: the line is the pure decision over what the server reports."""
+    assert doctor.line(doctor.version_check(number, version)) == expected
+
+
+def test_the_timeouts_line_reports_the_roles_own_beside_the_refreshs(
+    env: Settings, pg: psycopg.Connection[Any], registry: str,
+) -> None:
+    role = str(pg.execute("SELECT current_user").fetchone()[0])  # type: ignore[index]
+    own = ", ".join(f"{k} {v} ms" for k, v in env.session_timeouts.items())
+    pg.execute(sql.SQL("ALTER ROLE {} SET statement_timeout = '8s'").format(sql.Identifier(role)))
+    pg.execute(sql.SQL("ALTER ROLE {} SET idle_in_transaction_session_timeout = '9s'").format(sql.Identifier(role)))
+    try:
+        timeouts = lines(pg, env, [])["timeouts"]
+    finally:
+        pg.execute(sql.SQL("ALTER ROLE {} RESET statement_timeout").format(sql.Identifier(role)))
+        pg.execute(sql.SQL("ALTER ROLE {} RESET idle_in_transaction_session_timeout").format(sql.Identifier(role)))
+    settings = pg.execute(
+        "SELECT string_agg(c, ', ' ORDER BY c) FROM pg_db_role_setting s, unnest(s.setconfig) c WHERE s.setrole = 0"
+        " AND s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND split_part(c, '=', 1) IN ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout')"
+    ).fetchone()
+    assert settings is not None and settings[0] is None, "the database itself sets timeouts: the line would differ"
+    assert timeouts == (f"OK      timeouts: the role or database sets idle_in_transaction_session_timeout=9s,"
+                        f" statement_timeout=8s; every session of the refresh sets its own ({own})")
