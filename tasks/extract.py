@@ -68,6 +68,8 @@ class SourceTable:
     bytes_processed: int = 0  # the query job's figures (query and view sources)
     bytes_billed: int = 0
     bytes_estimated: int = 0  # its dry run's estimate (with a budget, or in a dry run)
+    read_at: datetime | None = None  # a query's result: when its job started (what the data reflects)
+    reused: bool = False  # the result of an earlier run's job, read again (no query run now)
 
     @property
     def read_path(self) -> str:

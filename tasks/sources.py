@@ -166,16 +166,10 @@ def _materialize(source: BigQuerySource, client: bigquery.Client, *, table: str,
         if refusal is not None:
             raise refusal
     config = bigquery.QueryJobConfig(maximum_bytes_billed=limit)
-    named: str | None = None
     if materialization_dataset is not None:
-        named = f"{source.table_ref(materialization_dataset + '.x').rsplit('.', 1)[0]}.{result_table_name(table)}"
-        _check_same_location(source, client, table, named.rsplit(".", 1)[0], location)
-    if not source.reads_query_results:
-        # The emulator's Storage Read API cannot read a job's result table, nor does it write a query's
-        # destination: the result goes into a named table by DDL, readable there like any table.
-        named = named or source.table_ref(result_table_name(table))
-        query = f"CREATE OR REPLACE TABLE `{named}` AS {query}"
-    elif named is not None:
+        _check_same_location(source, client, table, named_dataset(source, materialization_dataset), location)
+    query, named = _statement(source, table, query, materialization_dataset)
+    if named is not None and source.reads_query_results:
         config.destination = named
         config.write_disposition = bigquery.WriteDisposition.WRITE_TRUNCATE
     job = None
@@ -200,7 +194,54 @@ def _materialize(source: BigQuerySource, client: bigquery.Client, *, table: str,
     return SourceTable(destination, _fields(bq_table.schema), job.job_id, int(bq_table.num_rows or 0),
                        int(bq_table.num_bytes or 0), kind=origin, job_result=True, location=location,
                        bytes_processed=int(job.total_bytes_processed or 0),
-                       bytes_billed=int(job.total_bytes_billed or 0), bytes_estimated=estimated)
+                       bytes_billed=int(job.total_bytes_billed or 0), bytes_estimated=estimated,
+                       read_at=job.started or job.created)
+
+
+def named_dataset(source: BigQuerySource, dataset: str) -> str:
+    """``dataset`` or ``project.dataset`` as ``project.dataset``."""
+    return dataset if "." in dataset else f"{source.project_id}.{dataset}"
+
+
+def _statement(source: BigQuerySource, table: str, query: str,
+               materialization_dataset: str | None) -> tuple[str, str | None]:
+    """The statement a table's query runs as, and the named table its result goes to (None: the job's own)."""
+    named = (f"{named_dataset(source, materialization_dataset)}.{result_table_name(table)}"
+             if materialization_dataset is not None else None)
+    if not source.reads_query_results:
+        # The emulator's Storage Read API cannot read a job's result table, nor does it write a query's
+        # destination: the result goes into a named table by DDL, readable there like any table.
+        named = named or source.table_ref(result_table_name(table))
+        return f"CREATE OR REPLACE TABLE `{named}` AS {query}", named
+    return query, named
+
+
+def earlier_result(
+    source: BigQuerySource, *, table: str, source_ref: str | None, query: str | None,
+    materialization_dataset: str | None, job_id: str, result_ref: str, location: str | None,
+) -> SourceTable | None:
+    """The result table of an earlier query job of this table, found by the job's id in its location, when the
+    job finished, ran the statement this table's source runs now and its result is still there (an anonymous
+    result lasts about 24 hours); None otherwise (the query is run again).
+
+    Raises:
+        SourceError, SourceUnavailable: as resolve_source.
+    """
+    client = source.get_bigquery_client()
+    retry = short_retry(source.timeout_s)
+    text = query if query is not None else f"SELECT * FROM `{source.table_ref(str(source_ref))}`"  # noqa: S608
+    statement, _ = _statement(source, table, text, materialization_dataset)
+    with bigquery_errors(table, result_ref):
+        try:
+            job = client.get_job(job_id, location=location, retry=retry, timeout=source.timeout_s)
+            if job.state != "DONE" or job.error_result or getattr(job, "query", None) != statement:
+                return None
+            bq_table = client.get_table(result_ref, retry=retry, timeout=source.timeout_s)
+        except gexc.NotFound:
+            return None
+    return SourceTable(result_ref, _fields(bq_table.schema), job_id, int(bq_table.num_rows or 0),
+                       int(bq_table.num_bytes or 0), kind="query" if query is not None else "view", job_result=True,
+                       location=location, read_at=job.started or job.created, reused=True)
 
 
 def _too_large(exc: gexc.GoogleAPICallError) -> bool:

@@ -33,7 +33,7 @@ from tasks.artifacts import Progress, record_phase, rows_expected
 from tasks.fastpath import HASH_COLUMN, LocalSource
 from tasks.planning import streams_within
 from tasks.registry import RegistryEntry
-from tasks.sources import over_budget, resolve_source
+from tasks.sources import earlier_result, over_budget, resolve_source
 from tasks.spec import QualityConfig, TableSpec
 from tasks.sqlnames import ident, idents, quote_ident
 from tasks.transform import get_transform, shape
@@ -70,6 +70,7 @@ class RefreshPlan(BaseModel):
     source_ref: str
     bigquery_job_id: str | None
     source_job_result: bool = False  # source_ref is a query job's result table: read and counted without time travel
+    source_location: str | None = None  # where the source's jobs run (a resumed run finds its query job there)
     bigquery_bytes: dict[str, int] = {}  # what BigQuery scans for the run (tasks.sources; the audit row records it)
     session: dict[str, Any]
     checkpoint_id: int
@@ -209,9 +210,9 @@ def plan_refresh(
                                                                      "NULLABLE" if f.nullable else "REQUIRED")
                                                  for f in local.schema])
     else:
-        source = resolve_source(res.source, table=table, source_ref=spec.source, query=spec.query,
-                                materialization_dataset=spec.materialization_dataset, maximum_bytes_billed=budget,
-                                dry_run=dry_run)
+        source = _earlier_result(res, entry, spec) or resolve_source(
+            res.source, table=table, source_ref=spec.source, query=spec.query,
+            materialization_dataset=spec.materialization_dataset, maximum_bytes_billed=budget, dry_run=dry_run)
     columns = _columns(spec, source, table)
     by_source = {c.source_name: c for c in columns}
     cursor_col = by_source[spec.cursor] if spec.cursor else None
@@ -312,6 +313,10 @@ def plan_refresh(
                 restarted = f"the unfinished run of checkpoint {active[0]} is not resumed: {why}"
                 conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE id = %s").format(ckpt_table), (active[0],))
                 active = None
+        if active is None and source.reused:  # the earlier job's result was for the run that is not resumed
+            source = resolve_source(res.source, table=table, source_ref=spec.source, query=spec.query,
+                                    materialization_dataset=spec.materialization_dataset,
+                                    maximum_bytes_billed=budget, dry_run=dry_run)
         if active is not None:
             data = active[1]
             conn.commit()
@@ -327,7 +332,8 @@ def plan_refresh(
             if floor is not None:
                 floor_expr = f"{extract.bq_ident(cursor_col.source_name)} >= {extract.bq_literal(floor, cursor_col.bq_type)}"
         restriction = floor_expr or ""
-        snapshot = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+        # A query's result holds what its job read when it started: the watermark moves no further than that.
+        snapshot = (source.read_at or datetime.now(UTC)).replace(microsecond=0) - timedelta(seconds=1)
         at = None if source.job_result else snapshot.isoformat()  # a query's result table has no past to travel to
         selected = [c.source_name for c in columns if not c.derived]
         streams = streams_within(spec.streams, settings.max_connections)
@@ -406,6 +412,7 @@ def plan_refresh(
             batch_size=batch_size or spec.batch_size or settings.batch_size, transform=spec.transform,
             source_ref=source.ref, bigquery_job_id=source.job_id, watermark_from=watermark_from,
             source_job_result=source.job_result, bigquery_bytes=_bigquery_bytes(source, session),
+            source_location=source.location,
             target_created=created, drift=drift, source_schema=[f.__dict__ for f in source.fields],
             reconcile_keys=(spec.delete_policy.mode != "none" and spec.mode == "incremental" and not full
                             and repair_keys is None),
@@ -435,6 +442,22 @@ def plan_refresh(
         assert row is not None
         return RefreshPlan(**plan_fields, checkpoint_id=int(row[0]), resumed=False, rows_already_staged=0,
                            session=session_data, restarted=restarted)
+
+
+def _earlier_result(res: Resources, entry: RegistryEntry, spec: TableSpec) -> extract.SourceTable | None:
+    """The result table of the query job of this table's unfinished run (a query or view source), found by the
+    job's id: the resumed run reads what its checkpoint counts, without running (and paying for) the query again."""
+    with res.target.connect(autocommit=True) as conn:
+        row = conn.execute(sql.SQL("SELECT checkpoint_data->'plan' FROM {} WHERE function_name = %s AND table_schema = %s"
+                                   " AND table_name = %s AND status = 'active' AND expires_at >= now()").format(
+            ident(res.settings.schema_name, "refresh_checkpoints")), (FUNCTION_NAME, entry.table_schema,
+                                                                     entry.table_name)).fetchone()
+    plan = row[0] if row else None
+    if not plan or not plan.get("source_job_result") or not plan.get("bigquery_job_id"):
+        return None
+    return earlier_result(res.source, table=entry.name, source_ref=spec.source, query=spec.query,
+                          materialization_dataset=spec.materialization_dataset, job_id=plan["bigquery_job_id"],
+                          result_ref=plan["source_ref"], location=plan.get("source_location"))
 
 
 def _refuse_over_budget(table: str, source: extract.SourceTable, session: extract.ReadSessionInfo, budget: int) -> None:

@@ -212,3 +212,39 @@ def test_doctor_says_a_view_is_read_through_a_query_job(
     lines = [line(c) for c in source_checks(resources, get_entry(pg, registry, "recent"))]
     assert lines[0] == f"OK      source {registry}.recent: {view} is a VIEW, read through a query job (dry run: 0 bytes)", lines
     assert not any(c.startswith("FAIL") for c in lines), lines
+
+
+@pytest.mark.emulator
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_resumed_query_source_reads_its_earlier_jobs_result_found_by_id_in_its_location(
+        env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, resources: Any,
+        emulator: EmulatorEndpoints, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unfinished run of a query source is resumed on its query job's result (the checkpoint's offsets count
+    its rows): the job is found by id, in the location its dataset's metadata gives, and the query is not run
+    (nor paid for) again, even though the source changed meanwhile; the run's data is as of that job."""
+    from blocks import Resources
+    from tasks import sync
+    from tasks.registry import get_entry
+
+    put_table(source, "orders", SCHEMA, rows(90))
+    query = f"SELECT id, day, amount FROM `{source.table_ref('orders')}` WHERE MOD(id, 3) = 0"
+    register_table(pg, registry, "thirds", {"query": query, "key": ["id"], "mode": "full"})
+    at_first = [dict(r.items()) for r in source.get_bigquery_client().query(query).result()]
+    proxy = RecordingProxy(emulator.rest_url)
+    try:
+        monkeypatch.setenv("BIGQUERY_API_ENDPOINT", proxy.url)
+        res = Resources(source=BigQuerySource.from_settings(Settings()), target=resources.target,
+                        settings=resources.settings)
+        first = sync.plan_refresh(res, get_entry(pg, registry, "thirds"))  # the run that stops after planning
+        job_id = first.bigquery_job_id
+        assert job_id and first.source_job_result and first.source_location, first
+        put_table(source, "orders", SCHEMA, rows(300))  # BigQuery moved on meanwhile
+        proxy.requests.clear()
+        result = refresh_table("thirds")
+        assert result["status"] == "success" and result["resumed"] is True, result
+        assert not [r for r in proxy.jobs() if query in r.query], "the query ran again"
+        fetched = [r for r in proxy.requests if r.method == "GET" and r.path.endswith(f"/jobs/{job_id}")]
+        assert fetched and fetched[0].params.get("location") == first.source_location, proxy.requests
+    finally:
+        proxy.close()
+    assert_same_rows(at_first, pg_rows(pg, f'"{registry}".thirds', "id"), ["id"])
