@@ -637,11 +637,23 @@ def stage_rows(
         return StageManifest(**row[1]["direct_load"])
     if row[0] != "active":
         raise StagingLost(f"its checkpoint is {row[0]}; nothing published, the next run starts over", table=plan.table)
-    if plan.direct:
+    renewed = 0
+    while plan.direct:
         try:
-            return _load_direct(res, plan, read, transform, audit_id)
+            return _load_direct(res, plan, read, transform, audit_id, session_recreated=renewed)
         except fastpath.DirectLoadAbandoned as exc:
             log.warning("%s: direct load abandoned (%s); staging instead", plan.table, exc)
+            break
+        except extract.SessionExpired:
+            # Rolled back whole: a new session at the same snapshot is read again from its start (else every retry,
+            # and the next night's resume of this checkpoint, would meet the expired session again).
+            renewed += 1
+            if renewed > MAX_SESSION_RECREATIONS:
+                raise
+            log.warning("%s: read session expired during the direct load; re-creating it at the same snapshot",
+                        plan.table)
+            fresh, _, _, _ = _recreate_session(res, plan, dict(plan.session), int(row[1].get("seq_base", 0)) + 10**13)
+            plan = plan.model_copy(update={"session": fresh})
     hashset = _target_hashes(res, plan) if plan.hash_skip else None
     counters = {"read": 0, "staged": 0, "quarantined": 0, "batches": 0, "unchanged": 0}
     lock = threading.Lock()
@@ -1223,7 +1235,8 @@ def _with_hashes(plan: RefreshPlan) -> str:
             f"{quote_ident(plan.rowhash_table)} r ON {on}")
 
 
-def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, audit_id: int | None) -> StageManifest:
+def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, audit_id: int | None, *,
+                 session_recreated: int = 0) -> StageManifest:
     """The initial load of an EMPTY target: COPY straight into it with its indexes dropped, check, build the
     indexes, advance the watermark and close the checkpoint, all in ONE transaction. Readers see an empty
     table until the commit, then every row; views, grants and row-level security are never touched.
@@ -1375,7 +1388,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
         _advance_watermark(session, plan, watermark, res.settings.schedule_anchor)
         manifest = StageManifest(
             rows_read=counters["read"], rows_staged=counters["loaded"], rows_quarantined=counters["quarantined"],
-            batches=counters["batches"], session_recreated=0, resumed_from_rows=0,
+            batches=counters["batches"], session_recreated=session_recreated, resumed_from_rows=0,
             read_session=str(plan.session["name"]),
             published=PublishResult(
                 rows_inserted=counters["loaded"], rows_updated=0, rows_unchanged=0, rows_deleted=0, duplicate_keys=0,

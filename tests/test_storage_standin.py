@@ -248,22 +248,37 @@ def test_a_refresh_resumes_faults_and_continues_an_expired_session_at_the_same_s
 
 @pytest.mark.emulator
 @pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.parametrize(("window_h", "age_h"), [(168, 200), (48, 60)], ids=["default-168h", "dataset-48h"])
 def test_a_checkpoint_older_than_the_time_travel_window_starts_over_with_an_audit_note(
     env: Settings, pg: psycopg.Connection[Any], standin: StorageStandIn, on_standin: tuple[BigQuerySource, str],
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, window_h: int, age_h: int,
 ) -> None:
-    """A run stopped mid-read left its checkpoint; the rerun comes 200 hours later (past the dataset's 168): it does
-    not try to read as of the old snapshot (BigQuery would refuse it), starts over at a new one, and says so."""
+    """A run stopped mid-read left its checkpoint; the rerun comes ``age_h`` hours later, past the dataset's time
+    travel window (the emulator's 168 h; or 48 h, the dataset's maxTimeTravelHours as BigQuery would answer it, put
+    into the emulator's answer by a recording proxy): it does not try to read as of the old snapshot (BigQuery would
+    refuse it), starts over at a new one, and says so."""
     from flows.refresh_table import refresh_table
+    from tests.bqrecorder import RecordingProxy
 
     source, ref = on_standin
     schema = env.schema_name
     monkeypatch.setenv("BIGQUERY_STORAGE_HONOURS_OFFSETS", "true")
+    if window_h != 168:
+        assert env.bigquery_api_endpoint is not None
+        proxy = RecordingProxy(env.bigquery_api_endpoint)
+        dataset_path = f"/datasets/{env.bigquery_dataset}"
+
+        def dataset_window(seen: Any, answer: dict[str, Any]) -> None:
+            if seen.method == "GET" and seen.path.endswith(dataset_path):
+                answer["maxTimeTravelHours"] = str(window_h)
+
+        proxy.rewrite = dataset_window
+        monkeypatch.setenv("BIGQUERY_API_ENDPOINT", proxy.url)
     monkeypatch.setenv("BIGQUERY_TIMEOUT_SECONDS", "2")
     monkeypatch.setenv("REFRESH_RETRIES", "0")
     data = sqp_rows(3000)
     put_table(source, "sqp", SQP_SCHEMA, data)
-    standin.register(ref, data, at=datetime.now(UTC) - timedelta(days=30))
+    standin.register(ref, data, at=datetime.now(UTC) - timedelta(days=30), time_travel_hours=window_h)
     register_sqp(pg, schema)
     standin.fail_mid_stream("UNAVAILABLE", at_row=600, stream=0, times=-1)
     with pytest.raises(Exception, match="gave up retrying"):
@@ -272,7 +287,7 @@ def test_a_checkpoint_older_than_the_time_travel_window_starts_over_with_an_audi
                         " WHERE status = 'active'", ("{session,snapshot_time}",)).fetchone()
     assert staged is not None and staged[1] >= 500, staged
 
-    old = datetime.fromisoformat(staged[2]) - timedelta(hours=200)  # the run stopped 200 hours ago
+    old = datetime.fromisoformat(staged[2]) - timedelta(hours=age_h)  # the run stopped age_h hours ago
     pg.execute(f'UPDATE "{schema}".refresh_checkpoints SET checkpoint_data = jsonb_set(checkpoint_data,'
                " '{session,snapshot_time}', to_jsonb(%s::text)) WHERE id = %s", (old.isoformat(), staged[0]))
     standin.expire_sessions()  # its read session is long gone too
@@ -281,10 +296,41 @@ def test_a_checkpoint_older_than_the_time_travel_window_starts_over_with_an_audi
 
     rerun = refresh_table("sqp")
     assert rerun["status"] == "success" and rerun["resumed"] is False and rerun["rows_read"] == 3000, rerun
-    assert "not resumed" in rerun["restarted"] and "time travel window is 168 h" in rerun["restarted"], rerun
+    assert "not resumed" in rerun["restarted"] and f"time travel window is {window_h} h" in rerun["restarted"], rerun
     note = pg.execute(f'SELECT sync_metadata->>%s FROM "{schema}".refresh_audit_log ORDER BY id DESC LIMIT 1',
                       ("restarted",)).fetchone()
     assert note is not None and note[0] == rerun["restarted"]
     assert all(s.snapshot_time != old for s in standin.sessions[sessions:])  # never asked for the old snapshot
     assert all(s.error is None for s in standin.sessions[sessions:])
     assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{schema}".sqp', "1"), SQP_KEY)
+
+
+@pytest.mark.emulator
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_direct_initial_load_whose_session_expires_continues_with_a_new_one_at_the_same_snapshot(
+    env: Settings, pg: psycopg.Connection[Any], standin: StorageStandIn, on_standin: tuple[BigQuerySource, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first load of an empty table goes straight into it in one transaction; its session expires mid-read (a
+    load that outlives its 6 hours, or a retry after them): the transaction is rolled back, a new session at the
+    same snapshot is opened and the load done again, whole, once."""
+    from flows.refresh_table import refresh_table
+    from tasks.registry import register_table
+
+    source, ref = on_standin
+    schema = env.schema_name
+    monkeypatch.setenv("BIGQUERY_STORAGE_HONOURS_OFFSETS", "true")
+    monkeypatch.setenv("REFRESH_RETRIES", "0")
+    data = sqp_rows(2000)
+    put_table(source, "sqp", SQP_SCHEMA, data)
+    standin.register(ref, data)
+    register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "streams": 2})
+    later = sqp_rows(2000, updated=T0 + timedelta(days=1), price_bump=Decimal(5))
+    standin.fail_mid_stream("expire", at_row=700, stream=1, on_hit=lambda: standin.register(ref, later))
+
+    result = refresh_table("sqp")
+    assert result["status"] == "success" and result["direct_load"] is True, result
+    assert result["rows_inserted"] == 2000 and result["session_recreated"] == 1, result
+    assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{schema}".sqp', "1"), SQP_KEY)
+    first, second = standin.sessions
+    assert second.snapshot_time == first.snapshot_time and second.streams != first.streams
