@@ -22,6 +22,7 @@ from google.protobuf import timestamp_pb2
 
 from blocks.bigquery import BigQuerySource
 from bq_refresh.errors import SourceError, SourceUnavailable
+from tasks.partitions import restrict
 from tasks.typemap import normalize_type
 
 SESSION_GONE = (gexc.NotFound, gexc.FailedPrecondition, gexc.InvalidArgument, gexc.PermissionDenied)
@@ -69,6 +70,7 @@ class SourceTable:
     bytes_billed: int = 0
     bytes_estimated: int = 0  # its dry run's estimate (with a budget, or in a dry run)
     read_at: datetime | None = None  # a query's result: when its job started (what the data reflects)
+    partition_filter: str = ""  # what every read session of it carries: require_partition_filter (tasks/partitions.py)
     reused: bool = False  # the result of an earlier run's job, read again (no query run now)
 
     @property
@@ -182,7 +184,9 @@ def create_session(
     max_streams: int,
     table_name: str,
 ) -> ReadSessionInfo:
-    """Open a Storage Read session at ``snapshot_time`` (Arrow, LZ4 where the server offers it)."""
+    """Open a Storage Read session at ``snapshot_time`` (Arrow, LZ4 where the server offers it); on a table that
+    requires a partition filter, ``row_restriction`` carries its predicate too (tasks/partitions.py)."""
+    row_restriction = restrict(row_restriction, table.partition_filter)
     client = source.get_read_client()
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(snapshot_time.astimezone(UTC).replace(tzinfo=None))

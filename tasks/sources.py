@@ -28,6 +28,7 @@ from google.cloud import bigquery
 from blocks.bigquery import BigQuerySource
 from bq_refresh.errors import OverBudget, SourceError, SourceUnavailable
 from tasks.extract import TRANSIENT, SourceTable, _describe, _fields, _first_line, short_retry
+from tasks.partitions import partition_filter
 
 Route = Literal["read_session", "query"]
 READ_SESSION_TYPES = frozenset({"TABLE", "SNAPSHOT"})  # and BigLake: EXTERNAL with a connection
@@ -115,9 +116,11 @@ def describe_source(source: BigQuerySource, *, table: str, source_ref: str) -> S
 
 
 def _described(ref: str, bq_table: bigquery.Table, source: BigQuerySource) -> SourceTable:
-    return SourceTable(ref, _fields(bq_table.schema), num_rows=int(bq_table.num_rows or 0),
+    fields = _fields(bq_table.schema)
+    return SourceTable(ref, fields, num_rows=int(bq_table.num_rows or 0),
                        num_bytes=int(bq_table.num_bytes or 0), kind=(bq_table.table_type or "TABLE").lower(),
-                       location=bq_table.location or source.location)
+                       location=bq_table.location or source.location,
+                       partition_filter=partition_filter(bq_table, {f.name: f.type for f in fields}))
 
 
 @contextmanager

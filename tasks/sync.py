@@ -31,6 +31,7 @@ from bq_refresh.errors import (
 from tasks import digest, extract, fastpath, headroom, load, quality, reconcile, registry
 from tasks.artifacts import Progress, record_phase, rows_expected
 from tasks.fastpath import HASH_COLUMN, LocalSource
+from tasks.partitions import restrict
 from tasks.planning import streams_within
 from tasks.registry import RegistryEntry
 from tasks.sources import earlier_result, over_budget, resolve_source
@@ -70,6 +71,7 @@ class RefreshPlan(BaseModel):
     source_ref: str
     bigquery_job_id: str | None
     source_job_result: bool = False  # source_ref is a query job's result table: read and counted without time travel
+    source_partition_filter: str = ""  # what its read sessions carry: require_partition_filter (tasks/partitions.py)
     source_location: str | None = None  # where the source's jobs run (a resumed run finds its query job there)
     bigquery_bytes: dict[str, int] = {}  # what BigQuery scans for the run (tasks.sources; the audit row records it)
     session: dict[str, Any]
@@ -384,7 +386,7 @@ def plan_refresh(
                 row_restriction="", selected_fields=selected, offsets={k: 0 for k in local.streams},
                 estimated_rows=local.estimated_rows,
             )
-        elif first is not None and first.row_restriction == restriction:
+        elif first is not None and first.row_restriction == restrict(restriction, source.partition_filter):
             session = first
         else:
             session = extract.create_session(
@@ -411,7 +413,8 @@ def plan_refresh(
             max_delete_fraction=spec.delete_policy.max_delete_fraction,
             batch_size=batch_size or spec.batch_size or settings.batch_size, transform=spec.transform,
             source_ref=source.ref, bigquery_job_id=source.job_id, watermark_from=watermark_from,
-            source_job_result=source.job_result, bigquery_bytes=_bigquery_bytes(source, session),
+            source_job_result=source.job_result, source_partition_filter=source.partition_filter,
+            bigquery_bytes=_bigquery_bytes(source, session),
             source_location=source.location,
             target_created=created, drift=drift, source_schema=[f.__dict__ for f in source.fields],
             reconcile_keys=(spec.delete_policy.mode != "none" and spec.mode == "incremental" and not full
@@ -770,12 +773,18 @@ def _split_unchanged(
     return rows.append_column(HASH_COLUMN, hashes), same
 
 
+def _plan_source(plan: RefreshPlan) -> extract.SourceTable:
+    """The source a plan reads, as read sessions need it (no schema: the plan's columns have it)."""
+    return extract.SourceTable(plan.source_ref, [], job_result=plan.source_job_result,
+                               partition_filter=plan.source_partition_filter)
+
+
 def _recreate_session(
     res: Resources, plan: RefreshPlan, old: dict[str, Any], seq_base: int
 ) -> tuple[dict[str, Any], dict[str, int], dict[str, bool], int]:
     """A new session at the same snapshot: offsets of the old one mean nothing in it, so staging
     restarts empty (in the same transaction as the checkpoint) and the new session is read whole."""
-    source = extract.SourceTable(plan.source_ref, [], job_result=plan.source_job_result)
+    source = _plan_source(plan)
     info = extract.create_session(
         res.source, source, selected_fields=old["selected_fields"], row_restriction=old["row_restriction"],
         snapshot_time=datetime.fromisoformat(old["snapshot_time"]), max_streams=len(old["streams"]) or 1,
@@ -800,7 +809,7 @@ def _stage_source_keys(res: Resources, plan: RefreshPlan, session: dict[str, Any
     """Read every key of the source (same snapshot) for delete reconciliation."""
     key_cols = [c for c in plan.columns if c.target_name in plan.key]
     info = extract.create_session(
-        res.source, extract.SourceTable(plan.source_ref, [], job_result=plan.source_job_result), selected_fields=[c.source_name for c in key_cols],
+        res.source, _plan_source(plan), selected_fields=[c.source_name for c in key_cols],
         row_restriction="", snapshot_time=datetime.fromisoformat(session["snapshot_time"]),
         max_streams=1, table_name=plan.table,
     )
@@ -874,7 +883,7 @@ def _refetch_missing_keys(res: Resources, plan: RefreshPlan, session: dict[str, 
                                    f"{reconcile.bq_value_literal(str(reconcile.period_text(v)), c.bq_type)}"
                                    for c, v in zip(key_cols, values, strict=True)) + ")" for values in chunk)
             info = extract.create_session(
-                res.source, extract.SourceTable(plan.source_ref, [], job_result=plan.source_job_result), selected_fields=session["selected_fields"],
+                res.source, _plan_source(plan), selected_fields=session["selected_fields"],
                 row_restriction=restriction, snapshot_time=datetime.fromisoformat(session["snapshot_time"]),
                 max_streams=1, table_name=plan.table)
             schema = pa.ipc.read_schema(pa.py_buffer(info.arrow_schema))
