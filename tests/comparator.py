@@ -11,11 +11,13 @@ hold (``Decimal('5') == 5``, ``True == 1``, ``-0.0 == 0.0``).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from datetime import datetime, time
+from datetime import date, datetime, time
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -40,9 +42,12 @@ def kind(value: Any) -> str:
     return name
 
 
-def mismatch(expected: Any, actual: Any, where: str = "") -> str | None:
-    """Why ``actual`` (from psycopg) does not stand for ``expected`` (from the BigQuery client); None if it does."""
-    conversion = CONVERSIONS.get(kind(expected))
+def mismatch(expected: Any, actual: Any, where: str = "", *, table: dict[str, Conversion] | None = None) -> str | None:
+    """Why ``actual`` (from psycopg) does not stand for ``expected`` (from the BigQuery client); None if it does.
+    ``table``: the conversions in force (``CONVERSIONS``; ``MEMBER_CONVERSIONS`` inside a STRUCT held as jsonb)."""
+    if kind(expected) == "dict" and kind(actual) == "Range":  # RANGE: the client's dict, psycopg's Range
+        return _same_range(expected, actual, where)
+    conversion = (CONVERSIONS if table is None else table).get(kind(expected))
     if conversion is None:
         return f"{where or 'value'}: no conversion for a source value of type {kind(expected)}"
     if kind(actual) not in conversion.target:
@@ -71,11 +76,11 @@ def _same_number(expected: Decimal, actual: Decimal) -> bool:
     return expected == actual
 
 
-def _same_list(expected: list[Any], actual: list[Any], where: str) -> str | None:
+def _same_list(expected: list[Any], actual: list[Any], where: str, *, members: bool = False) -> str | None:
     if len(expected) != len(actual):
         return f"{where or 'list'}: {len(expected)} elements, got {len(actual)}"
     for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
-        reason = mismatch(e, a, f"{where}[{i}]")
+        reason = mismatch(e, a, f"{where}[{i}]", table=MEMBER_CONVERSIONS if members else None)
         if reason:
             return reason
     return None
@@ -86,10 +91,66 @@ def _same_dict(expected: dict[Any, Any], actual: dict[Any, Any], where: str) -> 
         return (f"{where or 'object'}: keys missing {sorted(map(repr, set(expected) - set(actual)))},"
                 f" keys extra {sorted(map(repr, set(actual) - set(expected)))}")
     for k in expected:
-        reason = mismatch(expected[k], actual[k], f"{where}[{k!r}]")
+        reason = mismatch(expected[k], actual[k], f"{where}[{k!r}]", table=MEMBER_CONVERSIONS)
         if reason:
             return reason
     return None
+
+
+def _same_range(expected: dict[Any, Any], actual: Any, where: str) -> str | None:
+    """RANGE<T> (the client's {'start', 'end'}) against a PostgreSQL range (psycopg's Range): BigQuery's ranges
+    include the start and exclude the end; a NULL bound is unbounded, which PostgreSQL writes as an exclusive
+    infinite bound."""
+    if set(expected) != {"start", "end"}:
+        return f"{where or 'range'}: a range stands for a RANGE's start and end, the source has keys {sorted(expected)}"
+    if actual.isempty:
+        return f"{where or 'range'}: empty range"
+    for bound, value, inclusive in (("start", actual.lower, actual.lower_inc), ("end", actual.upper, actual.upper_inc)):
+        e = expected[bound]
+        if e is None and value is not None:
+            return f"{where}[{bound!r}]: unbounded in the source, got {value!r}"
+        if e is not None:
+            reason = mismatch(e, value, f"{where}[{bound!r}]")
+            if reason:
+                return reason
+        if inclusive != (bound == "start" and e is not None):
+            return f"{where}[{bound!r}]: bounds {actual.bounds!r}, BigQuery's ranges are [start, end)"
+    return None
+
+
+_ISO_INTERVAL = re.compile(r"P(?:(-?\d+)Y)?(?:(-?\d+)M)?(?:(-?\d+)D)?(?:T(?:(-?\d+)H)?(?:(-?\d+)M)?(?:(-?\d+(?:\.\d+)?)S)?)?")
+
+
+def _same_interval(expected: Any, actual: str, where: str) -> str | None:
+    """INTERVAL (the client's dateutil relativedelta) against PostgreSQL's interval read as text in IntervalStyle
+    iso_8601 (psycopg's timedelta has no months). Months, days and the time part must each be equal: the two
+    types hold the same three parts. The client carries 24 hours or more of a time part into days, so an
+    INTERVAL whose time part is 24 hours or more cannot be compared here."""
+    m = _ISO_INTERVAL.fullmatch(actual)
+    if m is None:
+        return f"{where or 'interval'}: {actual!r} is not an ISO 8601 interval (set IntervalStyle to iso_8601)"
+    y, mo, d, h, mi = (int(g or 0) for g in m.groups()[:5])
+    micros = int(Decimal(m.group(6) or 0) * 1_000_000) + ((h * 60 + mi) * 60) * 1_000_000
+    want = (expected.years * 12 + expected.months, expected.days,
+            ((expected.hours * 60 + expected.minutes) * 60 + expected.seconds) * 1_000_000 + expected.microseconds)
+    got = (y * 12 + mo, d, micros)
+    return None if want == got else f"{where or 'interval'}: (months, days, microseconds) {want} in the source, got {got}"
+
+
+def _same_text_of(parse: Callable[[str], Any]) -> Same:
+    """A member of a STRUCT held as jsonb whose type JSON lacks: the product writes it as a JSON string;
+    ``parse`` reads that string back (stdlib only) for a comparison of values, not of spellings."""
+    def same(expected: Any, actual: Any, where: str) -> str | None:
+        if kind(actual) != "str":
+            return mismatch(expected, actual, where)
+        try:
+            value = parse(actual)
+        except (ValueError, TypeError, ArithmeticError, binascii.Error):
+            return f"{where or 'member'}: {actual!r} does not read as a {kind(expected)}"
+        if kind(value) != kind(expected):
+            return f"{where or 'member'}: {actual!r} reads as {kind(value)}, the source is {kind(expected)}"
+        return None if value == expected else (f"{where}: " if where else "") + "values differ"
+    return same
 
 
 @dataclass(frozen=True)
@@ -116,6 +177,22 @@ CONVERSIONS: dict[str, Conversion] = {
     "time[naive]": Conversion("TIME", ("time[naive]",), _scalar(lambda e, a: e == a)),
     "list": Conversion("ARRAY (or a JSON array)", ("list",), _same_list),
     "dict": Conversion("STRUCT (or a JSON object)", ("dict",), _same_dict),
+    "relativedelta": Conversion("INTERVAL", ("str",), _same_interval),
+}
+
+# Inside a STRUCT (or ARRAY<STRUCT>) held as jsonb, a member whose type JSON has no form for is a JSON string:
+# NUMERIC/BIGNUMERIC its exact decimal text, TIMESTAMP and DATETIME ISO 8601 (a TIMESTAMP with its offset),
+# DATE and TIME ISO 8601, BYTES base64 (RFC 4648). The typed forms pass too (a jsonb loaded with Decimals).
+MEMBER_CONVERSIONS: dict[str, Conversion] = {
+    **CONVERSIONS,
+    "Decimal": Conversion("NUMERIC/BIGNUMERIC member", ("Decimal", "str"), _same_text_of(Decimal)),
+    "bytes": Conversion("BYTES member", ("bytes", "memoryview", "str"),
+                        _same_text_of(lambda text: base64.b64decode(text, validate=True))),
+    "date": Conversion("DATE member", ("date", "str"), _same_text_of(date.fromisoformat)),
+    "datetime[naive]": Conversion("DATETIME member", ("datetime[naive]", "str"), _same_text_of(datetime.fromisoformat)),
+    "datetime[aware]": Conversion("TIMESTAMP member", ("datetime[aware]", "str"), _same_text_of(datetime.fromisoformat)),
+    "time[naive]": Conversion("TIME member", ("time[naive]", "str"), _same_text_of(time.fromisoformat)),
+    "list": Conversion("ARRAY member", ("list",), lambda e, a, where: _same_list(e, a, where, members=True)),
 }
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dateutil.relativedelta import relativedelta
+from psycopg.types.range import Range
 
 from tests import comparator
 from tests.comparator import CONVERSIONS, assert_same_rows
@@ -44,6 +46,16 @@ SAME = [
     pytest.param([1, 2, 3], [1, 2, 3], id="ARRAY"),
     pytest.param([], [], id="empty ARRAY"),
     pytest.param({"n": Decimal("2.5"), "f": -0.0}, {"n": Decimal("2.50"), "f": -0.0}, id="STRUCT"),
+    pytest.param({"n": Decimal("2.5"), "ts": datetime(2024, 1, 1, 12, tzinfo=UTC), "b": b"\x00\xff",
+                  "d": date(2024, 2, 29), "dt": datetime(2024, 1, 1, 0, 0, 0, 1), "t": time(1, 2, 3, 4),
+                  "a": [Decimal("1")]},
+                 {"n": "2.500000000", "ts": "2024-01-01T07:00:00-05:00", "b": "AP8=", "d": "2024-02-29",
+                  "dt": "2024-01-01T00:00:00.000001", "t": "01:02:03.000004", "a": ["1.0"]},
+                 id="STRUCT members in their JSON text forms"),
+    pytest.param({"start": date(2024, 1, 1), "end": None}, Range(date(2024, 1, 1), None, "[)"), id="RANGE unbounded end"),
+    pytest.param({"start": None, "end": date(2024, 1, 1)}, Range(None, date(2024, 1, 1), "()"), id="RANGE unbounded start"),
+    pytest.param(relativedelta(years=1, months=2, days=-3, hours=4, minutes=5, seconds=6, microseconds=7),
+                 "P1Y2M-3DT4H5M6.000007S", id="INTERVAL"),
 ]
 
 DIFFERENT = [
@@ -75,6 +87,19 @@ DIFFERENT = [
     pytest.param([1, 2], [1, 2.0], "[1]: INT64 is int -> int, got float", id="ARRAY element type"),
     pytest.param([Decimal("1")], [1], "[0]: NUMERIC", id="ARRAY of NUMERIC vs ints"),
     pytest.param({"n": Decimal("2.5")}, {"n": 2.5}, "['n']: NUMERIC", id="STRUCT member type"),
+    pytest.param({"n": Decimal("2.5")}, {"n": "2.50001"}, "values differ", id="STRUCT member text value"),
+    pytest.param({"b": b"\x00"}, {"b": "AP8="}, "values differ", id="STRUCT BYTES member"),
+    pytest.param({"ts": datetime(2024, 1, 1, tzinfo=UTC)}, {"ts": "2024-01-01T00:00:00"}, "reads as datetime[naive]",
+                 id="STRUCT TIMESTAMP member without offset"),
+    pytest.param([Decimal("1")], ["1"], "[0]: NUMERIC/BIGNUMERIC is Decimal -> Decimal, got str",
+                 id="ARRAY of NUMERIC vs text (a PostgreSQL array, not JSON)"),
+    pytest.param({"start": date(2024, 1, 1), "end": None}, Range(date(2024, 1, 1), date(2024, 2, 1), "[)"),
+                 "unbounded in the source", id="RANGE bounded end"),
+    pytest.param({"start": date(2024, 1, 1), "end": date(2024, 2, 1)}, Range(date(2024, 1, 1), date(2024, 2, 1), "[]"),
+                 "BigQuery's ranges are [start, end)", id="RANGE inclusive end"),
+    pytest.param(relativedelta(months=14), "P1Y1M", "(14, 0, 0) in the source, got (13, 0, 0)", id="INTERVAL months"),
+    pytest.param(relativedelta(days=1), "PT24H", "(0, 1, 0) in the source, got (0, 0, 86400000000)",
+                 id="INTERVAL a day is not 24 hours"),
 ]
 
 
@@ -186,7 +211,8 @@ def test_the_comparator_imports_the_standard_library_only() -> None:
     modules |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert {m.split(".")[0] for m in modules} <= sys.stdlib_module_names | {"__future__"}, modules
     assert set(CONVERSIONS) == {"NoneType", "bool", "int", "float", "Decimal", "str", "bytes", "date",
-                                "datetime[naive]", "datetime[aware]", "time[naive]", "list", "dict"}
+                                "datetime[naive]", "datetime[aware]", "time[naive]", "list", "dict",
+                                "relativedelta"}
 
 
 def test_as_declared_takes_a_source_value_to_what_a_narrower_declared_column_holds() -> None:
