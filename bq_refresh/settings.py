@@ -143,6 +143,11 @@ class Settings(StateSettings):
     )
     verify_sample_min_rows: int = Field(default=200_000, ge=0, validation_alias="REFRESH_VERIFY_SAMPLE_MIN_ROWS",
                                         description="Smaller reads are verified whole.")
+    verify_timeout_s: float = Field(
+        default=3600.0, ge=0, validation_alias="REFRESH_VERIFY_TIMEOUT_SECONDS",
+        description="Verify of one table gives up after this long, both sides' queries cancelled, the table reported "
+                    "not verified (a table's verify_timeout_seconds wins; 0: no limit).",
+    )
     repair_max_rows: int = Field(
         default=1000, ge=0, validation_alias="REFRESH_REPAIR_MAX_ROWS",
         description="bq-refresh verify --repair: up to this many differing rows are re-read by key and replaced one "

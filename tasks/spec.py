@@ -133,6 +133,9 @@ class TableSpec(BaseModel):
                                       "and build its indexes afterwards, in one transaction.")
     auto_repair: bool = Field(default=False, description="When the weekly verify finds slices that differ from "
                               "the source, reload them at once (verify --repair) instead of only alerting.")
+    verify_timeout_seconds: float | None = Field(default=None, ge=0, description="Verify of this table gives up "
+                                                 "after this long, both sides' queries cancelled (default: "
+                                                 "REFRESH_VERIFY_TIMEOUT_SECONDS; 0: no limit).")
     publish_group: str | None = Field(default=None, min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$",
                                       description="Tables that dashboards join: the group's tables are staged and "
                                       "checked each on its own and published together in one transaction, all or "

@@ -11,12 +11,15 @@ of non-NULL values, and listed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from blocks.resources import Resources
@@ -27,9 +30,30 @@ from tasks.registry import RegistryEntry
 from tasks.sources import describe_source
 from tasks.sqlnames import ident
 
-# BigQuery serves time travel for the dataset's window (7 days by default, 2 at least): an older snapshot is not
-# asked for (the source is then read as it is now, and the verdict says so).
-TIME_TRAVEL_SAFE = timedelta(days=2) - timedelta(hours=1)
+
+def read_as_of(snapshot: datetime | None, now: datetime, *, time_travel: bool,
+               window_hours: Callable[[], int]) -> tuple[datetime | None, str | None]:
+    """Which BigQuery snapshot verify reads: the last night's, where BigQuery can still serve it (inside the
+    dataset's time travel window, max_time_travel_hours, less the margin extract.snapshot_out_of_reach keeps; the
+    window is asked for only when the snapshot is older than the shortest window BigQuery allows), else the table as
+    it is now, with the note saying why. ``time_travel``: the endpoint has it (BigQuery; not the emulator)."""
+    if snapshot is None:
+        return None, "no successful run recorded its read snapshot: BigQuery read as it is now"
+    if not time_travel:
+        return None, "the emulator has no time travel: BigQuery read as it is now"
+    if extract.snapshot_out_of_reach(snapshot, now, extract.MIN_TIME_TRAVEL_HOURS) is None:
+        return snapshot, None
+    hours = window_hours()
+    if extract.snapshot_out_of_reach(snapshot, now, hours) is None:
+        return snapshot, None
+    return None, (f"the last run's snapshot ({snapshot.isoformat()}) is older than BigQuery's time travel serves"
+                  f" (the dataset's max_time_travel_hours is {hours}): read as it is now; rows changed since that run"
+                  " show as differences")
+
+
+class TimedOut(RefreshError):
+    """Verify of one table ran past its deadline (REFRESH_VERIFY_TIMEOUT_SECONDS or the table's
+    verify_timeout_seconds); both sides' queries were cancelled."""
 
 
 @dataclass
@@ -108,6 +132,8 @@ class _Sides:
     where: sql.Composable | None  # soft-deleted rows left out
     res: Resources
     max_bytes: int | None = None  # per BigQuery query: refused beforehand above it, and BigQuery's own limit
+    deadline: float | None = None  # time.monotonic() past which no query runs (each is cancelled at it)
+    timeout_s: float | None = None  # the limit the deadline came from (for the message)
     queries: int = 0  # BigQuery queries run
     bytes_processed: int = 0
     bytes_billed: int = 0
@@ -130,14 +156,43 @@ class _Sides:
         self.queries += 1
         job = client.query(query, job_config=bigquery.QueryJobConfig(maximum_bytes_billed=self.max_bytes),
                            retry=retry, job_retry=None)
-        rows = [tuple(r) for r in job.result(timeout=self.res.source.timeout_s, retry=retry)]
+        left = self.left()
+        wait = self.res.source.timeout_s if left is None else min(left, self.res.source.timeout_s)
+        try:
+            rows = [tuple(r) for r in job.result(timeout=wait, retry=retry)]
+        except concurrent.futures.TimeoutError:
+            client.cancel_job(job.job_id, location=job.location, retry=retry, timeout=self.res.source.timeout_s)
+            if left is not None and left <= self.res.source.timeout_s:
+                raise TimedOut(f"verify ran past its {self.timeout_label()}: BigQuery's query cancelled") from None
+            raise
         self.bytes_processed += int(job.total_bytes_processed or 0)
         self.bytes_billed += int(job.total_bytes_billed or 0)
         return rows
 
     def postgres(self, query: sql.Composed) -> list[Any]:
+        left = self.left()
         with self.res.target.connect(autocommit=True) as conn:
-            return [tuple(r) for r in conn.execute(query).fetchall()]
+            if left is not None:
+                conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(max(1, int(left * 1000)))))
+            try:
+                return [tuple(r) for r in conn.execute(query).fetchall()]
+            except psycopg.errors.QueryCanceled:
+                if left is None:
+                    raise
+                raise TimedOut(f"verify ran past its {self.timeout_label()}: PostgreSQL's query cancelled") from None
+
+    def left(self) -> float | None:
+        """Seconds left before the deadline (None: no deadline); past it, TimedOut."""
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimedOut(f"verify ran past its {self.timeout_label()}")
+        return left
+
+    def timeout_label(self) -> str:
+        return (f"timeout of {self.timeout_s or 0:g} s (REFRESH_VERIFY_TIMEOUT_SECONDS, or the table's"
+                " verify_timeout_seconds)")
 
     def both(self, bigquery_query: str, postgres_query: sql.Composed) -> tuple[list[Any], list[Any]]:
         """The two sides' queries at the same time (each engine scans its own copy: the slower one sets the pace)."""
@@ -148,9 +203,12 @@ class _Sides:
 
 
 def verify_table(res: Resources, entry: RegistryEntry, *, rows: bool = False, max_bytes: int | None = None,
-                 lock_wait_s: float = 0.0) -> Verdict:
+                 lock_wait_s: float = 0.0, timeout_s: float | None = None) -> Verdict:
     """Compare one table with its source, slice by slice (and, with ``rows``, bisect each differing slice down to
     the rows that differ), holding the table's lock throughout.
+
+    ``timeout_s`` (default: the table's verify_timeout_seconds, else REFRESH_VERIFY_TIMEOUT_SECONDS; 0: none): past
+    it the queries on both sides are cancelled and the table is not verified (the verdict says so).
 
     Raises:
         RefreshError: the source or the target cannot be read (names the table).
@@ -165,6 +223,10 @@ def verify_table(res: Resources, entry: RegistryEntry, *, rows: bool = False, ma
         with table_lock(res.target, entry.name, lock_wait_s):  # no publish between the two sides' reads
             sides = _sides(res, entry, verdict)
             sides.max_bytes = max_bytes
+            limit = timeout_s if timeout_s is not None else (spec.verify_timeout_seconds
+                                                             or res.settings.verify_timeout_s)
+            if limit:
+                sides.timeout_s, sides.deadline = limit, started + limit
             source_rows, target_rows = sides.both(
                 digest.bq_query(sides.source_from, sides.columns, sides.slicing),
                 digest.pg_query(sides.target, sides.columns, sides.slicing, sides.where))
@@ -187,7 +249,7 @@ def verify_table(res: Resources, entry: RegistryEntry, *, rows: bool = False, ma
     except AlreadyRunning:
         verdict.notes.append("a run of the table is active (its lock is held): not verified")
         return verdict
-    except OverBudget as exc:
+    except (OverBudget, TimedOut) as exc:
         verdict.notes.append(str(exc))
         return verdict
     verdict.slices = len(mine.keys() | theirs.keys())
@@ -320,16 +382,13 @@ def _sides(res: Resources, entry: RegistryEntry, verdict: Verdict) -> _Sides:
     slicing = digest.Slicing(window if window is not None and window.exact else None, [by_source[k] for k in spec.key])
     verdict.slicing = slicing.label
     at = ""
-    if snapshot is None:
-        verdict.notes.append("no successful run recorded its read snapshot: BigQuery read as it is now")
-    elif not res.source.time_travel:  # the emulator has no time travel
-        verdict.notes.append("the emulator has no time travel: BigQuery read as it is now")
-    elif datetime.now(UTC) - snapshot > TIME_TRAVEL_SAFE:
-        verdict.notes.append(f"the last run's snapshot ({snapshot.isoformat()}) is older than BigQuery's time"
-                             " travel may serve: read as it is now")
-    else:
-        at = f" FOR SYSTEM_TIME AS OF TIMESTAMP '{snapshot.astimezone(UTC).isoformat()}'"
-        verdict.read_as_of = snapshot.isoformat()
+    as_of, note = read_as_of(snapshot, datetime.now(UTC), time_travel=res.source.time_travel,
+                             window_hours=lambda: extract.time_travel_hours(res.source, source.ref))
+    if note:
+        verdict.notes.append(note)
+    if as_of is not None:
+        at = f" FOR SYSTEM_TIME AS OF TIMESTAMP '{as_of.astimezone(UTC).isoformat()}'"
+        verdict.read_as_of = as_of.isoformat()
     project, dataset, table = source.ref.split(".")
     soft = (sql.SQL("t.{} IS NULL").format(ident(spec.delete_policy.soft_delete_column))
             if spec.delete_policy.mode == "soft" else None)

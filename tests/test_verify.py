@@ -386,3 +386,32 @@ def test_a_repair_is_not_a_night(
 
     assert refresh_table("sqp")["status"] == "success"
     assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{s}".sqp', "1, 2, 3"), SQP_KEY)
+
+
+def test_a_table_past_its_verify_timeout_is_cancelled_and_not_verified(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, pg_uri: str,
+) -> None:
+    """The weekly verify's per-table timeout: a target query that cannot finish (here: blocked by a lock a
+    dashboard's migration holds) is cancelled at the deadline, and the table is reported not verified, naming the
+    limit; the next table is not held up."""
+    import time as clock
+
+    from blocks import resolve_resources
+    from tasks.registry import get_entry, update_table
+    from tasks.verify import verify_table
+
+    s = registry
+    put_table(source, "plain", SQP_SCHEMA, sqp_rows(50))
+    register_table(pg, s, "plain", {"source": "plain", "key": SQP_KEY, "mode": "full", "verify_timeout_seconds": 2})
+    assert refresh_table("plain")["status"] == "success"
+    res = resolve_resources(env)
+    with psycopg.connect(pg_uri) as blocker:
+        blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(s, "plain")))
+        started = clock.monotonic()
+        verdict = verify_table(res, get_entry(pg, s, "plain"))
+        waited = clock.monotonic() - started
+    assert verdict.status == "not_verified", verdict
+    assert "verify ran past its timeout of 2 s" in verdict.notes[-1] and "PostgreSQL's query cancelled" in verdict.notes[-1]
+    assert waited < 30  # cancelled at the deadline, not when the lock went
+    update_table(pg, s, "plain", params={"verify_timeout_seconds": 0})
+    assert verify_table(res, get_entry(pg, s, "plain")).status == "equal"
