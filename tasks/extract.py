@@ -23,7 +23,7 @@ from google.protobuf import timestamp_pb2
 from blocks.bigquery import BigQuerySource
 from bq_refresh.errors import SourceError, SourceUnavailable
 from tasks.partitions import restrict
-from tasks.typemap import normalize_type
+from tasks.typemap import source_type
 
 SESSION_GONE = (gexc.NotFound, gexc.FailedPrecondition, gexc.InvalidArgument, gexc.PermissionDenied)
 TRANSIENT = (gexc.ServerError, gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.TooManyRequests, gexc.RetryError)
@@ -83,7 +83,7 @@ class SourceTable:
 
 
 def _fields(schema: list[bigquery.SchemaField]) -> list[SourceField]:
-    return [SourceField(f.name, normalize_type(f.field_type), f.mode or "NULLABLE") for f in schema]
+    return [SourceField(f.name, source_type(f.field_type, f.range_element_type), f.mode or "NULLABLE") for f in schema]
 
 
 def _describe(exc: BaseException) -> str:

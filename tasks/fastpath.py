@@ -51,11 +51,15 @@ _BITS = {pa.float64(): pa.int64(), pa.float32(): pa.int32(), pa.float16(): pa.in
 
 def _float_bits(arr: pa.Array) -> pa.Array:
     """Floats as their bit patterns: Polars hashes -0.0 and 0.0 alike (and PostgreSQL calls them equal),
-    but they are different values of the source, so the row hash must tell them apart."""
+    but they are different values of the source, so the row hash must tell them apart. A decimal256 (BIGNUMERIC)
+    as its 32 bytes: Polars cannot take 256-bit decimals, and the bytes are the exact value at the fixed scale."""
     if arr.type in _BITS:
         return arr.view(_BITS[arr.type])
-    if pa.types.is_list(arr.type) and arr.type.value_type in _BITS:
-        bits = arr.values.view(_BITS[arr.type.value_type])
+    if pa.types.is_decimal256(arr.type):
+        return arr.view(pa.binary(32))
+    if pa.types.is_list(arr.type) and (arr.type.value_type in _BITS or pa.types.is_decimal256(arr.type.value_type)):
+        values = arr.values
+        bits = values.view(pa.binary(32) if pa.types.is_decimal256(values.type) else _BITS[values.type])
         return pa.ListArray.from_arrays(arr.offsets, bits, mask=arr.is_null())
     return arr
 

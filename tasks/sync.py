@@ -38,7 +38,7 @@ from tasks.sources import earlier_result, over_budget, resolve_source
 from tasks.spec import QualityConfig, TableSpec
 from tasks.sqlnames import ident, idents, quote_ident
 from tasks.transform import get_transform, shape
-from tasks.typemap import CURSOR_TYPES, Column, conform, declared_form
+from tasks.typemap import CURSOR_TYPES, Column, arrow_source_type, conform, declared_form
 
 log = logging.getLogger(__name__)
 FUNCTION_NAME = "refresh_table"
@@ -208,8 +208,7 @@ def plan_refresh(
     record_phase(table, "planning")
     budget = spec.maximum_bytes_billed or settings.bigquery_maximum_bytes_billed
     if local is not None:
-        source = extract.SourceTable(local.ref, [extract.SourceField(f.name, arrow_to_bq(f.type, f.name, table),
-                                                                     "NULLABLE" if f.nullable else "REQUIRED")
+        source = extract.SourceTable(local.ref, [extract.SourceField(f.name, *arrow_to_bq(f, table))
                                                  for f in local.schema])
     else:
         source = _earlier_result(res, entry, spec) or resolve_source(
@@ -524,19 +523,13 @@ def _session_dict(session: extract.ReadSessionInfo) -> dict[str, Any]:
     }
 
 
-ARROW_TO_BQ = [(pa.types.is_boolean, "BOOL"), (pa.types.is_integer, "INT64"), (pa.types.is_floating, "FLOAT64"),
-               (pa.types.is_decimal, "NUMERIC"), (pa.types.is_date, "DATE"), (pa.types.is_string, "STRING"),
-               (pa.types.is_large_string, "STRING"), (pa.types.is_binary, "BYTES")]
-
-
-def arrow_to_bq(t: pa.DataType, name: str, table: str) -> str:
-    """The BigQuery type an in-process Arrow column stands for."""
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMP" if t.tz else "DATETIME"
-    for test, bq in ARROW_TO_BQ:
-        if test(t):
-            return bq
-    raise SourceError(f"column {name!r}: Arrow type {t} has no BigQuery counterpart here", table=table)
+def arrow_to_bq(field: pa.Field, table: str) -> tuple[str, str]:
+    """The BigQuery type and mode an in-process Arrow column stands for (typemap.arrow_source_type: its Arrow type
+    and the extension metadata BigQuery's Storage Read API sets)."""
+    found = arrow_source_type(field)
+    if found is None:
+        raise SourceError(f"column {field.name!r}: Arrow type {field.type} has no BigQuery counterpart here", table=table)
+    return found
 
 
 class PublishResult(BaseModel):
