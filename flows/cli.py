@@ -824,6 +824,12 @@ def run(
                         ("rows_read", "rows_inserted", "rows_updated", "rows_deleted", "execution_time_ms")),
                         str(r.get("error") or r.get("reason") or "")[:80])
         console.print(out if summary["tables"] else _nothing_ran(registered, force))
+        if dry_run:  # what the run would read and bill in BigQuery
+            from tasks.sources import cost_line
+
+            for r in summary["tables"]:
+                if r.get("bigquery_bytes"):
+                    console.print(f"{r['table']}: {cost_line(r['bigquery_bytes'])}", markup=False, soft_wrap=True)
     if summary["failed"]:
         failed = summary["failed"]
         err_console.print(f"error: {len(failed)} table(s) failed: {', '.join(failed)}"

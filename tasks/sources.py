@@ -271,3 +271,12 @@ def _check_same_location(source: BigQuerySource, client: bigquery.Client, table:
     if location and found and str(found).upper() != location.upper():
         raise SourceError(f"materialization_dataset {dataset} is in {found}, the source's query runs in {location}:"
                           " use a dataset in the same location", table=table)
+
+
+def cost_line(figures: dict[str, int]) -> str:
+    """One line of what a run reads and bills in BigQuery (an audit row's ``bigquery_bytes``), for --dry-run."""
+    parts = [f"read session estimate {figures.get('read_estimated', 0):,} bytes"]
+    if "query_processed" in figures:
+        parts.append(f"query {figures.get('query_estimated', 0):,} bytes estimated (dry run),"
+                     f" {figures['query_processed']:,} processed, {figures.get('query_billed', 0):,} billed")
+    return "BigQuery: " + "; ".join(parts)

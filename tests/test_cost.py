@@ -11,6 +11,7 @@ is audited failed and alerted (table_failed), the live rows stay as they were. E
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -89,8 +90,8 @@ def test_a_table_read_over_its_budget_is_refused_before_any_query_job_or_readrow
         first = rows(150)
         put_table(source, "orders", SCHEMA, first)  # the REST side (schema, counts) on the emulator
         standin.register(source.table_ref("orders"), first, estimated_bytes=8_000)
-        register_table(pg, registry, "orders", {"source": "orders", "key": ["id"], "mode": "full",
-                                               "maximum_bytes_billed": 10_000})
+        monkeypatch.setenv("BIGQUERY_MAXIMUM_BYTES_BILLED", "10000")  # the default budget, no table's own
+        register_table(pg, registry, "orders", {"source": "orders", "key": ["id"], "mode": "full"})
         assert refresh_table("orders")["status"] == "success"
         assert [s.error for s in standin.sessions] == [None]  # one session: estimated, checked, then read
         assert_same_rows(source_rows(source, "orders"), pg_rows(pg, f'"{registry}".orders', "id"), ["id"])
@@ -115,6 +116,23 @@ def test_a_table_read_over_its_budget_is_refused_before_any_query_job_or_readrow
     assert_same_rows(before, pg_rows(pg, f'"{registry}".orders', "id"), ["id"])
 
 
+def cli_dry_run(table: str) -> str:
+    """``bq-refresh run --table T --dry-run`` through the real entry point (its environment: this test's)."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--table", table, "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_dry_run_reports_what_a_run_would_read_and_bill_and_the_audit_row_records_it(
         pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, recorder: RecordingProxy) -> None:
     put_table(source, "orders", SCHEMA, rows(80))
@@ -127,6 +145,9 @@ def test_dry_run_reports_what_a_run_would_read_and_bill_and_the_audit_row_record
     assert "read_estimated" in figures
     assert last_audit(pg, registry)[2]["bigquery_bytes"] == figures
     assert pg.execute(f'SELECT count(*) FROM "{registry}".amounts').fetchone() == (0,)  # nothing published
+    printed = cli_dry_run(f"{registry}.amounts")
+    assert re.search(rf"^{re.escape(registry)}\.amounts: BigQuery: read session estimate [\d,]+ bytes; query 123,456"
+                     r" bytes estimated \(dry run\), 123,456 processed, 10,485,760 billed$", printed, re.M), printed
 
     result = refresh_table("amounts")
     assert result["bigquery_bytes"]["query_processed"] == 123_456

@@ -58,13 +58,21 @@ def test_each_kind_of_source_is_routed_where_bigquery_can_read_it(table_type: st
 @pytest.mark.emulator
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_view_source_refreshes_through_a_query_and_equals_the_view(
-        env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource) -> None:
+        env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
+        emulator: EmulatorEndpoints, monkeypatch: pytest.MonkeyPatch) -> None:
     put_table(source, "orders", SCHEMA, rows(500))
     run_sql(source, f"CREATE VIEW `{source.table_ref('recent')}` AS SELECT id, day, name, amount"
                     f" FROM `{source.table_ref('orders')}` WHERE MOD(id, 3) <> 0")
     register_table(pg, registry, "recent", {"source": "recent", "key": ["id"], "mode": "full"})
-    result = refresh_table("recent")
+    proxy = RecordingProxy(emulator.rest_url)
+    try:
+        monkeypatch.setenv("BIGQUERY_API_ENDPOINT", proxy.url)
+        result = refresh_table("recent")
+    finally:
+        proxy.close()
     assert result["status"] == "success" and result["rows_inserted"] == 333, result
+    counts = [r.query for r in proxy.jobs() if "COUNT(" in r.query]
+    assert counts and all("_bqr_query_" in q and "`recent`" not in q for q in counts), counts  # the job's result
     # the emulator's way: the view's result written by DDL into a table of ours, read from there
     audit = pg.execute(f'SELECT bigquery_job_id, sync_metadata FROM "{registry}".refresh_audit_log'
                        " ORDER BY id DESC LIMIT 1").fetchone()
