@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bq_refresh.errors import ConfigError
+from tasks.partitions import pseudo_column_refusal
 
 _LOOKBACK = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -167,6 +168,11 @@ class TableSpec(BaseModel):
             raise ValueError("window mode needs window_column")
         if self.mode == "incremental" and not self.cursor:
             raise ValueError("incremental mode needs a cursor column (or use mode full)")
+        if self.source is not None:  # a query source may select a pseudo-column under a name of its own
+            refusal = pseudo_column_refusal({"key": self.key, "cursor": [self.cursor] if self.cursor else [],
+                                             "window": [self.window_column] if self.window_column else []})
+            if refusal:
+                raise ValueError(refusal)
         return self
 
     def lookback_amount(self) -> tuple[int, str]:
