@@ -23,7 +23,7 @@ from bq_refresh.settings import Settings
 from flows.refresh_table import refresh_table
 from tasks import extract
 from tasks.registry import register_table
-from tasks.sources import read_route, resolve_source
+from tasks.sources import read_route, resolve_source, result_table_name
 from tests.bqdata import bq_schema, pg_rows, put_table, run_sql, source_rows
 from tests.bqrecorder import RecordingProxy
 from tests.comparator import assert_same_rows
@@ -256,3 +256,51 @@ def test_a_resumed_query_source_reads_its_earlier_jobs_result_found_by_id_in_its
     finally:
         proxy.close()
     assert_same_rows(at_first, pg_rows(pg, f'"{registry}".thirds', "id"), ["id"])
+
+
+@pytest.mark.emulator
+def test_a_materialization_dataset_names_the_result_table_bigquerys_way(
+        dataset: str, standin: StorageStandIn, recorder: RecordingProxy) -> None:
+    """With ``materialization_dataset`` the job is sent with that dataset's ``_bqr_query_<hash>`` table as its
+    destination, replaced each run (WRITE_TRUNCATE), and that table is read: no snapshot modifier. The emulator
+    does not write a job's destination, so the table is made here as BigQuery's job would have made it."""
+    source = BigQuerySource(project_id=EMULATOR_PROJECT, dataset=dataset, api_endpoint=recorder.url,
+                            storage_endpoint=standin.target, query_results_readable=True, timeout_s=30)
+    put_table(source, "orders", SCHEMA, rows(40))
+    query = f"SELECT * FROM `{source.table_ref('orders')}` WHERE id < 25"
+    named = f"{EMULATOR_PROJECT}.{dataset}.{result_table_name('s.mat')}"
+    run_sql(source, f"CREATE TABLE `{named}` AS {query}")
+    expected = source_rows(source, named.split(".", 1)[1])
+    standin.register(named, pa.Table.from_pylist(expected, schema=rows(0).schema))
+    recorder.requests.clear()
+    resolved = resolve_source(source, table="s.mat", source_ref=None, query=query, materialization_dataset=dataset)
+    assert resolved.ref == named and resolved.job_result
+    [job] = recorder.jobs()
+    config = job.body["configuration"]["query"] if job.body else {}
+    assert config["destinationTable"] == {"projectId": EMULATOR_PROJECT, "datasetId": dataset,
+                                          "tableId": result_table_name("s.mat")}, config
+    assert config["writeDisposition"] == "WRITE_TRUNCATE" and config["query"] == query, config
+    _, table = read_all(source, resolved)
+    assert standin.sessions[0].snapshot_time is None
+    assert_same_rows(expected, table.to_pylist(), ["id"])
+
+
+@pytest.mark.emulator
+@pytest.mark.usefixtures("prefect_harness")
+def test_on_the_emulator_a_materialization_dataset_holds_the_result_and_the_source_dataset_nothing(
+        env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource) -> None:
+    client = source.get_bigquery_client()
+    mat = f"{source.dataset}_mat"
+    client.create_dataset(mat)
+    try:
+        put_table(source, "orders", SCHEMA, rows(60))
+        query = f"SELECT id, name FROM `{source.table_ref('orders')}` WHERE id >= 10"
+        register_table(pg, registry, "names", {"query": query, "key": ["id"], "mode": "full",
+                                              "materialization_dataset": mat})
+        assert refresh_table("names")["status"] == "success"
+        assert [t.table_id for t in client.list_tables(mat)] == [result_table_name(f"{registry}.names")]
+        assert [t.table_id for t in client.list_tables(source.dataset)] == ["orders"]
+        expected = [dict(r.items()) for r in client.query(query).result()]
+        assert_same_rows(expected, pg_rows(pg, f'"{registry}".names', "id"), ["id"])
+    finally:
+        client.delete_dataset(mat, delete_contents=True, not_found_ok=True)
