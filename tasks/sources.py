@@ -280,3 +280,9 @@ def cost_line(figures: dict[str, int]) -> str:
         parts.append(f"query {figures.get('query_estimated', 0):,} bytes estimated (dry run),"
                      f" {figures['query_processed']:,} processed, {figures.get('query_billed', 0):,} billed")
     return "BigQuery: " + "; ".join(parts)
+
+
+def keeps_history(kind: str) -> bool:
+    """Whether ``FOR SYSTEM_TIME AS OF`` reads a source's past data: a table's does; on a logical view it picks the
+    view's past definition and runs it over today's data, and materialized views and external tables keep none."""
+    return kind == "table"

@@ -27,7 +27,7 @@ from bq_refresh.errors import AlreadyRunning, RefreshError
 from tasks import digest, extract, load, reconcile
 from tasks.locks import table_lock
 from tasks.registry import RegistryEntry
-from tasks.sources import describe_source
+from tasks.sources import describe_source, keeps_history
 from tasks.sqlnames import ident
 
 
@@ -384,6 +384,8 @@ def _sides(res: Resources, entry: RegistryEntry, verdict: Verdict) -> _Sides:
     at = ""
     as_of, note = read_as_of(snapshot, datetime.now(UTC), time_travel=res.source.time_travel,
                              window_hours=lambda: extract.time_travel_hours(res.source, source.ref))
+    if as_of is not None and not keeps_history(source.kind):
+        as_of, note = None, f"{source.ref} is a {source.kind.replace('_', ' ')}: it has no past to read, read as it is now"
     if note:
         verdict.notes.append(note)
     if as_of is not None:

@@ -23,7 +23,7 @@ from bq_refresh.settings import Settings
 from flows.refresh_table import refresh_table
 from tasks import extract
 from tasks.registry import register_table
-from tasks.sources import read_route, resolve_source, result_table_name
+from tasks.sources import keeps_history, read_route, resolve_source, result_table_name
 from tests.bqdata import bq_schema, pg_rows, put_table, run_sql, source_rows
 from tests.bqrecorder import RecordingProxy
 from tests.comparator import assert_same_rows
@@ -53,6 +53,14 @@ def rows(n: int) -> pa.Table:
 def test_each_kind_of_source_is_routed_where_bigquery_can_read_it(table_type: str | None, connection: bool,
                                                                   route: str) -> None:
     assert read_route(table_type, connection=connection) == route
+
+
+@pytest.mark.parametrize(("kind", "past"), [("table", True), ("view", False), ("materialized_view", False),
+                                            ("external", False), ("snapshot", False)])
+def test_only_a_tables_past_is_read_by_time_travel(kind: str, past: bool) -> None:
+    """bq-refresh verify reads a table as of the last run's snapshot; a view's time travel would read its past
+    definition over today's data, so a view is read as it is now (and verify says so)."""
+    assert keeps_history(kind) is past
 
 
 @pytest.mark.emulator
