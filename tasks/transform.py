@@ -85,9 +85,24 @@ class ShapedBatch:
     max_cursor: Any
 
 
+def _polars_ready(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Polars has no 256-bit decimal (it panics on one): a BIGNUMERIC column, or an ARRAY of them, goes into the
+    frame as its exact decimal text, and the cast back to the target's types after the transform restores it."""
+    arrays, changed = [], False
+    for arr in batch.columns:
+        t = arr.type
+        if pa.types.is_decimal256(t):
+            arr, changed = pc.cast(arr, pa.string()), True
+        elif pa.types.is_list(t) and pa.types.is_decimal256(t.value_type):
+            arr, changed = pc.cast(arr, pa.list_(pa.string())), True
+        arrays.append(arr)
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names) if changed else batch
+
+
 def apply_transform(batch: pa.RecordBatch, transform: Transform, columns: list[Column]) -> pa.RecordBatch:
-    """Run a Polars transform lazily and cast the result back to the target's Arrow types."""
-    frame = pl.from_arrow(batch)
+    """Run a Polars transform lazily and cast the result back to the target's Arrow types (a transform sees a
+    BIGNUMERIC as its exact decimal text: Polars has no 256-bit decimal)."""
+    frame = pl.from_arrow(_polars_ready(batch))
     assert isinstance(frame, pl.DataFrame)
     out = transform(frame.lazy()).collect().to_arrow()
     arrays = []

@@ -88,6 +88,7 @@ from tasks.fastpath import LocalSource
 from tasks.geography import wkb_to_wkt
 from tasks.migrations import apply_migrations
 from tasks.registry import get_entry, register_table
+from tasks.transform import get_transform, shape
 from tasks.typemap import Column, arrow_source_type, conform
 from tests.bqdata import assert_same_rows, pg_rows, run_sql
 
@@ -122,6 +123,7 @@ GOOGLE_SCHEMA = pa.schema([
     pa.field("ast", pa.list_(pa.field("item", pa.struct([pa.field("a", pa.int64()), pa.field("n", pa.decimal128(38, 9))]))),
              nullable=False),
     pa.field("anum", pa.list_(pa.field("item", pa.decimal128(38, 9))), nullable=False),
+    pa.field("abnum", pa.list_(pa.field("item", pa.decimal256(76, 38))), nullable=False),
     pa.field("ats", pa.list_(pa.field("item", pa.timestamp("us", tz="UTC"))), nullable=False),
     pa.field("ajs", pa.list_(pa.field("item", pa.string())), nullable=False, metadata=JSON_TYPE),
 ])
@@ -145,6 +147,7 @@ ROWS: list[dict[str, Any]] = [
             "ts": datetime(2024, 1, 1, 0, 0, 0, 1, tzinfo=UTC), "b": b"\x00\xff"},
      "ast": [{"a": 1, "n": Decimal("2.25")}, {"a": 2, "n": None}],
      "anum": [Decimal("1.5"), Decimal("-0.000000001")], "ats": [datetime(2024, 1, 1, tzinfo=UTC)],
+     "abnum": [Decimal("0.00000000000000000000000000000000000001")],
      "ajs": ['{"k":1}', "[true]", '"s"']},
     {"id": 2, "geo": "GEOMETRYCOLLECTION(POINT(1 2), LINESTRING(1 2, 3 4))", "geo_wkb": _point_wkb(1.0, 2.0),
      "js": '"just a string"', "num": Decimal("99999999999999999999999999999.999999999"),
@@ -154,17 +157,18 @@ ROWS: list[dict[str, Any]] = [
      "rd": {"start": date(2024, 1, 1), "end": None}, "rdt": {"start": None, "end": datetime(2024, 1, 1)},
      "rts": {"start": None, "end": None},
      "iv": pa.MonthDayNano([-1, -2, -90_000_000_000_000]),  # 25 hours stay 25 hours, not 1 day 1 hour
-     "st": {"n": None, "bn": None, "ts": None, "b": None}, "ast": [], "anum": [], "ats": [], "ajs": []},
+     "st": {"n": None, "bn": None, "ts": None, "b": None}, "ast": [], "anum": [], "ats": [], "abnum": [],
+     "ajs": []},
     {"id": 3, **{c: None for c in ("geo", "geo_wkb", "js", "num", "bnum", "dt", "t", "ts", "rd", "rdt", "rts", "iv",
                                    "st")},
-     "ast": [], "anum": [Decimal("0")], "ats": [], "ajs": ["null"]},
+     "ast": [], "anum": [Decimal("0")], "ats": [], "abnum": [], "ajs": ["null"]},
 ]
 
 # The contract's PostgreSQL type of each column, as format_type() writes it.
 DECLARED = {"id": "bigint", "geo": "text", "geo_wkb": "text", "js": "jsonb", "num": "numeric(38,9)", "bnum": "numeric",
             "dt": "timestamp without time zone", "t": "time without time zone", "ts": "timestamp with time zone",
             "rd": "daterange", "rdt": "tsrange", "rts": "tstzrange", "iv": "interval", "st": "jsonb", "ast": "jsonb",
-            "anum": "numeric(38,9)[]", "ats": "timestamp with time zone[]", "ajs": "jsonb"}
+            "anum": "numeric(38,9)[]", "ats": "timestamp with time zone[]", "abnum": "numeric[]", "ajs": "jsonb"}
 
 # What PostgreSQL holds, read back (ranges, intervals and jsonb as PostgreSQL's own text, IntervalStyle postgres),
 # written out value by value.
@@ -187,6 +191,7 @@ STORED: dict[str, list[Any]] = {
     "ast": ['[{"a": 1, "n": "2.250000000"}, {"a": 2, "n": null}]', "[]", "[]"],
     "anum": [[Decimal("1.5"), Decimal("-0.000000001")], [], [Decimal("0")]],
     "ats": [[datetime(2024, 1, 1, tzinfo=UTC)], [], []],
+    "abnum": [[Decimal("1E-38")], [], []],
     "ajs": ['[{"k": 1}, [true], "s"]', "[]", "[null]"],
 }
 AS_TEXT = {"js", "rd", "rdt", "rts", "iv", "st", "ast", "ajs"}
@@ -225,7 +230,7 @@ def test_google_arrow_fields_are_read_as_their_bigquery_types() -> None:
         "rd": ("RANGE<DATE>", "NULLABLE"), "rdt": ("RANGE<DATETIME>", "NULLABLE"),
         "rts": ("RANGE<TIMESTAMP>", "NULLABLE"), "iv": ("INTERVAL", "NULLABLE"), "st": ("RECORD", "NULLABLE"),
         "ast": ("RECORD", "REPEATED"), "anum": ("NUMERIC", "REPEATED"), "ats": ("TIMESTAMP", "REPEATED"),
-        "ajs": ("JSON", "REPEATED"),
+        "abnum": ("BIGNUMERIC", "REPEATED"), "ajs": ("JSON", "REPEATED"),
     }
     # A struct named start/end without RANGE's marking is a STRUCT, as BigQuery's own RECORD of that shape.
     assert arrow_source_type(pa.field("s", _range(pa.date32()))) == ("RECORD", "NULLABLE")
@@ -263,6 +268,20 @@ def test_an_interval_finer_than_the_microsecond_is_refused_naming_the_column() -
     batch = pa.record_batch({"iv": pa.array([pa.MonthDayNano([0, 0, 1500])], pa.month_day_nano_interval())})
     with pytest.raises(SourceError, match=r"column 'iv': INTERVAL 0 months 0 days 1500 ns .* finer than the micro"):
         conform(batch, [Column("iv", "iv", "INTERVAL", "NULLABLE")])
+
+
+@pytest.mark.once
+def test_a_transform_keeps_bignumeric_exact_though_polars_has_no_256_bit_decimal() -> None:
+    columns = [Column("id", "id", "INT64", "REQUIRED"), Column("bnum", "bnum", "BIGNUMERIC", "NULLABLE"),
+               Column("s", "s", "STRING", "NULLABLE"), Column("abnum", "abnum", "BIGNUMERIC", "REPEATED")]
+    big = Decimal("-99999999999999999999999999999999999999.99999999999999999999999999999999999999")
+    batch = pa.record_batch({"id": pa.array([1, 2], pa.int64()), "bnum": pa.array([big, None], pa.decimal256(76, 38)),
+                             "s": [" padded ", None],
+                             "abnum": pa.array([[Decimal("1E-38")], []], pa.list_(pa.decimal256(76, 38)))})
+    shaped = shape(batch, columns=columns, key=["id"], cursor=None, transform=get_transform("trim_strings", "t")).rows
+    assert shaped.schema.field("bnum").type == pa.decimal256(76, 38)
+    assert shaped.to_pydict() == {"id": [1, 2], "bnum": [big, None], "s": ["padded", None],
+                                  "abnum": [[Decimal("1E-38")], []]}
 
 
 # WKB written here from the OGC layout (byte order, uint32 type, then coordinates), not by the product.
