@@ -20,6 +20,7 @@ from google.api_core import exceptions as gexc
 from blocks.resources import Resources
 from bq_refresh.errors import RefreshError
 from tasks import extract, load
+from tasks.partitions import Partitioning, partition_filter
 from tasks.registry import RegistryEntry
 from tasks.sources import read_route
 from tasks.typemap import CURSOR_TYPES
@@ -61,6 +62,16 @@ def bigquery_says(exc: gexc.GoogleAPICallError) -> str:
     """BigQuery's own words for a refused request, on one line (the client's message starts with the URL)."""
     said = next((str(e["message"]) for e in exc.errors or [] if isinstance(e, dict) and e.get("message")), exc.message)
     return " ".join(said.split("\n")[0].split())
+
+
+def partitioned_by(table: Any) -> str:
+    """How the source line names a partitioned table ('' for one that is not)."""
+    fields = extract._fields(table.schema)
+    partitioning = Partitioning.of(table, {f.name: f.type for f in fields})
+    if partitioning is None:
+        return ""
+    return f", partitioned by {partitioning.column}" + (
+        ", a partition filter required (every read carries one)" if partitioning.required else "")
 
 
 def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
@@ -114,8 +125,11 @@ def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
         out.append(check(name, "ok", f"{ref} is a {kind}{where}, read through a query job (dry run:"
                                      f" {int(dry.total_bytes_processed or 0)} bytes)"))
     else:
-        out.append(check(name, "ok", f"{ref} is a {kind}{where}, {int(table.num_rows or 0)} rows"))
+        out.append(check(name, "ok", f"{ref} is a {kind}{where}, {int(table.num_rows or 0)} rows"
+                         + partitioned_by(table)))
     types = {f.name: (f.field_type, f.mode) for f in table.schema}
+    fields = extract._fields(table.schema)
+    types_of = {f.name: f.type for f in fields}
     problems = []
     unusable = {"FLOAT64", "FLOAT", "JSON", "GEOGRAPHY", "RECORD", "STRUCT"}  # no equality a key or period can rely on
     for role, columns in (("key", spec.key), ("cursor", [spec.cursor] if spec.cursor else []),
@@ -140,7 +154,8 @@ def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
         return out  # its result table exists only once the query has run
     try:
         session = extract.create_session(
-            res.source, extract.SourceTable(ref, extract._fields(table.schema)), selected_fields=list(spec.key),
+            res.source, extract.SourceTable(ref, fields, partition_filter=partition_filter(table, types_of)),
+            selected_fields=list(spec.key),
             row_restriction="", snapshot_time=datetime.now(UTC) - timedelta(seconds=1), max_streams=1,
             table_name=entry.name)
     except RefreshError as exc:

@@ -357,13 +357,15 @@ def plan_refresh(
                                   f"{', '.join(c.bq_type for c in key_columns)}): repair by period or full refresh",
                                   table=table)
             restriction = by_key
-            slices = reconcile.source_slices(res, source.ref, snapshot=at, key=spec.key, window=None, where=by_key)
+            slices = reconcile.source_slices(res, source.ref, snapshot=at, key=spec.key, window=None,
+                                             where=restrict(by_key, source.partition_filter))
             expected_rows = slices[0].keys if slices else 0
         elif spec.mode == "window" and window_col is not None:
             # Which periods changed is decided from the source (a delete changes no cursor), and each is read whole.
             slices = (fastpath.local_slices(local, spec.key, window_col.source_name) if local is not None else
                       reconcile.source_slices(res, source.ref, snapshot=at, key=spec.key,
-                                              window=window_col.source_name, cursor_floor=floor_expr))
+                                              window=window_col.source_name, cursor_floor=floor_expr,
+                                              where=source.partition_filter or None))
             held = {} if created else reconcile.target_period_counts(conn, target_schema, target_table,
                                                                      window_col.target_name, soft_column)
             choice = reconcile.choose_periods(slices, held, everything=floor_expr is None or repair_periods is not None)
@@ -376,7 +378,8 @@ def plan_refresh(
             expected_periods = list(choice.expected.items())
         elif spec.mode == "full" or spec.delete_policy.mode != "none":  # the whole table is in the run's scope
             slices = (fastpath.local_slices(local, spec.key, None) if local is not None else
-                      reconcile.source_slices(res, source.ref, snapshot=at, key=spec.key, window=None))
+                      reconcile.source_slices(res, source.ref, snapshot=at, key=spec.key, window=None,
+                                              where=source.partition_filter or None))
             expected_rows = slices[0].keys if slices else 0
         if local is not None:
             session = extract.ReadSessionInfo(

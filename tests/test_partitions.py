@@ -234,3 +234,59 @@ def test_the_first_load_and_the_next_night_of_a_table_that_requires_a_partition_
         restriction = [s.row_restriction for s in standin.sessions if s.error is None][-1]
         assert restriction.startswith("(`updated_at` >= TIMESTAMP ") and restriction.endswith(f") AND {DATE_FILTER}")
         assert all(s.error is None for s in standin.sessions), [s.error for s in standin.sessions]
+
+
+@pytest.mark.emulator
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_full_refresh_counts_the_source_with_the_predicate_too(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, emulator: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full-mode table's counts (the copy is proven against them) are query jobs: BigQuery refuses those without
+    a partition filter as it refuses the read session. Every query the run sends over the source carries one
+    (through a recording proxy in front of the emulator's REST API)."""
+    from flows.refresh_table import refresh_table
+    from tests.bqrecorder import RecordingProxy
+
+    data = events(12)
+    ref = partitioned_events(source, data)
+    register_table(pg, registry, "events", {"source": "events", "key": ["id"], "mode": "full"})
+    proxy = RecordingProxy(emulator.rest_url)
+    try:
+        with PartitionFilterRequired({ref: "d"}) as standin:
+            standin.register(ref, data)
+            monkeypatch.setenv("BIGQUERY_STORAGE_ENDPOINT", standin.target)
+            monkeypatch.setenv("BIGQUERY_API_ENDPOINT", proxy.url)
+            done = refresh_table("events")
+    finally:
+        proxy.close()
+    assert (done["status"], done["rows_inserted"]) == ("success", 12), done
+    over_source = [r.query for r in proxy.jobs() if "`events`" in r.query]
+    assert over_source, [r.query for r in proxy.jobs()]
+    for query in over_source:
+        where = query.split(" WHERE ", 1)[1] if " WHERE " in query else ""
+        assert qualifies(where.split(" GROUP BY ")[0], "d"), query
+
+
+@pytest.mark.emulator
+@pytest.mark.once
+def test_doctor_names_the_partitioning_and_opens_its_read_session_with_the_predicate(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
+) -> None:
+    from blocks.resources import resolve_resources
+    from tasks import doctor
+    from tasks.registry import list_entries
+
+    data = events(6)
+    ref = partitioned_events(source, data)
+    register_table(pg, registry, "events", {"source": "events", "key": ["id"], "cursor": "updated_at"})
+    (entry,) = list_entries(pg, registry)
+    with PartitionFilterRequired({ref: "d"}) as standin:
+        standin.register(ref, data)
+        res = resolve_resources(env.model_copy(update={"bigquery_storage_endpoint": standin.target}))
+        by = {c["name"]: doctor.line(c) for c in doctor.source_checks(res, entry)}
+    name = f"{registry}.events"
+    assert by[f"source {name}"] == (f"OK      source {name}: {ref} is a TABLE, 6 rows, partitioned by d, a partition"
+                                    " filter required (every read carries one)")
+    assert by[f"read session {name}"] == f"OK      read session {name}: opened (1 stream(s))"
+    assert standin.sessions[-1].row_restriction == DATE_FILTER
