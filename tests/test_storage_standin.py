@@ -145,6 +145,15 @@ def test_a_stream_that_keeps_failing_gives_up_within_the_deadline(standin: Stora
 
 
 @pytest.mark.once
+def test_a_session_refused_for_quota_is_asked_again(standin: StorageStandIn) -> None:
+    """RESOURCE_EXHAUSTED (429) on CreateReadSession is transient: asked again after a pause, within the deadline."""
+    standin.register(REF, sqp_rows(50))
+    standin.fail_create("RESOURCE_EXHAUSTED", times=1)
+    assert open_session(source_for(standin, honours=True)).estimated_rows == 50
+    assert [s.error for s in standin.sessions] == ["RESOURCE_EXHAUSTED", None]
+
+
+@pytest.mark.once
 def test_an_expired_session_is_said_so_for_the_caller_to_open_another(standin: StorageStandIn) -> None:
     standin.register(REF, sqp_rows(300))
     source = source_for(standin, honours=True)
@@ -236,12 +245,14 @@ def test_a_refresh_resumes_faults_and_continues_an_expired_session_at_the_same_s
     standin.fail_mid_stream("expire", at_row=1100, stream=0, on_hit=lambda: standin.register(ref, later))
 
     result = refresh_table("sqp")
-    assert result["status"] == "success" and result["session_recreated"] == 1, result
-    assert result["rows_inserted"] == 3000 and result["duplicate_keys"] == 0, result
+    seen = (standin.sessions, standin.reads, standin.faults)
+    assert result["status"] == "success" and result["session_recreated"] == 1, (result, seen)
+    assert result["rows_inserted"] == 3000 and result["duplicate_keys"] == 0, (result, seen)
     assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{schema}".sqp', "1"), SQP_KEY)
+    assert len(standin.sessions) == 2, seen
     first, second = standin.sessions
     assert second.snapshot_time == first.snapshot_time  # the same snapshot, not "now" (the new version)
-    assert [f.hits for f in standin.faults] == [1, 1, 1]
+    assert [f.hits for f in standin.faults] == [1, 1, 1], seen
     resumed = [(r.offset, r.started_at) for r in standin.reads if r.stream == first.streams[0]]
     assert resumed[:2] == [(0, 0), (400, 400 if honours else 0)], resumed
 
