@@ -180,6 +180,10 @@ def _materialize(source: BigQuerySource, client: bigquery.Client, *, table: str,
         job = client.query(query, job_config=config, location=location, retry=retry, job_retry=None)
         job.result(timeout=source.timeout_s, retry=retry)
     except gexc.GoogleAPICallError as exc:
+        if limit is not None and "bytesBilledLimitExceeded" in _reasons(exc):  # BigQuery's own refusal, unbilled
+            raise OverBudget(f"the {origin} source's query would bill more than maximum_bytes_billed {limit:,}"
+                             f" (BigQuery: bytesBilledLimitExceeded; its dry run estimated {estimated:,} bytes);"
+                             " nothing read", table=table, estimate_bytes=estimated, limit_bytes=limit) from None
         if _too_large(exc):
             raise SourceError(f"the {origin} source's result is too large for an anonymous result table"
                               " (BigQuery: responseTooLarge); set materialization_dataset to a dataset in"
@@ -247,9 +251,12 @@ def earlier_result(
                        location=location, read_at=job.started or job.created, reused=True)
 
 
+def _reasons(exc: gexc.GoogleAPICallError) -> set[str]:
+    return {str(e.get("reason")) for e in (exc.errors or []) if isinstance(e, dict)}
+
+
 def _too_large(exc: gexc.GoogleAPICallError) -> bool:
-    reasons = {str(e.get("reason")) for e in (exc.errors or []) if isinstance(e, dict)}
-    return "responseTooLarge" in reasons or "response too large" in str(exc.message).lower()
+    return "responseTooLarge" in _reasons(exc) or "response too large" in str(exc.message).lower()
 
 
 def _cancel(client: bigquery.Client, job: Any, location: str | None) -> None:

@@ -79,6 +79,29 @@ def test_a_query_over_its_budget_is_refused_from_its_dry_run_before_any_job_runs
     assert_same_rows(before, pg_rows(pg, f'"{registry}".evens', "id"), ["id"])  # live rows as they were
 
 
+def test_a_query_bigquery_itself_refuses_for_its_budget_fails_the_same_way(
+        pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, recorder: RecordingProxy) -> None:
+    """The dry run can underestimate; BigQuery then fails the job itself (bytesBilledLimitExceeded, not billed)."""
+    put_table(source, "orders", SCHEMA, rows(10))
+    query = f"SELECT id FROM `{source.table_ref('orders')}`"
+    register_table(pg, registry, "ids", {"query": query, "key": ["id"], "mode": "full", "maximum_bytes_billed": 5000})
+    recorder.rewrite = set_bytes(100)
+
+    def limit_exceeded(seen: Any) -> tuple[int, dict[str, Any]] | None:
+        if seen.job_insert and not seen.dry_run:  # BigQuery's answer to a job over maximumBytesBilled
+            message = "Query exceeded limit for bytes billed: 5000. 10485760 or higher required."
+            return 400, {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT",
+                                   "errors": [{"reason": "bytesBilledLimitExceeded", "message": message}]}}
+        return None
+
+    recorder.answer = limit_exceeded
+    with pytest.raises(OverBudget, match=rf"^{registry}\.ids: the query source's query would bill more than"
+                                         r" maximum_bytes_billed 5,000 \(BigQuery: bytesBilledLimitExceeded; its dry"
+                                         r" run estimated 100 bytes\); nothing read$"):
+        refresh_table("ids")
+    assert last_audit(pg, registry)[0] == "failed"
+
+
 def test_a_table_read_over_its_budget_is_refused_before_any_query_job_or_readrows(
         pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, recorder: RecordingProxy,
         webhook: Any, monkeypatch: pytest.MonkeyPatch) -> None:
