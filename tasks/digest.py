@@ -359,11 +359,13 @@ def _pg_aggregate(target: sql.Composable, columns: list[DigestColumn], slicing: 
                   where: sql.Composable | None, prefix_len: int) -> sql.Composed:
     exact = [c for c in columns if c.exact]
     weak = [c for c in columns if not c.exact]
-    half = "('x' || lpad(substr(d, {}, 8), 16, '0'))::bit(64)::bigint"
+    half = "('x' || substr(d, {}, 8))::bit(32)::bigint"  # 0 to 2^32 - 1, as BigQuery's CAST('0x...' AS INT64)
     prefix = (sql.SQL("left({}, {})").format(_pg_key_hash(slicing, "t"), sql.Literal(prefix_len)) if prefix_len
               else sql.SQL("''"))
+    # OFFSET 0 keeps the inner query whole: flattened, PostgreSQL computes the MD5 once for each of its two halves
+    # (measured: the slices' digest took twice as long).
     return sql.SQL("SELECT s, p, count(*), sum({}), sum({}){} FROM (SELECT {} AS s, {} AS p, md5({}) AS d{}"
-                   " FROM {} t{}) x GROUP BY s, p").format(
+                   " FROM {} t{} OFFSET 0) x GROUP BY s, p").format(
         sql.SQL(half.format(1)), sql.SQL(half.format(9)),
         sql.SQL("").join(sql.SQL(", count({})").format(ident(c.target_name)) for c in weak),
         slicing.pg("t"), prefix, pg_row_text(exact, "t"),
