@@ -79,6 +79,7 @@ class _Stream:
     name: str
     session: str
     rows: pa.Table  # the stream's rows at the session's snapshot, selected and filtered
+    index: int  # its place in the session's list (a split's children keep their parent's)
 
 
 @dataclass
@@ -351,7 +352,7 @@ class StorageStandIn:
         streams = []
         with self._lock:
             for i in range(count):
-                stream = _Stream(f"{name}/streams/s{i}", name, rows.slice(bounds[i], bounds[i + 1] - bounds[i]))
+                stream = _Stream(f"{name}/streams/s{i}", name, rows.slice(bounds[i], bounds[i + 1] - bounds[i]), i)
                 self._streams[stream.name] = stream
                 streams.append(stream)
             self._sessions[name] = _Session(name, asked.table, now + SESSION_LIFE, record.compression,
@@ -402,7 +403,7 @@ class StorageStandIn:
         record = ReadRecord(request.read_stream, int(request.offset), start)
         with self._lock:
             self.reads.append(record)
-        index = int(stream.name.rsplit("/s", 1)[1])
+        index = stream.index
         if start > total:
             # RPC, ReadRowsRequest.offset: "Requesting a larger offset is undefined."
             record.ended = "OUT_OF_RANGE"
@@ -475,8 +476,8 @@ class StorageStandIn:
             # RPC, SplitReadStreamResponse: the streams are empty "if the original stream can not be split".
             return types.SplitReadStreamResponse()
         # RPC, SplitReadStream: "original[0-j] = primary[0-j] and original[j-n] = residual[0-m]".
-        primary = _Stream(f"{stream.name}p", stream.session, stream.rows.slice(0, cut))
-        residual = _Stream(f"{stream.name}r", stream.session, stream.rows.slice(cut))
+        primary = _Stream(f"{stream.name}p", stream.session, stream.rows.slice(0, cut), stream.index)
+        residual = _Stream(f"{stream.name}r", stream.session, stream.rows.slice(cut), stream.index)
         with self._lock:
             self._streams[primary.name] = primary
             self._streams[residual.name] = residual

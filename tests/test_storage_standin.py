@@ -10,6 +10,7 @@ REST (schemas, counts) from the emulator and Storage Read from the stand-in, the
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -142,6 +143,22 @@ def test_a_stream_that_keeps_failing_gives_up_within_the_deadline(standin: Stora
     assert calls >= 2  # resumed with a backoff until the deadline
     time.sleep(0.7)
     assert len(standin.reads) == calls  # and then stopped
+
+
+@pytest.mark.once
+def test_a_stream_split_in_two_holds_the_same_rows_back_to_back(standin: StorageStandIn) -> None:
+    """SplitReadStream through the real client: the primary and the remainder are the original, in order."""
+    from google.cloud.bigquery_storage_v1 import types
+
+    data = sqp_rows(500)
+    standin.register(REF, data)
+    source = source_for(standin, honours=True)
+    info = open_session(source)
+    split = source.get_read_client().split_read_stream(
+        request=types.SplitReadStreamRequest(name=info.streams[0], fraction=0.3))
+    halves = dataclasses.replace(info, streams=[split.primary_stream.name, split.remainder_stream.name])
+    assert read(source, halves, 0) + read(source, halves, 1) == data.to_pylist()
+    assert [len(read(source, halves, i)) for i in (0, 1)] == [150, 350]
 
 
 @pytest.mark.once
