@@ -6,7 +6,10 @@ own conversions to check the product would prove nothing. Only the standard libr
 Every value is compared under ``CONVERSIONS``: the Python type the BigQuery client gives for a BigQuery type,
 the Python types psycopg may give for the PostgreSQL column the product makes for it, and what "the same"
 means for that pair. A value of any other type on the target side is a difference, even when ``==`` would
-hold (``Decimal('5') == 5``, ``True == 1``, ``-0.0 == 0.0``).
+hold (``Decimal('5') == 5``, ``True == 1``, ``-0.0 == 0.0``). Inside a STRUCT held as jsonb the members go
+through ``MEMBER_CONVERSIONS`` (a NUMERIC, TIMESTAMP, BYTES... member is a JSON string that must read back as the
+same value); a RANGE (the client's ``{'start', 'end'}``) is compared with psycopg's ``Range``, an INTERVAL (the
+client's relativedelta) with PostgreSQL's interval read as text in IntervalStyle iso_8601.
 """
 
 from __future__ import annotations
