@@ -180,11 +180,35 @@ def _json_text(array: pa.Array | pa.ChunkedArray) -> pa.Array:
             return base64.b64encode(value).decode()
         return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
+    def intervals(value: Any) -> Any:
+        # An INTERVAL member arrives as a MonthDayNano, a named tuple json would write as a bare array: written as
+        # ISO 8601 instead, its three parts kept (P14M3DT14706.789S; PostgreSQL reads it back as the interval).
+        if isinstance(value, pa.MonthDayNano):
+            seconds = Decimal(value.nanoseconds).scaleb(-9).normalize()
+            return f"P{value.months}M{value.days}DT{seconds:f}S"
+        if isinstance(value, dict):
+            return {k: intervals(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [intervals(v) for v in value]
+        return value
+
     values = array.to_pylist()
+    nested = _holds_interval(array.type)
     return pa.array(
-        [None if v is None else json.dumps(v, default=default, ensure_ascii=False, separators=(",", ":")) for v in values],
+        [None if v is None else json.dumps(intervals(v) if nested else v, default=default, ensure_ascii=False,
+                                           separators=(",", ":")) for v in values],
         pa.string(),
     )
+
+
+def _holds_interval(t: pa.DataType) -> bool:
+    if t == pa.month_day_nano_interval():
+        return True
+    if pa.types.is_struct(t):
+        return any(_holds_interval(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _holds_interval(t.value_type)
+    return False
 
 
 def _json_array_text(array: pa.Array | pa.ChunkedArray) -> pa.Array:

@@ -46,7 +46,7 @@ Each lands as the contract says: GEOGRAPHY text (WKT; WKB from the emulator deco
 NUMERIC numeric(38,9), BIGNUMERIC numeric, DATETIME timestamp, TIME time, TIMESTAMP timestamptz, RANGE<DATE|
 DATETIME|TIMESTAMP> daterange/tsrange/tstzrange ([start, end); a NULL bound unbounded), INTERVAL interval (months,
 days and microseconds part for part), STRUCT and ARRAY<STRUCT> jsonb (NUMERIC members as their exact decimal
-text, TIMESTAMP ISO 8601 with offset, BYTES base64), ARRAY<NUMERIC|TIMESTAMP> numeric(38,9)[] / timestamptz[].
+text, TIMESTAMP ISO 8601 with offset, BYTES base64, INTERVAL an ISO 8601 duration of its three parts), ARRAY<NUMERIC|TIMESTAMP> numeric(38,9)[] / timestamptz[].
 
 Two ways in:
 
@@ -119,7 +119,8 @@ GOOGLE_SCHEMA = pa.schema([
     pa.field("rts", _range(pa.timestamp("us", tz="UTC")), metadata=RANGE_TYPE),
     pa.field("iv", pa.month_day_nano_interval(), metadata=INTERVAL_TYPE),
     pa.field("st", pa.struct([pa.field("n", pa.decimal128(38, 9)), pa.field("bn", pa.decimal256(76, 38)),
-                              pa.field("ts", pa.timestamp("us", tz="UTC")), pa.field("b", pa.binary())])),
+                              pa.field("ts", pa.timestamp("us", tz="UTC")), pa.field("b", pa.binary()),
+                              pa.field("iv", pa.month_day_nano_interval())])),
     pa.field("ast", pa.list_(pa.field("item", pa.struct([pa.field("a", pa.int64()), pa.field("n", pa.decimal128(38, 9))]))),
              nullable=False),
     pa.field("anum", pa.list_(pa.field("item", pa.decimal128(38, 9))), nullable=False),
@@ -144,7 +145,8 @@ ROWS: list[dict[str, Any]] = [
      "rts": {"start": datetime(2024, 1, 1, tzinfo=UTC), "end": datetime(2024, 1, 2, 0, 0, 0, 5, tzinfo=UTC)},
      "iv": pa.MonthDayNano([14, 3, 14_706_789_000_000]),
      "st": {"n": Decimal("1.5"), "bn": Decimal("-0.00000000000000000000000000000000000001"),
-            "ts": datetime(2024, 1, 1, 0, 0, 0, 1, tzinfo=UTC), "b": b"\x00\xff"},
+            "ts": datetime(2024, 1, 1, 0, 0, 0, 1, tzinfo=UTC), "b": b"\x00\xff",
+            "iv": pa.MonthDayNano([-1, 0, -1_000])},
      "ast": [{"a": 1, "n": Decimal("2.25")}, {"a": 2, "n": None}],
      "anum": [Decimal("1.5"), Decimal("-0.000000001")], "ats": [datetime(2024, 1, 1, tzinfo=UTC)],
      "abnum": [Decimal("0.00000000000000000000000000000000000001")],
@@ -157,7 +159,7 @@ ROWS: list[dict[str, Any]] = [
      "rd": {"start": date(2024, 1, 1), "end": None}, "rdt": {"start": None, "end": datetime(2024, 1, 1)},
      "rts": {"start": None, "end": None},
      "iv": pa.MonthDayNano([-1, -2, -90_000_000_000_000]),  # 25 hours stay 25 hours, not 1 day 1 hour
-     "st": {"n": None, "bn": None, "ts": None, "b": None}, "ast": [], "anum": [], "ats": [], "abnum": [],
+     "st": {"n": None, "bn": None, "ts": None, "b": None, "iv": None}, "ast": [], "anum": [], "ats": [], "abnum": [],
      "ajs": []},
     {"id": 3, **{c: None for c in ("geo", "geo_wkb", "js", "num", "bnum", "dt", "t", "ts", "rd", "rdt", "rts", "iv",
                                    "st")},
@@ -186,8 +188,9 @@ STORED: dict[str, list[Any]] = {
     "rdt": ['["2024-01-01 08:30:00","2024-01-01 17:00:00.000001")', '(,"2024-01-01 00:00:00")', None],
     "rts": ['["2024-01-01 00:00:00+00","2024-01-02 00:00:00.000005+00")', "(,)", None],
     "iv": ["1 year 2 mons 3 days 04:05:06.789", "-1 mons -2 days -25:00:00", None],
-    "st": ['{"b": "AP8=", "n": "1.500000000", "bn": "-1E-38", "ts": "2024-01-01T00:00:00.000001+00:00"}',
-           '{"b": null, "n": null, "bn": null, "ts": null}', None],
+    "st": ['{"b": "AP8=", "n": "1.500000000", "bn": "-1E-38", "iv": "P-1M0DT-0.000001S",'
+           ' "ts": "2024-01-01T00:00:00.000001+00:00"}',
+           '{"b": null, "n": null, "bn": null, "iv": null, "ts": null}', None],
     "ast": ['[{"a": 1, "n": "2.250000000"}, {"a": 2, "n": null}]', "[]", "[]"],
     "anum": [[Decimal("1.5"), Decimal("-0.000000001")], [], [Decimal("0")]],
     "ats": [[datetime(2024, 1, 1, tzinfo=UTC)], [], []],
