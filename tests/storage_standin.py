@@ -18,6 +18,10 @@ Behaviours a test switches on: offsets ignored (``honour_offsets=False``, as the
 mid-stream after K rows (RESOURCE_EXHAUSTED with or without RetryInfo, UNAVAILABLE, the session expiring), sessions
 that expire with time (``advance``) or on demand (``expire_sessions``), refusal of logical views, and a record of
 every request (``sessions``, ``reads``, ``splits``) so a test can assert e.g. that no read session was created.
+
+The product reads through it with ``BigQuerySource(storage_endpoint=standin.target, storage_honours_offsets=True)``
+(or BIGQUERY_STORAGE_ENDPOINT and BIGQUERY_STORAGE_HONOURS_OFFSETS=true); left unset, the product takes an endpoint
+override for the emulator, whose every ReadRows starts at row 0, and drops rows it has already read on resumption.
 """
 
 from __future__ import annotations
