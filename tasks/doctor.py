@@ -86,6 +86,7 @@ def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
     except google.auth.exceptions.GoogleAuthError as exc:
         return [check(name, "fail", no_credentials(exc))]
     retry = extract.short_retry(res.source.timeout_s)
+    budget = spec.maximum_bytes_billed or res.settings.bigquery_maximum_bytes_billed
     if spec.query is not None:
         from google.cloud import bigquery
 
@@ -95,7 +96,8 @@ def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
         except gexc.GoogleAPICallError as exc:
             return [check(name, "fail", f"the query does not run: {bigquery_says(exc)}: fix it (bq-refresh tables"
                                         f""" set {entry.name} --params '{{"query": "..."}}')""")]
-        return [check(name, "ok", f"query source: dry run ok ({int(job.total_bytes_processed or 0)} bytes)")]
+        return [check(name, "ok", f"query source: dry run ok ({int(job.total_bytes_processed or 0)} bytes)"),
+                *budget_check(entry.name, "its query", int(job.total_bytes_processed or 0), budget)]
     assert spec.source is not None
     ref = res.source.table_ref(spec.source)
     try:
@@ -124,6 +126,7 @@ def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
                                         f" {exc.message} (roles/bigquery.jobUser on the project)")]
         out.append(check(name, "ok", f"{ref} is a {kind}{where}, read through a query job (dry run:"
                                      f" {int(dry.total_bytes_processed or 0)} bytes)"))
+        out += budget_check(entry.name, "its query", int(dry.total_bytes_processed or 0), budget)
     else:
         out.append(check(name, "ok", f"{ref} is a {kind}{where}, {int(table.num_rows or 0)} rows"
                          + partitioned_by(table)))
@@ -164,7 +167,29 @@ def source_checks(res: Resources, entry: RegistryEntry) -> list[Check]:
                                                                " roles/bigquery.readSessionUser on the project"))
         return out
     out.append(check(f"read session {entry.name}", "ok", f"opened ({len(session.streams)} stream(s))"))
+    if budget is not None:  # what a whole read of the synced columns scans (the session itself is free)
+        whole = extract.create_session(
+            res.source, extract.SourceTable(ref, fields, partition_filter=partition_filter(table, types_of)),
+            selected_fields=list(dict.fromkeys([*(spec.columns or [f.name for f in fields]), *spec.key])),
+            row_restriction="", snapshot_time=datetime.now(UTC) - timedelta(seconds=1), max_streams=1,
+            table_name=entry.name)
+        # a full-mode table reads it all every night; another one on its first load, a full refresh, a backfill
+        out += budget_check(entry.name, "a whole read" if spec.mode == "full" else "a whole read (a first load or"
+                            " full refresh)", whole.estimated_bytes, budget, severity="fail" if spec.mode == "full"
+                            else "warn")
     return out
+
+
+def budget_check(table: str, what: str, estimate: int, budget: int | None, severity: str = "fail") -> list[Check]:
+    """The table's maximum_bytes_billed against BigQuery's estimate (nothing when no budget is set)."""
+    if budget is None:
+        return []
+    if estimate > budget:
+        return [check(f"budget {table}", severity, f"{what} would scan {estimate:,} bytes in BigQuery, over"
+                                                 f" maximum_bytes_billed {budget:,}: the run would be refused; raise"
+                                                 " maximum_bytes_billed or read less (columns, a query)")]
+    return [check(f"budget {table}", "ok", f"{what} would scan {estimate:,} bytes, within maximum_bytes_billed"
+                                           f" {budget:,}")]
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------------------------------

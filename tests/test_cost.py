@@ -177,3 +177,44 @@ def test_dry_run_reports_what_a_run_would_read_and_bill_and_the_audit_row_record
     assert last_audit(pg, registry)[2]["bigquery_bytes"]["query_billed"] == 10_485_760
     assert sum(r["amount"] for r in pg_rows(pg, f'"{registry}".amounts', "id")) == sum(
         Decimal(i) / 100 for i in range(80))
+
+
+def test_doctor_compares_each_budget_with_bigquerys_estimate(
+        pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, recorder: RecordingProxy,
+        resources: Any, env: Settings) -> None:
+    """bq-refresh doctor says beforehand what a run would refuse: a query's dry run over its budget fails; a
+    full-mode table's whole read over it fails, an incremental table's warns (its first load or a full refresh
+    would be refused)."""
+    from blocks import Resources
+    from tasks.doctor import line, source_checks
+    from tasks.registry import get_entry
+
+    put_table(source, "orders", SCHEMA, rows(20))
+    with StorageStandIn() as standin:
+        standin.register(source.table_ref("orders"), rows(20), estimated_bytes=52_000)
+        res = Resources(source=BigQuerySource(project_id=source.project_id, dataset=source.dataset,
+                                              api_endpoint=recorder.url, storage_endpoint=standin.target,
+                                              timeout_s=30),
+                        target=resources.target, settings=resources.settings)
+        query = f"SELECT id FROM `{source.table_ref('orders')}`"
+        register_table(pg, registry, "q", {"query": query, "key": ["id"], "mode": "full", "maximum_bytes_billed": 1000})
+        register_table(pg, registry, "full", {"source": "orders", "key": ["id"], "mode": "full",
+                                             "maximum_bytes_billed": 10_000})
+        register_table(pg, registry, "inc", {"source": "orders", "key": ["id"], "cursor": "day",
+                                            "maximum_bytes_billed": 10_000})
+        register_table(pg, registry, "roomy", {"source": "orders", "key": ["id"], "mode": "full",
+                                              "maximum_bytes_billed": 60_000})
+        recorder.rewrite = set_bytes(5000)
+        lines = {name: [line(c) for c in source_checks(res, get_entry(pg, registry, name))]
+                 for name in ("q", "full", "inc", "roomy")}
+    s = registry
+    assert lines["q"][-1] == (f"FAIL    budget {s}.q: its query would scan 5,000 bytes in BigQuery, over"
+                              " maximum_bytes_billed 1,000: the run would be refused; raise maximum_bytes_billed or"
+                              " read less (columns, a query)"), lines["q"]
+    assert lines["full"][-1] == (f"FAIL    budget {s}.full: a whole read would scan 52,000 bytes in BigQuery, over"
+                                 " maximum_bytes_billed 10,000: the run would be refused; raise maximum_bytes_billed"
+                                 " or read less (columns, a query)"), lines["full"]
+    assert lines["inc"][-1].startswith(f"WARN    budget {s}.inc: a whole read (a first load or full refresh) would"
+                                       " scan 52,000 bytes"), lines["inc"]
+    assert lines["roomy"][-1] == (f"OK      budget {s}.roomy: a whole read would scan 52,000 bytes, within"
+                                  " maximum_bytes_billed 60,000"), lines["roomy"]
