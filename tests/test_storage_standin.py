@@ -99,9 +99,9 @@ def test_a_read_continues_at_its_checkpointed_offset(standin: StorageStandIn, ho
     assert [(r.offset, r.started_at) for r in standin.reads] == [(137, 137 if honours else 0)]
 
 
-FAULTS = {
+FAULTS: dict[str, dict[str, Any]] = {
     "unavailable": {"kind": "UNAVAILABLE"},
-    "resource-exhausted-retryinfo": {"kind": "RESOURCE_EXHAUSTED", "retry_delay_s": 0.05},
+    "resource-exhausted-retryinfo": {"kind": "RESOURCE_EXHAUSTED", "retry_delay_s": 0.6},
     "resource-exhausted": {"kind": "RESOURCE_EXHAUSTED"},
     "internal-rst-stream": {"kind": "INTERNAL", "message": "Received RST_STREAM with error code 2"},
 }
@@ -114,7 +114,8 @@ def test_a_call_failing_mid_stream_is_resumed_with_no_row_skipped_or_read_twice(
     standin: StorageStandIn, honours: bool, fault: str,
 ) -> None:
     """The call fails once its stream reaches row 350 (after 3.5 messages); the product resumes at row 350 after
-    a pause (RetryInfo's delay when sent), and every row of the stream, from the checkpoint's 120, comes once."""
+    a pause (RetryInfo's delay when sent: 0.6 s here; else a backoff of at least 0.25 s), and every row of the stream,
+    from the checkpoint's 120, comes once."""
     standin.honour_offsets = honours
     data = sqp_rows(900)
     standin.register(REF, data)
@@ -122,7 +123,9 @@ def test_a_call_failing_mid_stream_is_resumed_with_no_row_skipped_or_read_twice(
     source = source_for(standin, honours=honours)
     info = open_session(source)
 
+    started = time.monotonic()
     assert_same_rows(data.slice(120).to_pylist(), read(source, info, offset=120), SQP_KEY)
+    assert time.monotonic() - started >= FAULTS[fault].get("retry_delay_s", 0.25)
     calls = [(r.offset, r.started_at, r.ended) for r in standin.reads]
     assert calls == [(120, 120 if honours else 0, FAULTS[fault]["kind"]),
                      (350, 350 if honours else 0, "ok")], calls
