@@ -125,7 +125,14 @@ def pg_row_text(columns: list[DigestColumn], alias: str = "t") -> sql.Composable
         value = sql.SQL("length({}) || ':' || {}").format(text, text) if c.bq_type in _PREFIXED else text
         parts.append(sql.SQL("CASE WHEN {}.{} IS NULL THEN 'n' ELSE {} END").format(
             sql.Identifier(alias), ident(c.target_name), value))
-    return sql.SQL(" || '|' || ").join(parts) if parts else sql.SQL("''")
+    if not parts:
+        return sql.SQL("''")
+    # One concat_ws builds the text at once (a chain of || copies it once a column: measured 15-30% of the row
+    # digest); no part is NULL, so nothing is skipped. A function takes at most 100 arguments: nested past 90.
+    while len(parts) > 1:
+        parts = [sql.SQL("concat_ws('|', {})").format(sql.SQL(", ").join(parts[i:i + 90]))
+                 for i in range(0, len(parts), 90)]
+    return parts[0]
 
 
 @dataclass(frozen=True)

@@ -415,3 +415,14 @@ def test_a_table_past_its_verify_timeout_is_cancelled_and_not_verified(
     assert waited < 30  # cancelled at the deadline, not when the lock went
     update_table(pg, s, "plain", params={"verify_timeout_seconds": 0})
     assert verify_table(res, get_entry(pg, s, "plain")).status == "equal"
+
+
+def test_a_row_of_more_columns_than_a_function_takes_has_the_same_text(pg: psycopg.Connection[Any]) -> None:
+    """PostgreSQL's functions take at most 100 arguments: the row text of 150 columns (concat_ws nested) is still
+    the values joined by '|', NULL as 'n'."""
+    columns = [digest.DigestColumn(f"c{i}", f"c{i}", "INT64") for i in range(150)]
+    values = [None if i % 7 == 3 else i * 11 for i in range(150)]
+    row = sql.SQL(", ").join(sql.SQL("{}::bigint AS {}").format(sql.Literal(v), sql.Identifier(f"c{i}"))
+                             for i, v in enumerate(values))
+    (text,) = pg.execute(sql.SQL("SELECT {} FROM (SELECT {}) t").format(digest.pg_row_text(columns, "t"), row)).fetchone()
+    assert text == "|".join("n" if v is None else str(v) for v in values)
