@@ -290,3 +290,21 @@ def test_doctor_names_the_partitioning_and_opens_its_read_session_with_the_predi
                                     " filter required (every read carries one)")
     assert by[f"read session {name}"] == f"OK      read session {name}: opened (1 stream(s))"
     assert standin.sessions[-1].row_restriction == DATE_FILTER
+
+
+@pytest.mark.once
+def test_tables_add_refuses_a_pseudo_column_cursor_in_one_line(env: Settings, registry: str) -> None:
+    """Through the real entry point: exit 2, the one line naming the fix, nothing registered."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "tables", "add", "events", "--source", "events",
+                           "--key", "id", "--cursor", "_PARTITIONTIME", "--no-check"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"error: {registry}.events: invalid sync parameters: ") and lines[0].endswith(
+        "(--query 'SELECT *, _PARTITIONTIME AS partition_time FROM ...' with cursor partition_time)"), lines
