@@ -38,6 +38,9 @@ NO_ANSWER: tuple[type[BaseException], ...] = (
     gexc.RetryError, gexc.DeadlineExceeded, requests.exceptions.Timeout, requests.exceptions.ConnectionError,
     google.auth.exceptions.TransportError, TimeoutError, ConnectionError,
 )
+# Errors that are BigQuery's answer (a 5xx, a 429): a retry that gave up on these was answered every time (a 503 or
+# quota storm), not left without an answer; Prefect retries it. DeadlineExceeded is a 504 but means no answer.
+ANSWERED: tuple[type[BaseException], ...] = (gexc.ServerError, gexc.TooManyRequests)
 # What our own retries try again: no answer, or a server error (5xx, 429).
 RETRIED: tuple[type[BaseException], ...] = (*NO_ANSWER, gexc.ServerError, gexc.TooManyRequests, OSError)
 
@@ -104,7 +107,16 @@ def spent(exc: BaseException) -> bool:
             if seen is None:
                 return False
             if isinstance(seen, NO_ANSWER):
-                return True
+                return _unanswered(seen)
             seen = seen.__cause__ or seen.__context__
         return False
-    return isinstance(exc, gexc.RetryError | gexc.DeadlineExceeded | requests.exceptions.RequestException)
+    return (isinstance(exc, gexc.RetryError | gexc.DeadlineExceeded | requests.exceptions.RequestException)
+            and _unanswered(exc))
+
+
+def _unanswered(exc: BaseException) -> bool:
+    """A RetryError whose last error was BigQuery's answer (5xx, 429) was answered: not spent."""
+    if isinstance(exc, gexc.RetryError):
+        last = exc.cause
+        return not (isinstance(last, ANSWERED) and not isinstance(last, gexc.DeadlineExceeded))
+    return True

@@ -343,6 +343,7 @@ def read_stream(
                         position += batch.num_rows
                         progress_at, attempt = time.monotonic(), 0
                         yield batch, position
+                        progress_at = time.monotonic()  # the consumer's own time (a slow flush) is not a stall
                 watchdog.arm()
             return
         except grpc.RpcError as rpc_error:

@@ -149,6 +149,24 @@ def test_a_stream_that_keeps_failing_gives_up_within_the_deadline(standin: Stora
 
 
 @pytest.mark.once
+def test_a_slow_consumer_is_not_a_stalled_stream(standin: StorageStandIn) -> None:
+    """The time the caller keeps each batch (a slow flush, a COPY shared with other streams) does not count against
+    BIGQUERY_TIMEOUT_SECONDS: a call that fails after the caller was slow for longer is still resumed."""
+    data = sqp_rows(500)
+    standin.register(REF, data)
+    standin.fail_mid_stream("UNAVAILABLE", at_row=200)
+    source = source_for(standin, honours=True)
+    info = open_session(source)
+    schema = pa.ipc.read_schema(pa.py_buffer(info.arrow_schema))
+    rows: list[dict[str, Any]] = []
+    for batch, _ in extract.read_stream(source.get_read_client(), info.streams[0], 0, schema, table_name="t.sqp",
+                                        server_offsets=True, stall_timeout_s=1.0):
+        rows += batch.to_pylist()
+        time.sleep(0.6)  # 2 batches before the fault: 1.2 s of the caller's time, past the 1 s budget
+    assert_same_rows(data.to_pylist(), rows, SQP_KEY)
+
+
+@pytest.mark.once
 def test_a_stream_split_in_two_holds_the_same_rows_back_to_back(standin: StorageStandIn) -> None:
     """SplitReadStream through the real client: the primary and the remainder are the original, in order."""
     from google.cloud.bigquery_storage_v1 import types

@@ -211,3 +211,8 @@ def test_the_default_budget_adds_up_to_60_s_across_the_layers(monkeypatch: pytes
         assert budget_s + (settings.retries * per_retry if retried else 0) <= 60, cause
     # An error BigQuery answered at once (a stream cut mid-read) is still retried: it resumes from the checkpoint.
     assert worth_retrying(raised_from(gexc.ServiceUnavailable("stream reset"))) and settings.retries == 3
+    # A 503 or quota storm that outlasted Google's retry was answered every time: Prefect still retries it.
+    for answered in (gexc.ServiceUnavailable("503"), gexc.TooManyRequests("quota"), gexc.InternalServerError("500")):
+        assert worth_retrying(raised_from(gexc.RetryError("Timeout of 60.0s exceeded", answered))), answered
+        assert worth_retrying(gexc.RetryError("Timeout of 60.0s exceeded", answered)), answered
+    assert not worth_retrying(raised_from(gexc.RetryError("Timeout of 60.0s exceeded", gexc.DeadlineExceeded("504"))))
