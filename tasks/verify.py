@@ -394,6 +394,7 @@ def _sides(res: Resources, entry: RegistryEntry, verdict: Verdict) -> _Sides:
     project, dataset, table = source.ref.split(".")
     soft = (sql.SQL("t.{} IS NULL").format(ident(spec.delete_policy.soft_delete_column))
             if spec.delete_policy.mode == "soft" else None)
-    return _Sides(columns, slicing,
-                  f"{extract.bq_ident(project)}.{extract.bq_ident(dataset)}.{extract.bq_ident(table)}{at}",
-                  ident(target_schema, target_table), soft, res)
+    source_from = f"{extract.bq_ident(project)}.{extract.bq_ident(dataset)}.{extract.bq_ident(table)}{at}"
+    if source.partition_filter:  # require_partition_filter: BigQuery refuses a query over the table without one
+        source_from = f"(SELECT * FROM {source_from} WHERE {source.partition_filter})"  # noqa: S608 - ours
+    return _Sides(columns, slicing, source_from, ident(target_schema, target_table), soft, res)
