@@ -40,6 +40,8 @@ class BigQuerySource(Block):
         " storage_endpoint is set.")
     timeout_s: float = Field(default=60.0, description="How long BigQuery is tried when it gives no answer, seconds"
                              " (BIGQUERY_TIMEOUT_SECONDS).")
+    query_timeout_s: float = Field(default=21600.0, description="How long a query job of a query or view source may"
+                                   " run before it is cancelled, seconds (BIGQUERY_QUERY_TIMEOUT_SECONDS).")
     query_results_readable: bool | None = Field(
         default=None, description="Whether the Storage Read API reads a query job's result table (BigQuery does;"
         " the local emulator does not: there a query's result is written into a table by DDL). Default: not on the"
@@ -74,6 +76,7 @@ class BigQuerySource(Block):
             storage_honours_offsets=settings.bigquery_storage_honours_offsets,
             credentials_json=settings.google_credentials_json,
             timeout_s=settings.bigquery_timeout_s,
+            query_timeout_s=settings.bigquery_query_timeout_s,
         )
 
     def _credentials(self) -> Credentials | None:

@@ -77,6 +77,10 @@ class Settings(StateSettings):
         default=60.0, gt=0, validation_alias="BIGQUERY_TIMEOUT_SECONDS",
         description="How long a BigQuery that gives no answer is tried, Google's retries, ours and Prefect's task "
                     "retries together (tasks/deadline.py); a run's first such error is said within 15 s.")
+    bigquery_query_timeout_s: float = Field(
+        default=21600.0, gt=0, validation_alias="BIGQUERY_QUERY_TIMEOUT_SECONDS",
+        description="How long a query or view source's query job may run (each look at it is one request within "
+                    "BIGQUERY_TIMEOUT_SECONDS); past it the job is cancelled. Default: BigQuery's own 6 hours.")
     bigquery_maximum_bytes_billed: int | None = Field(
         default=None, gt=0, validation_alias="BIGQUERY_MAXIMUM_BYTES_BILLED",
         description="Default per-table budget: a query whose dry run, or a read whose read session, BigQuery estimates "

@@ -16,6 +16,7 @@ table), and then ``materialization_dataset`` names a dataset of the user's where
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from tasks.partitions import partition_filter
 
 Route = Literal["read_session", "query"]
 READ_SESSION_TYPES = frozenset({"TABLE", "SNAPSHOT"})  # and BigLake: EXTERNAL with a connection
+QUERY_POLL_S = (0.5, 5.0)  # the first and the longest pause between two looks at a running query job
 
 
 def read_route(table_type: str | None, *, connection: bool) -> Route:
@@ -178,7 +180,7 @@ def _materialize(source: BigQuerySource, client: bigquery.Client, *, table: str,
     job = None
     try:
         job = client.query(query, job_config=config, location=location, retry=retry, job_retry=None)
-        job.result(timeout=source.timeout_s, retry=retry)
+        wait_for_job(source, job, table=table, what=f"the {origin} source's query job")
     except gexc.GoogleAPICallError as exc:
         if limit is not None and "bytesBilledLimitExceeded" in _reasons(exc):  # BigQuery's own refusal, unbilled
             raise OverBudget(f"the {origin} source's query would bill more than maximum_bytes_billed {limit:,}"
@@ -203,6 +205,31 @@ def _materialize(source: BigQuerySource, client: bigquery.Client, *, table: str,
                        bytes_processed=int(job.total_bytes_processed or 0),
                        bytes_billed=int(job.total_bytes_billed or 0), bytes_estimated=estimated,
                        read_at=job.started or job.created)
+
+
+def wait_for_job(source: BigQuerySource, job: bigquery.QueryJob, *, table: str, what: str) -> None:
+    """Wait for ``job`` to finish, and raise its error if it failed.
+
+    A running job is not a BigQuery that gives no answer: each look at it (jobs.get) is one request, tried within
+    BIGQUERY_TIMEOUT_SECONDS, while the job itself may run up to ``source.query_timeout_s``
+    (BIGQUERY_QUERY_TIMEOUT_SECONDS). ``QueryJob.result(timeout=...)`` would cap the whole wait instead (a healthy
+    61-second query failed against the default 60).
+
+    Raises:
+        SourceError: the job ran past ``query_timeout_s`` (the caller cancels it in its location).
+    """
+    retry = short_retry(source.timeout_s)
+    deadline = time.monotonic() + source.query_timeout_s
+    pause = QUERY_POLL_S[0]
+    while not job.done(retry=retry, timeout=source.timeout_s):
+        left = deadline - time.monotonic()
+        if left <= 0:  # the caller cancels it, as after any error or interruption
+            raise SourceError(f"{what} {job.job_id} ran longer than"
+                              f" BIGQUERY_QUERY_TIMEOUT_SECONDS ({source.query_timeout_s:g} s) and was cancelled;"
+                              " raise it, or make the query cheaper", table=table)
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, QUERY_POLL_S[1])
+    job.result(retry=retry, timeout=source.timeout_s)  # done: raises the job's own error, waits for nothing
 
 
 def named_dataset(source: BigQuerySource, dataset: str) -> str:

@@ -8,6 +8,7 @@ the dataset's location, taken from its metadata when none is configured."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from google.cloud import bigquery
 
 from blocks import BigQuerySource
-from bq_refresh.errors import SourceError, SourceUnavailable
+from bq_refresh.errors import SourceError
 from bq_refresh.services import EmulatorEndpoints
 from bq_refresh.settings import Settings
 from flows.refresh_table import refresh_table
@@ -201,8 +202,10 @@ def test_jobs_carry_the_datasets_location_from_its_metadata_and_a_stuck_query_is
                 answer["jobComplete"] = False
 
         recorder.rewrite = never_done
-        with pytest.raises(SourceUnavailable):  # the deadline (BIGQUERY_TIMEOUT_SECONDS) passed
-            resolve_source(source, table="s.t", source_ref=None, query=query)
+        stuck = source.model_copy(update={"query_timeout_s": 3.0})  # BIGQUERY_QUERY_TIMEOUT_SECONDS
+        with pytest.raises(SourceError, match=r"^s\.t: the query source's query job \S+ ran longer than"
+                                              r" BIGQUERY_QUERY_TIMEOUT_SECONDS \(3 s\) and was cancelled"):
+            resolve_source(stuck, table="s.t", source_ref=None, query=query)
         cancels = [r for r in recorder.requests if r.path.endswith("/cancel")]
         assert cancels and cancels[0].params.get("location") == "asia-northeast1", recorder.requests
 
@@ -213,6 +216,47 @@ def test_jobs_carry_the_datasets_location_from_its_metadata_and_a_stuck_query_is
     finally:
         for n in (name, f"{name}_us"):
             admin.get_bigquery_client().delete_dataset(n, delete_contents=True, not_found_ok=True)
+
+
+@pytest.mark.emulator
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_query_job_running_longer_than_the_bigquery_timeout_is_waited_for(
+        env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
+        emulator: EmulatorEndpoints, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BIGQUERY_TIMEOUT_SECONDS is how long a BigQuery that gives no answer is tried, not a cap on a job that runs:
+    a query job that BigQuery reports RUNNING (through the recording proxy) for longer than it, then DONE, is
+    waited for, each look at it one short request, and the refresh equals the query."""
+    put_table(source, "orders", SCHEMA, rows(150))
+    query = f"SELECT id, day, name, amount FROM `{source.table_ref('orders')}` WHERE MOD(id, 5) <> 2"
+    register_table(pg, registry, "slow", {"query": query, "key": ["id"], "mode": "full"})
+    expected = [dict(r.items()) for r in source.get_bigquery_client().query(query).result()]
+    runs_until: dict[str, float] = {}  # the job's id -> when BigQuery first reports it DONE
+
+    def still_running(seen: Any, answer: dict[str, Any]) -> None:
+        job_id = str((answer.get("jobReference") or {}).get("jobId"))
+        if seen.job_insert and not seen.dry_run and query in seen.query:
+            runs_until[job_id] = time.monotonic() + 4.0  # twice BIGQUERY_TIMEOUT_SECONDS
+        if time.monotonic() < runs_until.get(job_id, 0.0):
+            if isinstance(answer.get("status"), dict):
+                answer["status"] = {"state": "RUNNING"}
+            if "jobComplete" in answer:
+                answer["jobComplete"] = False
+
+    proxy = RecordingProxy(emulator.rest_url)
+    proxy.rewrite = still_running
+    try:
+        monkeypatch.setenv("BIGQUERY_API_ENDPOINT", proxy.url)
+        monkeypatch.setenv("BIGQUERY_TIMEOUT_SECONDS", "2")
+        started = time.monotonic()
+        result = refresh_table("slow")
+        waited = time.monotonic() - started
+    finally:
+        proxy.close()
+    assert result["status"] == "success" and result["rows_inserted"] == len(expected), result
+    [job_id] = runs_until
+    looks = [r for r in proxy.requests if r.method == "GET" and r.path.endswith(f"/jobs/{job_id}")]
+    assert len(looks) >= 3 and waited > 4.0, (len(looks), waited)  # polled past the 2 s budget, not given up
+    assert_same_rows(expected, pg_rows(pg, f'"{registry}".slow', "id"), ["id"])
 
 
 @pytest.mark.emulator
