@@ -307,7 +307,8 @@ def plan_refresh(
         restarted = None
         if active is not None:
             why = ("the plan changed" if active[1].get("fingerprint") != fingerprint
-                   else (None if local is not None else _snapshot_gone(res, source.ref, active[1]))
+                   else (None if local is not None else result_gone(active[1].get("plan", {}), source)
+                         or _snapshot_gone(res, source.ref, active[1]))
                    or _staging_lost(conn, staging_schema, stage_table, active[1], int(active[2] or 0)))
             if why:
                 log.warning("%s: the unfinished run is not resumed (%s); starting over", table, why)
@@ -479,6 +480,20 @@ def _bigquery_bytes(source: extract.SourceTable, session: extract.ReadSessionInf
         figures |= {"query_processed": source.bytes_processed, "query_billed": source.bytes_billed,
                     "query_estimated": source.bytes_estimated}
     return figures
+
+
+def result_gone(plan: dict[str, Any], source: extract.SourceTable) -> str | None:
+    """Why a checkpoint's plan, read from a query job's result table, cannot be resumed on ``source`` (the source
+    resolved now), or None. Its offsets count the rows of that job's result; when that result was not found again
+    (the job unknown, its anonymous result expired after about 24 hours, the table dropped, the statement changed),
+    the query ran again: its new anonymous result is another table the earlier session cannot read, and a named
+    result table (materialization_dataset, the emulator's DDL) was replaced under the offsets."""
+    if not plan.get("source_job_result"):
+        return None
+    job_id, ref = plan.get("bigquery_job_id"), plan.get("source_ref")
+    if source.reused and source.job_id == job_id and source.ref == ref:
+        return None
+    return f"the result {ref} of its query job {job_id} can no longer be read (expired, not found or replaced)"
 
 
 def _snapshot_gone(res: Resources, source_ref: str, data: dict[str, Any]) -> str | None:

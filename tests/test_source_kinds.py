@@ -12,19 +12,21 @@ import time
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import polars as pl
 import psycopg
 import pyarrow as pa
 import pytest
 from google.cloud import bigquery
 
 from blocks import BigQuerySource
-from bq_refresh.errors import SourceError
+from bq_refresh.errors import ConfigError, SourceError
 from bq_refresh.services import EmulatorEndpoints
 from bq_refresh.settings import Settings
 from flows.refresh_table import refresh_table
 from tasks import extract
 from tasks.registry import register_table
 from tasks.sources import keeps_history, read_route, resolve_source, result_table_name
+from tasks.transform import register_transform
 from tests.bqdata import bq_schema, pg_rows, put_table, run_sql, source_rows
 from tests.bqrecorder import RecordingProxy
 from tests.comparator import assert_same_rows
@@ -356,3 +358,87 @@ def test_on_the_emulator_a_materialization_dataset_holds_the_result_and_the_sour
         assert_same_rows(expected, pg_rows(pg, f'"{registry}".names', "id"), ["id"])
     finally:
         client.delete_dataset(mat, delete_contents=True, not_found_ok=True)
+
+
+STOP_AFTER = {"batches": -1}  # the run of "stops_for_tests" ends after this many batches (-1: never)
+
+
+@register_transform("stops_for_tests")
+def _stops(frame: pl.LazyFrame) -> pl.LazyFrame:
+    if STOP_AFTER["batches"] == 0:
+        raise ConfigError("injected: the run stops here, its staged batches and checkpoint kept")
+    STOP_AFTER["batches"] -= 1
+    return frame
+
+
+PLAN = {"source_job_result": True, "bigquery_job_id": "job_1", "source_ref": "p.d._bqr_query_1"}
+
+
+@pytest.mark.parametrize(("plan", "source", "gone"), [
+    (PLAN, extract.SourceTable("p.d._bqr_query_1", [], "job_1", job_result=True, reused=True), False),
+    (PLAN, extract.SourceTable("p.d._bqr_query_1", [], "job_2", job_result=True), True),  # the DDL route, run again
+    (PLAN, extract.SourceTable("p._anon.t2", [], "job_2", job_result=True), True),  # a new anonymous result
+    (PLAN, extract.SourceTable("p.d.orders", []), True),  # now a table source
+    ({"source_job_result": False}, extract.SourceTable("p.d.orders", []), False),  # not a job's result
+])
+def test_a_checkpoint_on_a_query_jobs_result_resumes_only_on_that_same_result(
+        plan: dict[str, Any], source: extract.SourceTable, gone: bool) -> None:
+    from tasks.sync import result_gone
+
+    assert (result_gone(plan, source) is not None) is gone
+
+
+@pytest.mark.emulator
+@pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.parametrize("lost", ["result table dropped", "job not found"])
+def test_a_query_source_whose_earlier_result_is_gone_starts_over_and_says_why(
+        lost: str, env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
+        emulator: EmulatorEndpoints, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of a query source stopped after staging some batches; its query job's result then becomes unreadable
+    (the table gone, as an expired anonymous result; or the job unknown) while the source changed. The rerun runs the
+    query again, which (the emulator's DDL route, like a materialization_dataset) replaces the result table: the old
+    checkpoint's offsets count rows of the earlier result, so it is not resumed: the run starts over, the audit row
+    says why, and the target equals the query's rows now, nothing doubled."""
+    put_table(source, "orders", SCHEMA, rows(150))
+    query = f"SELECT id, day, name, amount FROM `{source.table_ref('orders')}` WHERE MOD(id, 4) <> 3"
+    register_table(pg, registry, "quarters", {"query": query, "key": ["id"], "mode": "full", "batch_size": 20,
+                                              "transform": "stops_for_tests", "direct_initial_load": False})
+    STOP_AFTER["batches"] = 2
+    try:
+        with pytest.raises(ConfigError, match="injected"):
+            refresh_table("quarters")
+    finally:
+        STOP_AFTER["batches"] = -1
+    ckpt = pg.execute(f"SELECT id, last_processed_row, checkpoint_data->'plan' FROM \"{registry}\".refresh_checkpoints"
+                      " WHERE status = 'active'").fetchone()
+    assert ckpt is not None and ckpt[1] == 40, ckpt  # two batches staged, then stopped
+    job_id, result_ref = ckpt[2]["bigquery_job_id"], ckpt[2]["source_ref"]
+
+    put_table(source, "orders", SCHEMA, rows(210))  # the source moved on: the query's rows now differ
+    proxy = RecordingProxy(emulator.rest_url)
+    if lost == "result table dropped":
+        source.get_bigquery_client().delete_table(result_ref)
+    else:
+        def unknown_job(seen: Any) -> tuple[int, dict[str, Any]] | None:
+            if seen.method == "GET" and seen.path.endswith(f"/jobs/{job_id}"):
+                message = f"Not found: Job {EMULATOR_PROJECT}:{job_id}"
+                return 404, {"error": {"code": 404, "message": message, "status": "NOT_FOUND",
+                                       "errors": [{"reason": "notFound", "message": message}]}}
+            return None
+
+        proxy.answer = unknown_job
+    try:
+        monkeypatch.setenv("BIGQUERY_API_ENDPOINT", proxy.url)
+        rerun = refresh_table("quarters")
+    finally:
+        proxy.close()
+    expected = [dict(r.items()) for r in source.get_bigquery_client().query(query).result()]
+    assert rerun["status"] == "success" and not rerun["resumed"], rerun
+    assert rerun["rows_read"] == rerun["rows_inserted"] == len(expected) == 158, rerun  # read whole, once
+    restarted = pg.execute(f"SELECT sync_metadata->>'restarted' FROM \"{registry}\".refresh_audit_log"
+                           " ORDER BY id DESC LIMIT 1").fetchone()
+    assert restarted is not None and restarted[0] == (
+        f"the unfinished run of checkpoint {ckpt[0]} is not resumed: the result {result_ref} of its query job"
+        f" {job_id} can no longer be read (expired, not found or replaced)"), restarted
+    assert_same_rows(expected, pg_rows(pg, f'"{registry}".quarters', "id"), ["id"])
+    assert pg.execute(f'SELECT count(*) - count(DISTINCT id) FROM "{registry}".quarters').fetchone() == (0,)
