@@ -332,8 +332,7 @@ MAX_ROWS_LISTED = 1000
 
 
 def locate_rows(sides: _Sides, differing: list[digest.SliceDifference], verdict: Verdict) -> list[digest.RowDifference]:
-    """Below each differing slice, segments of the key hash (as many hex digits more a step as bring the biggest
-    segment under digest.ROWS_PER_SEGMENT rows on average) are compared on both sides,
+    """Below each differing slice, segments of the key hash (256 children a step) are compared on both sides,
     only the differing ones split further, down to segments of at most digest.ROWS_PER_SEGMENT rows; their rows
     are then compared one by one (a digest per column value), so only digests of the differing places cross."""
     if len(differing) > MAX_SLICES_BISECTED:
@@ -346,12 +345,7 @@ def locate_rows(sides: _Sides, differing: list[digest.SliceDifference], verdict:
         big = [seg for seg, n in pending if n > digest.ROWS_PER_SEGMENT and level < digest.MAX_PREFIX]
         if not big:
             break
-        # As many hex digits at once as put the biggest segment under ROWS_PER_SEGMENT rows on average (a 50,000-row
-        # week: 3 digits, one round; two digits a round took two), one at least.
-        step, biggest = 1, max(n for _, n in pending if n > digest.ROWS_PER_SEGMENT)
-        while biggest / 16 ** step > digest.ROWS_PER_SEGMENT:
-            step += 1
-        level = min(level + step, digest.MAX_PREFIX)
+        level = min(level + 2, digest.MAX_PREFIX)
         source_rows, target_rows = sides.both(
             digest.bq_children_query(sides.source_from, sides.columns, sides.slicing, big, level),
             digest.pg_children_query(sides.target, sides.columns, sides.slicing, big, level, sides.where))

@@ -153,7 +153,7 @@ def test_verify_finds_exactly_the_slices_edited_by_hand(
     assert sqp["status"] == "differs"
     assert {d["slice"]: (d["source_rows"], d["target_rows"]) for d in sqp["differing"]} == {
         "2025-01-05": (300, 300), "2025-01-12": (300, 299), "2025-01-19": (300, 301)}
-    assert sqp["bigquery_queries"] == 3  # the slices, one bisection step (300 rows -> 16 key segments), the rows
+    assert sqp["bigquery_queries"] == 3  # the slices, one bisection step (300 rows -> 256 key segments), the rows
     assert [(r["key"]["asin"], r["key"]["start_date"], r["kind"], r["columns"]) for r in sqp["rows"]] == [
         ("B000000000", "2025-01-05", "differs", ["impressions"]), ("B000000001", "2025-01-12", "missing", []),
         ("B0HANDMADE", "2025-01-19", "extra", [])]
