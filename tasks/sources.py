@@ -54,6 +54,19 @@ def over_budget(table: str, what: str, estimate: int, limit: int | None) -> Over
                       " nothing read", table=table, estimate_bytes=estimate, limit_bytes=limit)
 
 
+def result_over_budget(table: str, result: SourceTable, estimate: int, limit: int | None) -> OverBudget | None:
+    """The refusal of the read of a query job's result table (a query or view source) whose read session estimates
+    over ``limit`` bytes. Reading a table through the Storage Read API is billed by the bytes it reads, apart from the
+    query (cloud.google.com/bigquery/pricing, "Data extraction pricing": streaming reads), and a result's size is
+    known only once its query ran: that query is already billed, and the refusal says so."""
+    if limit is None or estimate <= limit:
+        return None
+    return OverBudget(f"the read of the {result.kind} source's query result {result.ref} would scan {estimate:,} bytes"
+                      f" in BigQuery, over maximum_bytes_billed {limit:,}; its query job {result.job_id} already ran"
+                      f" ({result.bytes_billed:,} bytes billed), its result is not read", table=table,
+                      estimate_bytes=estimate, limit_bytes=limit, query_billed_bytes=result.bytes_billed)
+
+
 def query_location(source: BigQuerySource, client: bigquery.Client, dataset: str) -> str | None:
     """Where jobs run: the configured location, else the location of ``dataset`` (``project.dataset`` or a
     dataset of the source's project) from its metadata. BigQuery finds a job by id only in its location."""

@@ -34,7 +34,7 @@ from tasks.fastpath import HASH_COLUMN, LocalSource
 from tasks.partitions import restrict
 from tasks.planning import streams_within
 from tasks.registry import RegistryEntry
-from tasks.sources import earlier_result, over_budget, resolve_source
+from tasks.sources import earlier_result, over_budget, resolve_source, result_over_budget
 from tasks.spec import QualityConfig, TableSpec
 from tasks.sqlnames import ident, idents, quote_ident
 from tasks.transform import get_transform, shape
@@ -467,7 +467,8 @@ def _earlier_result(res: Resources, entry: RegistryEntry, spec: TableSpec) -> ex
 
 
 def _refuse_over_budget(table: str, source: extract.SourceTable, session: extract.ReadSessionInfo, budget: int) -> None:
-    refusal = over_budget(table, f"the read of {source.ref}", session.estimated_bytes, budget)
+    refusal = (result_over_budget(table, source, session.estimated_bytes, budget) if source.job_result
+               else over_budget(table, f"the read of {source.ref}", session.estimated_bytes, budget))
     if refusal is not None:
         raise refusal
 
@@ -672,8 +673,10 @@ def stage_rows(
     counters = {"read": 0, "staged": 0, "quarantined": 0, "batches": 0, "unchanged": 0}
     lock = threading.Lock()
     recreated = 0
-    session = dict(plan.session)
     state = row[1]
+    # The checkpoint's session, not the plan's: a Prefect retry after a re-created session gets the plan it started
+    # with, while the checkpoint holds the new session whose stream names its offsets and done flags belong to.
+    session = dict(state.get("session") or plan.session)
     offsets: dict[str, int] = {k: int(v) for k, v in state.get("offsets", {}).items()}
     done: dict[str, bool] = {k: bool(v) for k, v in state.get("done", {}).items()}
     seq_base = int(state.get("seq_base", 0))

@@ -139,6 +139,39 @@ def test_a_table_read_over_its_budget_is_refused_before_any_query_job_or_readrow
     assert_same_rows(before, pg_rows(pg, f'"{registry}".orders', "id"), ["id"])
 
 
+def test_a_query_result_over_its_budget_is_refused_before_it_is_read_saying_the_query_already_ran(
+        pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, recorder: RecordingProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A query job's result table is read through the Storage Read API, which bills the bytes it reads apart from the
+    query (cloud.google.com/bigquery/pricing, "Data extraction pricing"): a result whose read session estimates more
+    than the budget is not read. Its size is known only once the query ran, so the refusal says the query already
+    ran and what it billed, not "nothing read". On the emulator's DDL route the result is a named table, served by
+    the stand-in with BigQuery's estimate."""
+    from tasks.sources import result_table_name
+
+    with StorageStandIn() as standin:
+        monkeypatch.setenv("BIGQUERY_STORAGE_ENDPOINT", standin.target)
+        put_table(source, "orders", SCHEMA, rows(60))
+        query = f"SELECT id, day, amount FROM `{source.table_ref('orders')}`"
+        register_table(pg, registry, "wide", {"query": query, "key": ["id"], "mode": "full",
+                                             "maximum_bytes_billed": 20_000_000})
+        result = source.table_ref(result_table_name(f"{registry}.wide"))
+        standin.register(result, rows(60), estimated_bytes=52_000_000)
+        recorder.rewrite = set_bytes(4_000_000, 10_485_760)  # the query: within the budget
+        with pytest.raises(OverBudget) as refused:
+            refresh_table("wide")
+        [job] = [r for r in recorder.jobs() if query in r.query and not r.dry_run]  # the query ran, once
+        assert len(standin.sessions) == 1 and standin.reads == []  # the result's session estimated, nothing read
+    message = str(refused.value)
+    assert re.fullmatch(rf"{registry}\.wide: the read of the query source's query result {re.escape(result)} would"
+                        r" scan 52,000,000 bytes in BigQuery, over maximum_bytes_billed 20,000,000; its query job \S+"
+                        r" already ran \(10,485,760 bytes billed\), its result is not read", message), message
+    assert "nothing read" not in message
+    status, error, _, details = last_audit(pg, registry)
+    assert status == "failed" and error == message, (status, error)
+    assert details["context"]["query_billed_bytes"] == 10_485_760, details
+
+
 def cli_dry_run(table: str) -> str:
     """``bq-refresh run --table T --dry-run`` through the real entry point (its environment: this test's)."""
     import os
