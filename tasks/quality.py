@@ -16,7 +16,7 @@ from psycopg import sql
 
 from blocks.resources import Resources
 from bq_refresh.errors import QualityCheckFailed
-from tasks.extract import bq_ident, short_retry
+from tasks.extract import bq_ident
 from tasks.spec import QualityConfig
 from tasks.sqlnames import ident, idents, quote_ident
 from tasks.typemap import Column
@@ -65,7 +65,6 @@ def checksum_names(columns: list[Column], key: list[str], critical: list[str]) -
 
 def source_count(res: Resources, source_ref: str, restriction: str, snapshot: str | None) -> int:
     """The source's row count for the synced window, from BigQuery (at the read's snapshot on BigQuery)."""
-    client = res.source.get_bigquery_client()
     project, dataset, table = source_ref.split(".")
     at = ""
     if snapshot and res.source.time_travel:  # the emulator has no time travel
@@ -73,8 +72,9 @@ def source_count(res: Resources, source_ref: str, restriction: str, snapshot: st
     where = f" WHERE {restriction}" if restriction else ""
     # identifiers quoted by bq_ident; the restriction is ours, built from typed literals (extract.bq_literal)
     query = f"SELECT COUNT(*) AS n FROM {bq_ident(project)}.{bq_ident(dataset)}.{bq_ident(table)}{at}{where}"  # noqa: S608
-    rows = list(client.query(query, retry=short_retry(res.source.timeout_s), job_retry=None)
-                .result(timeout=res.source.timeout_s, retry=short_retry(res.source.timeout_s)))
+    from tasks.sources import query_rows
+
+    _, rows = query_rows(res.source, query, table=source_ref, what="the source count query")
     return int(rows[0][0])
 
 

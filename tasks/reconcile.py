@@ -12,7 +12,7 @@ from psycopg import sql
 
 from blocks.resources import Resources
 from bq_refresh.errors import QualityCheckFailed
-from tasks.extract import bq_ident, short_retry
+from tasks.extract import bq_ident
 from tasks.sqlnames import ident
 
 
@@ -59,7 +59,6 @@ def source_slices(
         cursor_floor: a BigQuery boolean expression (ours, built from typed literals) marking changed rows.
         where: a BigQuery boolean expression (ours) restricting the rows counted (a repair's keys).
     """
-    client = res.source.get_bigquery_client()
     project, dataset, table = source_ref.split(".")
     at = ""
     if snapshot and res.source.time_travel:  # the emulator has no time travel
@@ -74,8 +73,9 @@ def source_slices(
         query = f"SELECT {bq_ident(window)} AS w, {select} FROM {src} GROUP BY 1"  # noqa: S608
     else:
         query = f"SELECT NULL AS w, {select} FROM {src}"  # noqa: S608
-    rows = client.query(query, retry=short_retry(res.source.timeout_s), job_retry=None).result(
-        timeout=res.source.timeout_s, retry=short_retry(res.source.timeout_s))
+    from tasks.sources import query_rows
+
+    _, rows = query_rows(res.source, query, table=source_ref, what="the reconciliation's count query")
     return [SourceSlice(period_text(r[0]), int(r[1]), int(r[2]), int(r[3] or 0)) for r in rows]
 
 

@@ -220,7 +220,12 @@ def _materialize(source: BigQuerySource, client: bigquery.Client, *, table: str,
                        read_at=job.started or job.created)
 
 
-def wait_for_job(source: BigQuerySource, job: bigquery.QueryJob, *, table: str, what: str) -> None:
+class JobTimedOut(SourceError):
+    """A query job ran past its limit (BIGQUERY_QUERY_TIMEOUT_SECONDS, or the caller's own)."""
+
+
+def wait_for_job(source: BigQuerySource, job: bigquery.QueryJob, *, table: str, what: str,
+                 limit_s: float | None = None) -> None:
     """Wait for ``job`` to finish, and raise its error if it failed.
 
     A running job is not a BigQuery that gives no answer: each look at it (jobs.get) is one request, tried within
@@ -229,20 +234,42 @@ def wait_for_job(source: BigQuerySource, job: bigquery.QueryJob, *, table: str, 
     61-second query failed against the default 60).
 
     Raises:
-        SourceError: the job ran past ``query_timeout_s`` (the caller cancels it in its location).
+        JobTimedOut: the job ran past ``query_timeout_s`` or ``limit_s`` (the caller cancels it in its location).
     """
     retry = short_retry(source.timeout_s)
-    deadline = time.monotonic() + source.query_timeout_s
+    deadline = time.monotonic() + (source.query_timeout_s if limit_s is None else limit_s)
     pause = QUERY_POLL_S[0]
     while not job.done(retry=retry, timeout=source.timeout_s):
         left = deadline - time.monotonic()
         if left <= 0:  # the caller cancels it, as after any error or interruption
-            raise SourceError(f"{what} {job.job_id} ran longer than"
+            if limit_s is not None:
+                raise JobTimedOut(f"{what} {job.job_id} ran longer than {limit_s:g} s and was cancelled", table=table)
+            raise JobTimedOut(f"{what} {job.job_id} ran longer than"
                               f" BIGQUERY_QUERY_TIMEOUT_SECONDS ({source.query_timeout_s:g} s) and was cancelled;"
                               " raise it, or make the query cheaper", table=table)
         time.sleep(min(pause, left))
         pause = min(pause * 2, QUERY_POLL_S[1])
     job.result(retry=retry, timeout=source.timeout_s)  # done: raises the job's own error, waits for nothing
+
+
+def query_rows(source: BigQuerySource, query: str, *, table: str, what: str,
+               job_config: bigquery.QueryJobConfig | None = None,
+               limit_s: float | None = None) -> tuple[bigquery.QueryJob, list[tuple[Any, ...]]]:
+    """Run one query of ours (the reconciliation's counts, the checks' counts, verify's digests) and return the job
+    and its rows: waited for as ``wait_for_job`` does (a job that runs is not a BigQuery that gives no answer), and
+    cancelled where it runs on any error or interruption."""
+    client = source.get_bigquery_client()
+    retry = short_retry(source.timeout_s)
+    job = client.query(query, job_config=job_config, retry=retry, job_retry=None)
+    try:
+        wait_for_job(source, job, table=table, what=what, limit_s=limit_s)
+        return job, [tuple(r) for r in job.result(retry=retry, timeout=source.timeout_s)]
+    except BaseException:
+        try:
+            client.cancel_job(job.job_id, location=job.location, retry=retry, timeout=source.timeout_s)
+        except Exception:  # noqa: BLE001, S110 - the job's own error is the one to raise
+            pass
+        raise
 
 
 def named_dataset(source: BigQuerySource, dataset: str) -> str:

@@ -11,7 +11,6 @@ of non-NULL values, and listed.
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from bq_refresh.errors import AlreadyRunning, RefreshError
 from tasks import digest, extract, load, reconcile
 from tasks.locks import table_lock
 from tasks.registry import RegistryEntry
-from tasks.sources import describe_source, keeps_history
+from tasks.sources import JobTimedOut, describe_source, keeps_history, query_rows
 from tasks.sqlnames import ident
 
 
@@ -134,6 +133,7 @@ class _Sides:
     max_bytes: int | None = None  # per BigQuery query: refused beforehand above it, and BigQuery's own limit
     deadline: float | None = None  # time.monotonic() past which no query runs (each is cancelled at it)
     timeout_s: float | None = None  # the limit the deadline came from (for the message)
+    table: str = ""  # the registry name (errors name it)
     queries: int = 0  # BigQuery queries run
     bytes_processed: int = 0
     bytes_billed: int = 0
@@ -154,17 +154,15 @@ class _Sides:
                 raise OverBudget(f"verify would scan {estimate} bytes in BigQuery in one query, over the budget of"
                                  f" {self.max_bytes} (--max-bytes): nothing run")
         self.queries += 1
-        job = client.query(query, job_config=bigquery.QueryJobConfig(maximum_bytes_billed=self.max_bytes),
-                           retry=retry, job_retry=None)
         left = self.left()
-        wait = self.res.source.timeout_s if left is None else min(left, self.res.source.timeout_s)
-        try:
-            rows = [tuple(r) for r in job.result(timeout=wait, retry=retry)]
-        except concurrent.futures.TimeoutError:
-            client.cancel_job(job.job_id, location=job.location, retry=retry, timeout=self.res.source.timeout_s)
-            if left is not None and left <= self.res.source.timeout_s:
-                raise TimedOut(f"verify ran past its {self.timeout_label()}: BigQuery's query cancelled") from None
-            raise
+        try:  # waited for while it runs, up to the table's deadline; cancelled where it runs past it
+            job, rows = query_rows(self.res.source, query, table=self.table, what="verify's query",
+                                   job_config=bigquery.QueryJobConfig(maximum_bytes_billed=self.max_bytes),
+                                   limit_s=left)
+        except JobTimedOut:
+            if left is None:
+                raise
+            raise TimedOut(f"verify ran past its {self.timeout_label()}: BigQuery's query cancelled") from None
         self.bytes_processed += int(job.total_bytes_processed or 0)
         self.bytes_billed += int(job.total_bytes_billed or 0)
         return rows
@@ -397,4 +395,4 @@ def _sides(res: Resources, entry: RegistryEntry, verdict: Verdict) -> _Sides:
     source_from = f"{extract.bq_ident(project)}.{extract.bq_ident(dataset)}.{extract.bq_ident(table)}{at}"
     if source.partition_filter:  # require_partition_filter: BigQuery refuses a query over the table without one
         source_from = f"(SELECT * FROM {source_from} WHERE {source.partition_filter})"  # noqa: S608 - ours
-    return _Sides(columns, slicing, source_from, ident(target_schema, target_table), soft, res)
+    return _Sides(columns, slicing, source_from, ident(target_schema, target_table), soft, res, table=entry.name)

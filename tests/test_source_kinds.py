@@ -442,3 +442,37 @@ def test_a_query_source_whose_earlier_result_is_gone_starts_over_and_says_why(
         f" {job_id} can no longer be read (expired, not found or replaced)"), restarted
     assert_same_rows(expected, pg_rows(pg, f'"{registry}".quarters', "id"), ["id"])
     assert pg.execute(f'SELECT count(*) - count(DISTINCT id) FROM "{registry}".quarters').fetchone() == (0,)
+
+
+@pytest.mark.emulator
+def test_the_count_queries_running_longer_than_the_bigquery_timeout_are_waited_for(
+        env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
+        emulator: EmulatorEndpoints, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reconciliation's and the checks' count queries over a table source are jobs like a query source's: one
+    that BigQuery reports RUNNING for longer than BIGQUERY_TIMEOUT_SECONDS is waited for, not taken for an
+    unreachable BigQuery."""
+    put_table(source, "orders", SCHEMA, rows(60))
+    register_table(pg, registry, "orders", {"source": "orders", "key": ["id"], "mode": "full"})
+    runs_until: dict[str, float] = {}
+
+    def still_running(seen: Any, answer: dict[str, Any]) -> None:
+        job_id = str((answer.get("jobReference") or {}).get("jobId"))
+        if seen.job_insert and not seen.dry_run and "COUNT(" in seen.query:
+            runs_until[job_id] = time.monotonic() + 3.0
+        if time.monotonic() < runs_until.get(job_id, 0.0):
+            if isinstance(answer.get("status"), dict):
+                answer["status"] = {"state": "RUNNING"}
+            if "jobComplete" in answer:
+                answer["jobComplete"] = False
+
+    proxy = RecordingProxy(emulator.rest_url)
+    proxy.rewrite = still_running
+    try:
+        monkeypatch.setenv("BIGQUERY_API_ENDPOINT", proxy.url)
+        monkeypatch.setenv("BIGQUERY_TIMEOUT_SECONDS", "1")
+        result = refresh_table("orders")
+    finally:
+        proxy.close()
+    assert result["status"] == "success" and result["rows_inserted"] == 60, result
+    assert runs_until, [r.query for r in proxy.jobs()]
+    assert_same_rows(source_rows(source, "orders"), pg_rows(pg, f'"{registry}".orders', "id"), ["id"])
