@@ -170,10 +170,12 @@ class _Sides:
     def postgres(self, query: sql.Composed) -> list[Any]:
         left = self.left()
         with self.res.target.connect(autocommit=True) as conn:
-            if left is not None:
-                conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(max(1, int(left * 1000)))))
             try:
-                return [tuple(r) for r in conn.execute(query).fetchall()]
+                with conn.transaction():  # SET LOCAL: the limit ends with it, whatever pooler holds the session
+                    if left is not None:
+                        conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
+                            sql.Literal(max(1, int(left * 1000)))))
+                    return [tuple(r) for r in conn.execute(query).fetchall()]
             except psycopg.errors.QueryCanceled:
                 if left is None:
                     raise
