@@ -272,13 +272,22 @@ def test_the_timeouts_line_reports_the_roles_own_beside_the_refreshs(
 ) -> None:
     role = str(pg.execute("SELECT current_user").fetchone()[0])  # type: ignore[index]
     own = ", ".join(f"{k} {v} ms" for k, v in env.session_timeouts.items())
+    names = ("statement_timeout", "idle_in_transaction_session_timeout")
+    before = pg.execute(  # the role's own (the Supabase-like server's role has a statement_timeout): put back after
+        "SELECT c FROM pg_db_role_setting s, unnest(s.setconfig) c WHERE s.setdatabase = 0"
+        " AND s.setrole = (SELECT oid FROM pg_roles WHERE rolname = current_user)").fetchall()
     pg.execute(sql.SQL("ALTER ROLE {} SET statement_timeout = '8s'").format(sql.Identifier(role)))
     pg.execute(sql.SQL("ALTER ROLE {} SET idle_in_transaction_session_timeout = '9s'").format(sql.Identifier(role)))
     try:
         timeouts = lines(pg, env, [])["timeouts"]
     finally:
-        pg.execute(sql.SQL("ALTER ROLE {} RESET statement_timeout").format(sql.Identifier(role)))
-        pg.execute(sql.SQL("ALTER ROLE {} RESET idle_in_transaction_session_timeout").format(sql.Identifier(role)))
+        for name in names:
+            pg.execute(sql.SQL("ALTER ROLE {} RESET {}").format(sql.Identifier(role), sql.Identifier(name)))
+        for (setting,) in before:
+            name, _, value = str(setting).partition("=")
+            if name in names:
+                pg.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(sql.Identifier(role), sql.Identifier(name),
+                                                                     sql.Literal(value)))
     settings = pg.execute(
         "SELECT string_agg(c, ', ' ORDER BY c) FROM pg_db_role_setting s, unnest(s.setconfig) c WHERE s.setrole = 0"
         " AND s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())"
