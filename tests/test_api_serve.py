@@ -103,6 +103,7 @@ def serve(serve_env: dict[str, str], tmp_path: Path) -> Iterator[Serve]:
 @pytest.mark.slow
 @pytest.mark.emulator
 @pytest.mark.once
+@pytest.mark.second  # run in the second pass (pyproject.toml markers)
 def test_serve_runs_concurrent_triggers_on_one_prefect_server_and_stops_it_on_sigterm(
     serve: Serve, env: Settings, pg: psycopg.Connection[Any], tmp_path: Path,
 ) -> None:

