@@ -24,6 +24,12 @@ if __name__ == "__main__":
         from flows.daily_refresh import daily_refresh
 
         daily_refresh(force=True)
+    elif sys.argv[1] == "--repair-keys":  # verify --repair's run by key: table, then the keys as JSON
+        import json
+
+        from flows.refresh_table import refresh_table
+
+        refresh_table(sys.argv[2], repair_keys=json.loads(sys.argv[3]))
     else:
         from flows.refresh_table import refresh_table
 

@@ -296,3 +296,78 @@ def test_a_postgres_crash_inside_a_group_publish_leaves_every_member_as_before_t
             mine = [a[1:] for a in audit if a[0] == t]
             assert mine[-1] == ("success", 10, TOTAL // 20, 1), audit  # what the rerun changed, exactly
             assert mine[-2][0] == "failed", audit  # the crashed night's row, closed as interrupted
+
+
+def test_a_postgres_crash_inside_a_repair_by_key_leaves_the_table_as_before_then_one_rerun_mends_exactly_those_rows(
+    env: Settings, crashable: CrashablePostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """verify --repair's run by key (three keys: one edited by hand, one deleted by hand, one made by hand) waits
+    inside its publish on a lock the test holds when the server dies: after the restart the live table is exactly as
+    before (hand edits and all), and one rerun of the repair makes it equal to the source, rewriting only those keys
+    and leaving the watermark where the night left it."""
+    import json
+
+    schema = env.schema_name
+    monkeypatch.setenv("BQ_REFRESH_DATABASE_URL", crashable.uri)
+    monkeypatch.setenv("REFRESH_RETRIES", "0")
+    source = BigQuerySource.from_settings(env)
+    rows = sqp_rows(TOTAL // 4, weeks=WEEKS).to_pylist()
+    spec: dict[str, Any] = {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "mode": "window",
+                            "window_column": "start_date"}
+    t = f'"{schema}".sqp'
+    conn = psycopg.connect(crashable.uri, autocommit=True)
+    try:
+        apply_migrations(conn, schema)
+        conn.execute(f"DROP TABLE IF EXISTS {t}")
+        register_table(conn, schema, "sqp", spec)
+        put(source, rows)
+        assert refresh_table("sqp")["status"] == "success"
+        edited, deleted = rows[3], rows[4]
+        conn.execute(f"UPDATE {t} SET impressions = -1 WHERE start_date = %s AND asin = %s AND search_query = %s",
+                     (edited["start_date"], edited["asin"], edited["search_query"]))
+        conn.execute(f"DELETE FROM {t} WHERE start_date = %s AND asin = %s AND search_query = %s",
+                     (deleted["start_date"], deleted["asin"], deleted["search_query"]))
+        conn.execute(f"INSERT INTO {t} SELECT start_date, asin, 'made by hand', impressions, click_share,"
+                     f" median_price, updated_at FROM {t} LIMIT 1")
+        made = conn.execute(f"SELECT start_date::text, asin FROM {t} WHERE search_query = 'made by hand'").fetchone()
+        assert made is not None
+        keys = [[str(r["start_date"]), r["asin"], r["search_query"]] for r in (edited, deleted)]
+        keys.append([made[0], made[1], "made by hand"])
+        before = live(conn, schema)
+        night = conn.execute(f'SELECT watermark, last_refresh_at FROM "{schema}".refresh_config').fetchone()
+
+        from prefect.settings import PREFECT_API_URL
+
+        blocker = psycopg.connect(crashable.uri)
+        blocker.execute(f"LOCK TABLE {t} IN SHARE MODE")
+        child = subprocess.Popen([sys.executable, "-m", "tests.killable_refresh", "--repair-keys", "sqp", json.dumps(keys)],
+                                 cwd=ROOT, env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+                                                "PYTHONPATH": str(ROOT)},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: bool(conn.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE 'WITH up AS%'"
+            ).fetchone()), child, "the repair's publish waiting inside its transaction")
+            crashable.crash()
+        finally:
+            rc = child.wait(timeout=180)
+            blocker.close()
+        assert rc != 0, "the crashed repair must not report success"
+    finally:
+        conn.close()
+
+    crashable.start()
+    mended = [edited[k] for k in SQP_KEY] + [deleted[k] for k in SQP_KEY]
+    with psycopg.connect(crashable.uri, autocommit=True) as conn:
+        assert live(conn, schema) == before  # never half-way: the hand edits are all still there
+        untouched = conn.execute(f"SELECT start_date, asin, search_query, xmin::text FROM {t} WHERE NOT (search_query"
+                                 " = 'made by hand' OR (start_date, asin, search_query) IN ((%s, %s, %s), (%s, %s, %s))) ORDER BY 1, 2, 3",
+                                 mended).fetchall()
+        rerun = refresh_table("sqp", repair_keys=keys)
+        assert (rerun["status"], rerun["rows_inserted"], rerun["rows_updated"], rerun["rows_deleted"]) == (
+            "success", 1, 1, 1), rerun
+        assert_same_rows(source_rows(source, "sqp"), pg_rows(conn, f'"{schema}".sqp', "1, 2, 3"), SQP_KEY)
+        assert conn.execute(f"SELECT start_date, asin, search_query, xmin::text FROM {t} WHERE NOT (search_query"
+                            " = 'made by hand' OR (start_date, asin, search_query) IN ((%s, %s, %s), (%s, %s, %s))) ORDER BY 1, 2, 3",
+                            mended).fetchall() == untouched  # every other row kept its xmin
+        assert conn.execute(f'SELECT watermark, last_refresh_at FROM "{schema}".refresh_config').fetchone() == night
