@@ -233,19 +233,8 @@ def test_a_query_job_running_longer_than_the_bigquery_timeout_is_waited_for(
     register_table(pg, registry, "slow", {"query": query, "key": ["id"], "mode": "full"})
     expected = [dict(r.items()) for r in source.get_bigquery_client().query(query).result()]
     runs_until: dict[str, float] = {}  # the job's id -> when BigQuery first reports it DONE
-
-    def still_running(seen: Any, answer: dict[str, Any]) -> None:
-        job_id = str((answer.get("jobReference") or {}).get("jobId"))
-        if seen.job_insert and not seen.dry_run and query in seen.query:
-            runs_until[job_id] = time.monotonic() + 4.0  # twice BIGQUERY_TIMEOUT_SECONDS
-        if time.monotonic() < runs_until.get(job_id, 0.0):
-            if isinstance(answer.get("status"), dict):
-                answer["status"] = {"state": "RUNNING"}
-            if "jobComplete" in answer:
-                answer["jobComplete"] = False
-
     proxy = RecordingProxy(emulator.rest_url)
-    proxy.rewrite = still_running
+    proxy.rewrite = reported_running(lambda text: query in text, 4.0, runs_until)  # twice BIGQUERY_TIMEOUT_SECONDS
     try:
         monkeypatch.setenv("BIGQUERY_API_ENDPOINT", proxy.url)
         monkeypatch.setenv("BIGQUERY_TIMEOUT_SECONDS", "2")
@@ -444,6 +433,22 @@ def test_a_query_source_whose_earlier_result_is_gone_starts_over_and_says_why(
     assert pg.execute(f'SELECT count(*) - count(DISTINCT id) FROM "{registry}".quarters').fetchone() == (0,)
 
 
+def reported_running(matches: Any, seconds: float, runs_until: dict[str, float]) -> Any:
+    """A rewrite for the recording proxy: a query job whose text ``matches`` is reported RUNNING (jobs.get, and
+    getQueryResults' jobComplete) for ``seconds`` after it is inserted, then as BigQuery answered; ``runs_until``
+    collects the job ids."""
+    def rewrite(seen: Any, answer: dict[str, Any]) -> None:
+        job_id = str((answer.get("jobReference") or {}).get("jobId"))
+        if seen.job_insert and not seen.dry_run and matches(seen.query):
+            runs_until[job_id] = time.monotonic() + seconds
+        if time.monotonic() < runs_until.get(job_id, 0.0):
+            if isinstance(answer.get("status"), dict):
+                answer["status"] = {"state": "RUNNING"}
+            if "jobComplete" in answer:
+                answer["jobComplete"] = False
+    return rewrite
+
+
 @pytest.mark.emulator
 def test_the_count_queries_running_longer_than_the_bigquery_timeout_are_waited_for(
         env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
@@ -454,19 +459,8 @@ def test_the_count_queries_running_longer_than_the_bigquery_timeout_are_waited_f
     put_table(source, "orders", SCHEMA, rows(60))
     register_table(pg, registry, "orders", {"source": "orders", "key": ["id"], "mode": "full"})
     runs_until: dict[str, float] = {}
-
-    def still_running(seen: Any, answer: dict[str, Any]) -> None:
-        job_id = str((answer.get("jobReference") or {}).get("jobId"))
-        if seen.job_insert and not seen.dry_run and "COUNT(" in seen.query:
-            runs_until[job_id] = time.monotonic() + 3.0
-        if time.monotonic() < runs_until.get(job_id, 0.0):
-            if isinstance(answer.get("status"), dict):
-                answer["status"] = {"state": "RUNNING"}
-            if "jobComplete" in answer:
-                answer["jobComplete"] = False
-
     proxy = RecordingProxy(emulator.rest_url)
-    proxy.rewrite = still_running
+    proxy.rewrite = reported_running(lambda text: "COUNT(" in text, 3.0, runs_until)
     try:
         monkeypatch.setenv("BIGQUERY_API_ENDPOINT", proxy.url)
         monkeypatch.setenv("BIGQUERY_TIMEOUT_SECONDS", "1")
