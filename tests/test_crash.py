@@ -148,6 +148,21 @@ def wait_for(predicate: Any, child: subprocess.Popen[bytes], what: str, timeout_
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def refresh_child(*args: str) -> subprocess.Popen[bytes]:
+    """tests/killable_refresh.py in a child process, on this test session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    return subprocess.Popen([sys.executable, "-m", "tests.killable_refresh", *args], cwd=ROOT,
+                            env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def publish_waits(conn: psycopg.Connection[Any]) -> Any:
+    """True once a publish's merge waits on a lock (the test's) inside its transaction."""
+    return lambda: bool(conn.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE 'WITH up AS%'").fetchone())
+
+
 @pytest.mark.parametrize(("point", "mode", "hashes", "where"), CASES,
                          ids=["-".join([p, m, "hash" if h else "nohash", w]) for p, m, h, w in CASES])
 def test_a_postgres_crash_then_one_rerun_is_exact(
@@ -181,12 +196,7 @@ def test_a_postgres_crash_then_one_rerun_is_exact(
             put(source, changed_source(rows, where))
         before = live(conn, schema)
 
-        from prefect.settings import PREFECT_API_URL
-
-        child = subprocess.Popen([sys.executable, "-m", "tests.killable_refresh", "sqp"], cwd=ROOT,
-                                 env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-                                      "PYTHONPATH": str(ROOT)},
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        child = refresh_child("sqp")
         blocker = None
         try:
             if point == "stage_early":
@@ -200,9 +210,7 @@ def test_a_postgres_crash_then_one_rerun_is_exact(
             else:  # publish: the merge waits on our lock inside its transaction, and the server dies there
                 blocker = psycopg.connect(crashable.uri)
                 blocker.execute(f'LOCK TABLE "{schema}".sqp IN SHARE MODE')
-                wait_for(lambda: bool(conn.execute(
-                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE 'WITH up AS%'"
-                ).fetchone()), child, "the publish waiting inside its transaction")
+                wait_for(publish_waits(conn), child, "the publish waiting inside its transaction")
             crashable.crash()
         finally:
             rc = child.wait(timeout=180)
@@ -257,19 +265,12 @@ def test_a_postgres_crash_inside_a_group_publish_leaves_every_member_as_before_t
         put(source, changed_source(rows, "late"))
         before = {t: pg_rows(conn, f'"{schema}".{t}', "1, 2, 3") for t in ("sqp", "sqp_copy")}
 
-        from prefect.settings import PREFECT_API_URL
-
         blocker = psycopg.connect(crashable.uri)
         blocker.execute(f'LOCK TABLE "{schema}".sqp_copy IN SHARE MODE')
-        child = subprocess.Popen([sys.executable, "-m", "tests.killable_refresh", "--nightly"], cwd=ROOT,
-                                 env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-                                      "PYTHONPATH": str(ROOT)},
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        child = refresh_child("--nightly")
         try:
             # sqp merged inside the group's transaction (its rows locked), sqp_copy's merge waiting on our lock.
-            wait_for(lambda: bool(conn.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE 'WITH up AS%'"
-            ).fetchone()), child, "the group's publish waiting on its second member")
+            wait_for(publish_waits(conn), child, "the group's publish waiting on its second member")
             crashable.crash()
         finally:
             rc = child.wait(timeout=180)
@@ -336,18 +337,11 @@ def test_a_postgres_crash_inside_a_repair_by_key_leaves_the_table_as_before_then
         before = live(conn, schema)
         night = conn.execute(f'SELECT watermark, last_refresh_at FROM "{schema}".refresh_config').fetchone()
 
-        from prefect.settings import PREFECT_API_URL
-
         blocker = psycopg.connect(crashable.uri)
         blocker.execute(f"LOCK TABLE {t} IN SHARE MODE")
-        child = subprocess.Popen([sys.executable, "-m", "tests.killable_refresh", "--repair-keys", "sqp", json.dumps(keys)],
-                                 cwd=ROOT, env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-                                                "PYTHONPATH": str(ROOT)},
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        child = refresh_child("--repair-keys", "sqp", json.dumps(keys))
         try:
-            wait_for(lambda: bool(conn.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE 'WITH up AS%'"
-            ).fetchone()), child, "the repair's publish waiting inside its transaction")
+            wait_for(publish_waits(conn), child, "the repair's publish waiting inside its transaction")
             crashable.crash()
         finally:
             rc = child.wait(timeout=180)
