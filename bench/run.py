@@ -147,7 +147,9 @@ def extraction(rows_path: Path, rows: int) -> dict[str, Any]:
             client.load_table_from_file(fh, ref, job_config=bigquery.LoadJobConfig(
                 source_format="PARQUET", write_disposition="WRITE_APPEND")).result(timeout=1800)
         load_s = time.perf_counter() - t
-        table = extract.resolve_source(src, table="bench", source_ref="sqp", query=None)
+        from tasks.sources import resolve_source
+
+        table = resolve_source(src, table="bench", source_ref="sqp", query=None)
         out: dict[str, Any] = {"rows": rows, "emulator_load_seconds": round(load_s, 1)}
         for streams in (1, 4):
             from datetime import UTC, datetime
