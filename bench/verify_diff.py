@@ -14,11 +14,9 @@ search_query); ``b`` is its copy with 3 hand edits in different weeks (an UPDATE
 of a new key). Each contender runs in its own process and connects through one byte-counting TCP proxy
 (``CountingProxy``), so both byte counts are the PostgreSQL wire protocol's server-to-client bytes, measured alike.
 
-- bq-refresh: verify's digest code through a PostgreSQL source adapter used only here. The BigQuery side's
-  queries become their PostgreSQL twins run against ``a`` (digest.pg_query, pg_children_query, pg_rows_query),
-  the target side's run against ``b``: the slices' digests, digest.differences, then tasks.verify.locate_rows
-  itself (``PostgresSource`` stands in for its sides; ``source_reads_postgres`` hands it the pg_* twin of each
-  bq_* query for the source side).
+- bq-refresh: verify's comparison (tasks/digest.py compare_slices, then locate_rows) with a PostgreSQL source
+  side used only here: ``a`` and ``b`` are each a digest.PostgresSide (the BigQuery side's queries become their
+  PostgreSQL twins), queried at once as verify queries its two sides.
 - reladiff 0.6 (the maintained fork of data-diff, installed in .venv-bench only), through its Python API with
   its command line's defaults (1 thread a database, a thread pool of 2): hashdiff with one connection a side, as
   between two databases (the comparable case: checksums of key segments on both sides, bisected down to rows it
@@ -43,8 +41,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -123,85 +119,33 @@ class CountingProxy:
 
 # --- bq-refresh's side (runs in .venv) ------------------------------------------------------------------------
 
-class PostgresSource:
-    """What tasks.verify.locate_rows needs of its ``_Sides``, with the "BigQuery" side a PostgreSQL table (``a``):
-    ``bigquery`` runs PostgreSQL SQL on the source connection, ``postgres`` on the target's."""
-
-    def __init__(self, columns: list[Any], slicing: Any, source_from: Any, target: Any, source: Any,
-                 target_conn: Any) -> None:
-        self.columns, self.slicing = columns, slicing
-        self.source_from, self.target, self.where = source_from, target, None
-        self._source, self._target = source, target_conn
-        self.queries = 0  # source-side queries (verify's verdict counts its BigQuery queries the same way)
-
-    def bigquery(self, query: Any) -> list[Any]:
-        self.queries += 1
-        return [tuple(r) for r in self._source.execute(query).fetchall()]
-
-    def postgres(self, query: Any) -> list[Any]:
-        return [tuple(r) for r in self._target.execute(query).fetchall()]
-
-    def both(self, source_query: Any, target_query: Any) -> tuple[list[Any], list[Any]]:
-        """Both sides at once, as tasks.verify's _Sides.both (two connections, one thread each)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            source = pool.submit(self.bigquery, source_query)
-            target = self.postgres(target_query)
-            return source.result(), target
-
-
-class _DigestWithPostgresSource:
-    """tasks.digest as locate_rows sees it here: the source side's bq_* queries are their pg_* twins."""
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def bq_children_query(self, source_from: Any, columns: Any, slicing: Any, parents: Any, prefix_len: int) -> Any:
-        return self._real.pg_children_query(source_from, columns, slicing, parents, prefix_len)
-
-    def bq_rows_query(self, source_from: Any, columns: Any, slicing: Any, segments: Any) -> Any:
-        return self._real.pg_rows_query(source_from, columns, slicing, segments)
-
-
-@contextmanager
-def source_reads_postgres() -> Iterator[None]:
-    """While inside, tasks.verify.locate_rows builds PostgreSQL SQL for its source side (this process only)."""
-    from tasks import digest, verify
-
-    verify.digest = _DigestWithPostgresSource(digest)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        verify.digest = digest
-
-
 def bq_refresh_side(db: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Slices' digests on both sides, the differing slices, then locate_rows down to the rows (timed from the
-    first connection to the answer)."""
+    """Slices' digests on both sides, the differing slices, then digest.locate_rows down to the rows (timed from the
+    first connection to the answer): verify's own comparison, with two ``PostgresSide`` s instead of BigQuery's and
+    PostgreSQL's (one connection a side, queries of both sides at once, as verify runs them)."""
     import psycopg
 
-    from tasks import digest, verify
+    from tasks import digest
     from tasks.sqlnames import ident
 
     columns = [digest.DigestColumn(name, name, BQ_TYPES[pg_type]) for name, pg_type in spec["columns"]]
     by_name = {c.target_name: c for c in columns}
     slicing = digest.Slicing(by_name[spec["window"]], [by_name[k] for k in spec["key"]])
     started = time.monotonic()
+    queries = 0
     with psycopg.connect(db, autocommit=True) as source, psycopg.connect(db, autocommit=True) as target:
-        sides = PostgresSource(columns, slicing, ident(SCHEMA, "a"), ident(SCHEMA, "b"), source, target)
-        source_rows, target_rows = sides.both(digest.pg_query(sides.source_from, columns, slicing),
-                                              digest.pg_query(sides.target, columns, slicing, sides.where))
-        mine, theirs = digest.slice_digests(source_rows), digest.slice_digests(target_rows)
-        differing = digest.differences(mine, theirs)
+        def on_source(query: Any) -> list[Any]:
+            nonlocal queries
+            queries += 1
+            return [tuple(r) for r in source.execute(query).fetchall()]
+
+        a = digest.PostgresSide(ident(SCHEMA, "a"), on_source)
+        b = digest.PostgresSide(ident(SCHEMA, "b"), lambda q: [tuple(r) for r in target.execute(q).fetchall()])
+        compared = digest.compare_slices(a, b, columns, slicing)
         slices_at = time.monotonic() - started
-        with source_reads_postgres():
-            found = verify.locate_rows(sides, differing, verify.Verdict("bench", "differs"))  # type: ignore[arg-type]
-    return {"seconds": time.monotonic() - started, "slices_seconds": slices_at, "slices": len(mine),
-            "differing_slices": [d.slice for d in differing], "source_queries": sides.queries,
+        found = digest.locate_rows(a, b, columns, slicing, compared.differing, [])
+    return {"seconds": time.monotonic() - started, "slices_seconds": slices_at, "slices": len(compared.source),
+            "differing_slices": [d.slice for d in compared.differing], "source_queries": queries,
             "found": [{"key": [r.key[k] for k in spec["key"]], "kind": r.kind, "columns": r.columns} for r in found]}
 
 

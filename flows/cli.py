@@ -499,7 +499,7 @@ app.add_typer(shadow_app, name="shadow")
 
 @shadow_app.command("compare")
 def shadow_compare(name: TableName, as_json: JsonOption = False) -> None:
-    """Differences between the shadow copy and the live table, by key (exit 1 when they differ)."""
+    """Differences between the shadow copy and the live table: the slices, then the rows (exit 1 when they differ)."""
     from tasks import shadow
     from tasks.registry import get_entry
 
@@ -509,14 +509,19 @@ def shadow_compare(name: TableName, as_json: JsonOption = False) -> None:
         spec = e.spec()
         live = tuple(spec.target.split(".", 1)) if spec.target else (e.table_schema, e.table_name)
         key = [spec.target_name(k) for k in spec.key]
-        report = shadow.compare(conn, (live[0], live[1]), (settings.shadow_schema, live[1]), key)
+        window = spec.target_name(spec.window_column) if spec.window_column else None
+        report = shadow.compare(conn, (live[0], live[1]), (settings.shadow_schema, live[1]), key, window=window)
     if not _emit(report, as_json):
         if "error" in report:
             raise RefreshError(report["error"], table=e.name)
         console.print(f"{report['live']} vs {report['shadow']}: {report['same']} same, {report['different']} different, "
                       f"{report['only_in_live']} only in live, {report['only_in_shadow']} only in shadow")
+        for d in report["differing_slices"]:
+            console.print(f"  {report['slicing']} {d['slice']}: {d['live_rows']} rows live, {d['shadow_rows']} in shadow")
         for ex in report["examples"]:
-            console.print(f"  {ex['difference']}: {ex['key']}")
+            console.print(f"  {ex['difference']}: {ex['key']}" + (f" ({', '.join(ex['columns'])})" if ex["columns"] else ""))
+        for note in report["notes"]:
+            console.print(f"  note: {note}")
     if not report.get("identical"):
         raise typer.Exit(1)
 

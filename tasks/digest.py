@@ -23,14 +23,28 @@ weaker: their count of non-NULL values per slice.
 
 A slice is a value of the window column (its canonical text) or, for a table without one, one of 256 buckets
 of the key (the first two hex digits of the MD5 of the key's canonical text).
+
+This is the one module that counts and digests slices. Its users hand it two ``Side`` s (where a copy's rows
+are, and how a query runs there) and get the same answer whichever engines hold them:
+
+- ``bq-refresh verify``: BigQuery (``BigQuerySide``) against the target (``PostgresSide``).
+- ``bq-refresh shadow compare``: the live table against the shadow copy, both ``PostgresSide`` (columns from
+  ``column_of_pg``: PostgreSQL's own text is exact there, float and JSON included).
+- The reconciliation of every run (tasks/reconcile.py): per period of the window column (its own values: a run
+  reads and replaces periods by them) the source's rows, distinct keys and changed rows at the read snapshot
+  (``bq_period_counts_query``), and the target's rows (``pg_period_counts_query``), inside the publish.
+- bench/verify_diff.py: two PostgreSQL tables, against reladiff.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 from psycopg import sql
 
@@ -39,6 +53,9 @@ from tasks.sqlnames import ident
 # The weaker comparison: a count of non-NULL values (see the module's docstring).
 WEAK_TYPES = frozenset({"FLOAT64", "FLOAT", "JSON", "RECORD", "STRUCT", "GEOGRAPHY", "INTERVAL", "RANGE"})
 BUCKET_HEX_DIGITS = 2  # 256 key buckets for a table without a window column
+# A column compared between two PostgreSQL copies only (shadow compare): its PostgreSQL text, exact there (float8's
+# shortest exact text, jsonb's normalized text, arrays); BigQuery has no such text (bq_text refuses it).
+PG_TEXT = "PG_TEXT"
 
 
 @dataclass(frozen=True)
@@ -87,7 +104,7 @@ def pg_text(c: DigestColumn, alias: str = "t") -> sql.Composable:
     """PostgreSQL: the canonical text of a non-NULL value of ``c`` in the target (as its users declared it)."""
     col: sql.Composable = sql.SQL("{}.{}").format(sql.Identifier(alias), ident(c.target_name))
     t = c.bq_type
-    if t in {"INT64", "INTEGER", "BOOL", "BOOLEAN", "STRING"}:
+    if t in {"INT64", "INTEGER", "BOOL", "BOOLEAN", "STRING", PG_TEXT}:
         return sql.SQL("{}::text").format(col)
     if t == "BYTES":
         return sql.SQL("encode({}, 'hex')").format(col)
@@ -104,7 +121,7 @@ def pg_text(c: DigestColumn, alias: str = "t") -> sql.Composable:
 
 # Only a STRING's text can hold the separator or look like NULL's ``n``: it alone carries its length (the other
 # texts are digits, signs, dots, dashes, hex or true/false; measured: the prefix on every column doubled the cost).
-_PREFIXED = frozenset({"STRING"})
+_PREFIXED = frozenset({"STRING", PG_TEXT})
 
 
 def bq_row_text(columns: list[DigestColumn]) -> str:
@@ -453,3 +470,168 @@ def row_differences(columns: list[DigestColumn], slicing: Slicing, source_rows: 
             out.append(RowDifference(a[0], label, "differs",
                                      [c.target_name for c, x, y in zip(columns, a[1], b[1], strict=True) if x != y]))
     return out
+
+
+# --- Two copies compared: where each one's rows are, and the comparison itself ----------------------------------
+
+class Side(Protocol):
+    """One copy of a table's rows and where its SQL runs."""
+
+    def slices(self, columns: list[DigestColumn], slicing: Slicing, parents: list[Segment] | None = None,
+               prefix_len: int = 0) -> list[Any]:
+        """The aggregate rows (slice, key-hash prefix, rows, sums, non-NULL counts) of the rows in ``parents``
+        (None: all), per slice and key-hash prefix of ``prefix_len`` hex digits."""
+        ...
+
+    def rows(self, columns: list[DigestColumn], slicing: Slicing, segments: list[Segment]) -> list[Any]:
+        """Per row of ``segments``: the slice, the key's canonical texts, each column's value digest."""
+        ...
+
+
+@dataclass
+class BigQuerySide:
+    """Rows in BigQuery: ``source_from`` a table reference (with FOR SYSTEM_TIME AS OF where it applies) or a
+    parenthesized query; ``run`` runs one query and returns its rows."""
+
+    source_from: str
+    run: Callable[[str], list[Any]]
+
+    def slices(self, columns: list[DigestColumn], slicing: Slicing, parents: list[Segment] | None = None,
+               prefix_len: int = 0) -> list[Any]:
+        where = bq_segment_filter(slicing, parents) if parents is not None else ""
+        return self.run(_bq_aggregate(self.source_from, columns, slicing, where, prefix_len))
+
+    def rows(self, columns: list[DigestColumn], slicing: Slicing, segments: list[Segment]) -> list[Any]:
+        return self.run(bq_rows_query(self.source_from, columns, slicing, segments))
+
+
+@dataclass
+class PostgresSide:
+    """Rows in PostgreSQL: ``table`` (its rows limited by ``where``, over alias ``t``); ``run`` runs one query."""
+
+    table: sql.Composable
+    run: Callable[[sql.Composed], list[Any]]
+    where: sql.Composable | None = None
+
+    def slices(self, columns: list[DigestColumn], slicing: Slicing, parents: list[Segment] | None = None,
+               prefix_len: int = 0) -> list[Any]:
+        if parents is None:
+            return self.run(_pg_aggregate(self.table, columns, slicing, self.where, prefix_len))
+        return self.run(pg_children_query(self.table, columns, slicing, parents, prefix_len, self.where))
+
+    def rows(self, columns: list[DigestColumn], slicing: Slicing, segments: list[Segment]) -> list[Any]:
+        return self.run(pg_rows_query(self.table, columns, slicing, segments, self.where))
+
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+def both(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
+    """Two sides' queries at the same time (each engine scans its own copy: the slower one sets the pace)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest-side") as pool:
+        a = pool.submit(first)
+        b = second()
+        return a.result(), b
+
+
+@dataclass(frozen=True)
+class SliceComparison:
+    """Both copies' slices and the ones that differ."""
+
+    source: dict[str | None, SliceDigest]
+    target: dict[str | None, SliceDigest]
+    differing: list[SliceDifference]
+
+
+def compare_slices(source: Side, target: Side, columns: list[DigestColumn], slicing: Slicing) -> SliceComparison:
+    """Each copy's per-slice counts and digests (one aggregate query a side, run at once) and the slices that differ."""
+    a, b = both(partial(source.slices, columns, slicing), partial(target.slices, columns, slicing))
+    mine, theirs = slice_digests(a), slice_digests(b)
+    return SliceComparison(mine, theirs, differences(mine, theirs))
+
+
+# Bisection bounds: the slices bisected and the rows listed per comparison.
+MAX_SLICES_BISECTED = 50
+MAX_ROWS_LISTED = 1000
+
+
+def locate_rows(source: Side, target: Side, columns: list[DigestColumn], slicing: Slicing,
+                differing: list[SliceDifference], notes: list[str]) -> list[RowDifference]:
+    """Below each differing slice, segments of the key hash (256 children a step) are compared on both sides,
+    only the differing ones split further, down to segments of at most ROWS_PER_SEGMENT rows; their rows are then
+    compared one by one (a digest per column value), so only digests of the differing places cross. What is left
+    out (past MAX_SLICES_BISECTED slices, MAX_ROWS_LISTED rows) is said in ``notes``."""
+    if len(differing) > MAX_SLICES_BISECTED:
+        notes.append(f"rows listed for the first {MAX_SLICES_BISECTED} of {len(differing)} differing slices")
+    pending = [(Segment(d.slice), max(d.source_rows, d.target_rows)) for d in differing[:MAX_SLICES_BISECTED]]
+    final: list[Segment] = []
+    level = 0
+    while pending:
+        final += [seg for seg, n in pending if n <= ROWS_PER_SEGMENT or level >= MAX_PREFIX]
+        big = [seg for seg, n in pending if n > ROWS_PER_SEGMENT and level < MAX_PREFIX]
+        if not big:
+            break
+        level = min(level + 2, MAX_PREFIX)
+        source_rows, target_rows = both(partial(source.slices, columns, slicing, big, level),
+                                        partial(target.slices, columns, slicing, big, level))
+        a, b = segment_digests(source_rows), segment_digests(target_rows)
+        pending = []
+        for seg in a.keys() | b.keys():
+            x, y = a.get(seg), b.get(seg)
+            if x is None or y is None or (x.rows, x.h1, x.h2, x.nonnull) != (y.rows, y.h1, y.h2, y.nonnull):
+                pending.append((seg, max(x.rows if x else 0, y.rows if y else 0)))
+    if not final:
+        return []
+    source_rows, target_rows = both(partial(source.rows, columns, slicing, final),
+                                    partial(target.rows, columns, slicing, final))
+    found = row_differences(columns, slicing, source_rows, target_rows)
+    if len(found) > MAX_ROWS_LISTED:
+        notes.append(f"the first {MAX_ROWS_LISTED} of {len(found)} differing rows listed")
+    return found[:MAX_ROWS_LISTED]
+
+
+def column_of_pg(name: str, pg_type: str) -> DigestColumn:
+    """A column of a table bq-refresh wrote, compared with another PostgreSQL copy of it (shadow compare): the
+    canonical text of the BigQuery type it maps from where there is one, else PostgreSQL's own text (PG_TEXT)."""
+    base = pg_type.split("(")[0].strip()
+    bq_type = {"bigint": "INT64", "integer": "INT64", "smallint": "INT64", "boolean": "BOOL", "text": "STRING",
+               "character varying": "STRING", "bytea": "BYTES", "date": "DATE", "numeric": "NUMERIC",
+               "timestamp with time zone": "TIMESTAMP", "timestamp without time zone": "DATETIME",
+               "time without time zone": "TIME"}.get(base, PG_TEXT)
+    return DigestColumn(name, name, bq_type)
+
+
+# --- The reconciliation's counts: per period of the window column (its own values), or for the whole table -------
+
+def bq_period_counts_query(source_from: str, *, key: list[str], window: str | None, changed: str | None = None,
+                           where: str | None = None) -> str:
+    """BigQuery: per value of ``window`` (NULL for the whole table when there is none) the rows, the distinct keys
+    without a NULL (the rows the target must hold), and the rows matching ``changed`` (ours, from typed literals).
+
+    Args:
+        source_from: a table reference (with FOR SYSTEM_TIME AS OF where it applies).
+        key, window: source column names.
+        where: a BigQuery boolean expression (ours) restricting the rows counted (a repair's keys).
+    """
+    any_null = " OR ".join(f"{bq_ident(k)} IS NULL" for k in key)
+    struct = ", ".join(bq_ident(k) for k in key)
+    select = (f"COUNT(*) AS n, COUNT(DISTINCT IF({any_null}, NULL, TO_JSON_STRING(STRUCT({struct})))) AS k,"
+              f" {f'COUNTIF({changed})' if changed else '0'} AS c")
+    src = source_from + (f" WHERE {where}" if where else "")
+    if window:
+        return f"SELECT {bq_ident(window)} AS w, {select} FROM {src} GROUP BY 1"  # noqa: S608
+    return f"SELECT NULL AS w, {select} FROM {src}"  # noqa: S608
+
+
+def pg_period_counts_query(target: sql.Composable, *, window: str | None, scope: sql.Composable | None = None,
+                           live_only: str | None = None) -> sql.Composed:
+    """PostgreSQL: per value of ``window`` (one row for all when None) the rows of ``target`` (alias ``t``) in
+    ``scope``, soft-deleted rows (``live_only`` set) left out."""
+    conds: list[sql.Composable] = [] if scope is None else [scope]
+    if live_only:
+        conds.append(sql.SQL("t.{} IS NULL").format(ident(live_only)))
+    where = sql.SQL(" WHERE {}").format(sql.SQL(" AND ").join(conds)) if conds else sql.SQL("")
+    if window:
+        return sql.SQL("SELECT t.{}, count(*) FROM {} t{} GROUP BY 1").format(ident(window), target, where)
+    return sql.SQL("SELECT NULL, count(*) FROM {} t{}").format(target, where)

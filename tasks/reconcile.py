@@ -1,5 +1,6 @@
 """Reconciliation: what the source holds per slice at the read snapshot, which periods a window-mode run
-must read whole, and the proof inside the publish transaction that the target holds exactly that."""
+must read whole, and the proof inside the publish transaction that the target holds exactly that. The counts'
+SQL on both sides is tasks/digest.py's (the one module that counts and digests slices); the decisions are here."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from psycopg import sql
 
 from blocks.resources import Resources
 from bq_refresh.errors import QualityCheckFailed
+from tasks import digest
 from tasks.extract import bq_ident
 from tasks.sqlnames import ident
 
@@ -63,16 +65,8 @@ def source_slices(
     at = ""
     if snapshot and res.source.time_travel:  # the emulator has no time travel
         at = f" FOR SYSTEM_TIME AS OF TIMESTAMP '{datetime.fromisoformat(snapshot).isoformat()}'"
-    any_null = " OR ".join(f"{bq_ident(k)} IS NULL" for k in key)
-    struct = ", ".join(bq_ident(k) for k in key)
-    changed = f"COUNTIF({cursor_floor})" if cursor_floor else "0"
-    select = (f"COUNT(*) AS n, COUNT(DISTINCT IF({any_null}, NULL, TO_JSON_STRING(STRUCT({struct})))) AS k,"
-              f" {changed} AS c")
-    src = f"{bq_ident(project)}.{bq_ident(dataset)}.{bq_ident(table)}{at}" + (f" WHERE {where}" if where else "")
-    if window:
-        query = f"SELECT {bq_ident(window)} AS w, {select} FROM {src} GROUP BY 1"  # noqa: S608
-    else:
-        query = f"SELECT NULL AS w, {select} FROM {src}"  # noqa: S608
+    query = digest.bq_period_counts_query(f"{bq_ident(project)}.{bq_ident(dataset)}.{bq_ident(table)}{at}", key=key,
+                                          window=window, changed=cursor_floor, where=where)
     from tasks.sources import query_rows
 
     _, rows = query_rows(res.source, query, table=source_ref, what="the reconciliation's count query")
@@ -115,9 +109,8 @@ def _sorted(periods: list[str | None]) -> list[str | None]:
 def target_period_counts(conn: psycopg.Connection[Any], schema: str, table: str, window: str,
                          live_only: str | None) -> dict[str | None, int]:
     """Rows per period in the target (soft-deleted rows left out)."""
-    where = sql.SQL("WHERE {} IS NULL").format(ident(live_only)) if live_only else sql.SQL("")
-    rows = conn.execute(sql.SQL("SELECT {}, count(*) FROM {} {} GROUP BY 1").format(
-        ident(window), ident(schema, table), where)).fetchall()
+    rows = conn.execute(digest.pg_period_counts_query(ident(schema, table), window=window,
+                                                      live_only=live_only)).fetchall()
     return {period_text(r[0]): int(r[1]) for r in rows}
 
 
@@ -150,20 +143,19 @@ def prove(conn: Any, *, table: str, target: sql.Composable, window: str | None, 
     """Inside the publish transaction: the target's rows per replaced period (or in all, or in ``scope``: a
     repair's keys) against the source's count at the read snapshot. Returns the differences, each naming the slice
     and both figures."""
-    live = sql.SQL(" AND t.{} IS NULL").format(ident(live_only)) if live_only else sql.SQL("")
     problems: list[str] = []
     if expected_periods is not None and window and pg_type:
         periods = list(expected_periods)
-        rows = conn.execute(sql.SQL("SELECT t.{}, count(*) FROM {} t WHERE {}{} GROUP BY 1").format(
-            ident(window), target, period_scope("t", window, pg_type, periods), live)).fetchall()
+        rows = conn.execute(digest.pg_period_counts_query(target, window=window, live_only=live_only,
+                                                          scope=period_scope("t", window, pg_type, periods))).fetchall()
         have = {period_text(r[0]): int(r[1]) for r in rows}
         for period, want in expected_periods.items():
             if have.get(period, 0) != want:
                 problems.append(f"{window} = {period}: target {have.get(period, 0)} rows, source {want}")
     if expected_rows is not None:
-        row = conn.execute(sql.SQL("SELECT count(*) FROM {} t WHERE {}{}").format(
-            target, scope if scope is not None else sql.SQL("true"), live)).fetchone()
-        have_rows = int(row[0]) if row else -1
+        row = conn.execute(digest.pg_period_counts_query(target, window=None, scope=scope,
+                                                         live_only=live_only)).fetchone()
+        have_rows = int(row[1]) if row else -1
         if have_rows != expected_rows:
             problems.append(f"{'the repaired keys' if scope is not None else 'whole table'}: target {have_rows} rows,"
                             f" source {expected_rows}")

@@ -1,4 +1,5 @@
-"""Shadow mode: compare a table published into the shadow schema with the live one, by key."""
+"""Shadow mode: compare a table published into the shadow schema with the live one, slice by slice and then row
+by row below the slices that differ, through tasks/digest.py (the same counts and digests as bq-refresh verify)."""
 
 from __future__ import annotations
 
@@ -7,38 +8,60 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from tasks import digest
 from tasks.load import target_columns
 from tasks.sqlnames import ident
 
 
 def compare(conn: psycopg.Connection[Any], live: tuple[str, str], shadow: tuple[str, str], key: list[str],
-            *, sample: int = 10) -> dict[str, Any]:
-    """Rows only in live, only in shadow, and with the same key but different values (common columns)."""
+            *, window: str | None = None, sample: int = 10) -> dict[str, Any]:
+    """The slices (values of ``window``, else key buckets) whose rows differ, and below them the rows only in live,
+    only in shadow, and with the same key but different values (the columns both hold).
+
+    Counts are exact when ``complete``: every differing slice was bisected down to its rows (at most
+    digest.MAX_SLICES_BISECTED slices, digest.MAX_ROWS_LISTED rows); otherwise they count the rows located and
+    ``notes`` says what was left out.
+    """
     live_cols, shadow_cols = target_columns(conn, *live), target_columns(conn, *shadow)
     if not shadow_cols:
         return {"error": f"no shadow table {shadow[0]}.{shadow[1]}: run the table in shadow mode first"}
-    common = [c for c in live_cols if c in shadow_cols and c not in key]
-    on = sql.SQL(" AND ").join(sql.SQL("l.{} = s.{}").format(ident(k), ident(k)) for k in key)
-    differs = sql.SQL("({}) IS DISTINCT FROM ({})").format(
-        sql.SQL(", ").join(sql.SQL("l.{}").format(ident(c)) for c in common) if common else sql.SQL("1"),
-        sql.SQL(", ").join(sql.SQL("s.{}").format(ident(c)) for c in common) if common else sql.SQL("1"))
-    k0 = ident(key[0])
-    row = conn.execute(sql.SQL(
-        "SELECT count(*) FILTER (WHERE s.{k0} IS NULL), count(*) FILTER (WHERE l.{k0} IS NULL),"
-        " count(*) FILTER (WHERE l.{k0} IS NOT NULL AND s.{k0} IS NOT NULL AND {differs}),"
-        " count(*) FILTER (WHERE l.{k0} IS NOT NULL AND s.{k0} IS NOT NULL AND NOT {differs})"
-        " FROM {live} l FULL OUTER JOIN {shadow} s ON {on}"
-    ).format(k0=k0, differs=differs, live=ident(*live), shadow=ident(*shadow), on=on)).fetchone()
-    assert row is not None
-    keys = sql.SQL(", ").join(sql.SQL("coalesce(l.{}, s.{})").format(ident(k), ident(k)) for k in key)
-    examples = conn.execute(sql.SQL(
-        "SELECT {keys}, CASE WHEN s.{k0} IS NULL THEN 'only in live' WHEN l.{k0} IS NULL THEN 'only in shadow'"
-        " ELSE 'different' END FROM {live} l FULL OUTER JOIN {shadow} s ON {on}"
-        " WHERE s.{k0} IS NULL OR l.{k0} IS NULL OR {differs} LIMIT %s"
-    ).format(keys=keys, k0=k0, live=ident(*live), shadow=ident(*shadow), on=on, differs=differs), (sample,)).fetchall()
+    missing = [k for k in key if k not in live_cols or k not in shadow_cols]
+    if missing:
+        return {"error": f"key column(s) {', '.join(missing)} missing from {'.'.join(live)} or {'.'.join(shadow)}"}
+    common = [c for c in live_cols if c in shadow_cols]
+    columns = [digest.column_of_pg(c, live_cols[c]) for c in common
+               if live_cols[c] == shadow_cols[c] or c in key]  # a column retyped on one side differs in every row
+    by_name = {c.target_name: c for c in columns}
+    retyped = [c for c in common if c not in by_name]
+    slice_by = by_name.get(window or "")
+    slicing = digest.Slicing(slice_by if slice_by is not None and slice_by.exact else None, [by_name[k] for k in key])
+
+    def run(query: sql.Composed) -> list[Any]:
+        return [tuple(r) for r in conn.execute(query).fetchall()]
+
+    a, b = digest.PostgresSide(ident(*live), run), digest.PostgresSide(ident(*shadow), run)
+    compared = digest.compare_slices(a, b, columns, slicing)
+    notes: list[str] = []
+    found = digest.locate_rows(a, b, columns, slicing, compared.differing, notes) if compared.differing else []
+    only_live = sum(1 for r in found if r.kind == "missing")
+    only_shadow = sum(1 for r in found if r.kind == "extra")
+    different = sum(1 for r in found if r.kind == "differs")
+    live_rows = sum(d.rows for d in compared.source.values())
+    complete = not notes  # locate_rows says what it left out
+    if retyped:
+        notes.append(f"column(s) {', '.join(retyped)} have another type in the shadow table: not compared")
     return {
-        "live": ".".join(live), "shadow": ".".join(shadow), "only_in_live": row[0], "only_in_shadow": row[1],
-        "different": row[2], "same": row[3], "compared_columns": common,
-        "examples": [{"key": list(e[:-1]), "difference": e[-1]} for e in examples],
-        "identical": row[0] == row[1] == row[2] == 0,
+        "live": ".".join(live), "shadow": ".".join(shadow), "slicing": slicing.label,
+        "only_in_live": only_live, "only_in_shadow": only_shadow, "different": different,
+        "same": live_rows - only_live - different, "compared_columns": [c for c in by_name if c not in key],
+        "differing_slices": [{"slice": d.slice, "live_rows": d.source_rows, "shadow_rows": d.target_rows}
+                             for d in compared.differing],
+        "examples": [{"key": list(r.key.values()), "difference": _LABELS[r.kind], "columns": r.columns}
+                     for r in found[:sample]],
+        "complete": complete,
+        "notes": notes,
+        "identical": not compared.differing,
     }
+
+
+_LABELS = {"missing": "only in live", "extra": "only in shadow", "differs": "different"}

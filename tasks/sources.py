@@ -130,6 +130,22 @@ def describe_source(source: BigQuerySource, *, table: str, source_ref: str) -> S
                           source)
 
 
+def describe_query(source: BigQuerySource, *, table: str, query: str) -> SourceTable:
+    """A query source's result as its dry run describes it (the schema, the location; nothing run, nothing
+    billed): for SQL over the query itself (bq-refresh verify). ``ref`` is the parenthesized query.
+
+    Raises:
+        SourceError, SourceUnavailable: as resolve_source (a query BigQuery rejects names the table).
+    """
+    client = source.get_bigquery_client()
+    with bigquery_errors(table, "of the query"):
+        location = query_location(source, client, source.dataset)
+        dry = client.query(query, job_config=bigquery.QueryJobConfig(dry_run=True, use_query_cache=False),
+                           location=location, retry=short_retry(source.timeout_s), job_retry=None)
+        return SourceTable(f"({query})", _fields(dry.schema or []), kind="query", location=location,
+                           bytes_estimated=int(dry.total_bytes_processed or 0))
+
+
 def _described(ref: str, bq_table: bigquery.Table, source: BigQuerySource) -> SourceTable:
     fields = _fields(bq_table.schema)
     return SourceTable(ref, fields, num_rows=int(bq_table.num_rows or 0),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,7 +25,7 @@ from bq_refresh.errors import AlreadyRunning, RefreshError
 from tasks import digest, extract, load, reconcile
 from tasks.locks import table_lock
 from tasks.registry import RegistryEntry
-from tasks.sources import JobTimedOut, describe_source, keeps_history, query_rows
+from tasks.sources import JobTimedOut, describe_query, describe_source, keeps_history, query_rows
 from tasks.sqlnames import ident
 
 
@@ -98,7 +97,7 @@ def plan_columns(res: Resources, entry: RegistryEntry, declared: dict[str, str])
     from tasks.sync import _columns  # the one mapping of source columns to target columns
 
     spec = entry.spec()
-    source = describe_source(res.source, table=entry.name, source_ref=str(spec.source))
+    source = _described(res, entry)
     columns = _columns(spec, source, entry.name)
     key = {spec.target_name(k) for k in spec.key}
     chosen, excluded = [], []
@@ -194,12 +193,11 @@ class _Sides:
         return (f"timeout of {self.timeout_s or 0:g} s (REFRESH_VERIFY_TIMEOUT_SECONDS, or the table's"
                 " verify_timeout_seconds)")
 
-    def both(self, bigquery_query: str, postgres_query: sql.Composed) -> tuple[list[Any], list[Any]]:
-        """The two sides' queries at the same time (each engine scans its own copy: the slower one sets the pace)."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-bigquery") as pool:
-            source = pool.submit(self.bigquery, bigquery_query)
-            target = self.postgres(postgres_query)
-            return source.result(), target
+    def source_side(self) -> digest.BigQuerySide:
+        return digest.BigQuerySide(self.source_from, self.bigquery)
+
+    def target_side(self) -> digest.PostgresSide:
+        return digest.PostgresSide(self.target, self.postgres, self.where)
 
 
 def verify_table(res: Resources, entry: RegistryEntry, *, rows: bool = False, max_bytes: int | None = None,
@@ -216,9 +214,6 @@ def verify_table(res: Resources, entry: RegistryEntry, *, rows: bool = False, ma
     started = time.monotonic()
     spec = entry.spec()
     verdict = Verdict(entry.name, "not_verified")
-    if spec.query is not None:
-        verdict.notes.append("a query source is not verified yet (tables only)")
-        return verdict
     try:
         with table_lock(res.target, entry.name, lock_wait_s):  # no publish between the two sides' reads
             sides = _sides(res, entry, verdict)
@@ -227,14 +222,12 @@ def verify_table(res: Resources, entry: RegistryEntry, *, rows: bool = False, ma
                                                              or res.settings.verify_timeout_s)
             if limit:
                 sides.timeout_s, sides.deadline = limit, started + limit
-            source_rows, target_rows = sides.both(
-                digest.bq_query(sides.source_from, sides.columns, sides.slicing),
-                digest.pg_query(sides.target, sides.columns, sides.slicing, sides.where))
-            mine, theirs = digest.slice_digests(source_rows), digest.slice_digests(target_rows)
-            differing = digest.differences(mine, theirs)
+            compared = digest.compare_slices(sides.source_side(), sides.target_side(), sides.columns, sides.slicing)
+            mine, theirs, differing = compared.source, compared.target, compared.differing
             keeps_deleted = spec.delete_policy.mode == "none" and spec.mode == "incremental"
             if (rows or keeps_deleted) and differing:
-                found = locate_rows(sides, differing, verdict)
+                found = digest.locate_rows(sides.source_side(), sides.target_side(), sides.columns, sides.slicing,
+                                           differing, verdict.notes)
                 if keeps_deleted and len(differing) <= MAX_SLICES_BISECTED and len(found) <= MAX_ROWS_LISTED:
                     # Rows deleted in BigQuery stay here by design: a slice whose only differences are target-only
                     # keys is equal (they are listed as information); anything else still differs.
@@ -282,7 +275,7 @@ def repair_keys(res: Resources, entry: RegistryEntry, verdict: Verdict) -> list[
                 and all(d["slice"] in located for d in verdict.differing))
     if not complete or len(verdict.rows) > res.settings.repair_max_rows:
         return None
-    source = describe_source(res.source, table=entry.name, source_ref=str(spec.source))
+    source = _described(res, entry)
     key = [digest.DigestColumn(k, spec.target_name(k), f.type) for k in spec.key if (f := source.field(k)) is not None]
     keys = [[r["key"][c.target_name] for c in key] for r in verdict.rows]
     if len(key) != len(spec.key) or digest.bq_key_restriction(key, keys) is None:
@@ -321,47 +314,20 @@ def _window_columns(res: Resources, entry: RegistryEntry) -> list[digest.DigestC
     spec = entry.spec()
     if not spec.window_column:
         return []
-    source = describe_source(res.source, table=entry.name, source_ref=str(spec.source))
+    source = _described(res, entry)
     field_ = source.field(spec.window_column)
     return [digest.DigestColumn(spec.window_column, spec.target_name(spec.window_column), field_.type)] if field_ else []
 
 
-# Bisection bounds: the slices bisected and the rows listed per table.
-MAX_SLICES_BISECTED = 50
-MAX_ROWS_LISTED = 1000
+MAX_SLICES_BISECTED, MAX_ROWS_LISTED = digest.MAX_SLICES_BISECTED, digest.MAX_ROWS_LISTED
 
 
-def locate_rows(sides: _Sides, differing: list[digest.SliceDifference], verdict: Verdict) -> list[digest.RowDifference]:
-    """Below each differing slice, segments of the key hash (256 children a step) are compared on both sides,
-    only the differing ones split further, down to segments of at most digest.ROWS_PER_SEGMENT rows; their rows
-    are then compared one by one (a digest per column value), so only digests of the differing places cross."""
-    if len(differing) > MAX_SLICES_BISECTED:
-        verdict.notes.append(f"rows listed for the first {MAX_SLICES_BISECTED} of {len(differing)} differing slices")
-    pending = [(digest.Segment(d.slice), max(d.source_rows, d.target_rows)) for d in differing[:MAX_SLICES_BISECTED]]
-    final: list[digest.Segment] = []
-    level = 0
-    while pending:
-        final += [seg for seg, n in pending if n <= digest.ROWS_PER_SEGMENT or level >= digest.MAX_PREFIX]
-        big = [seg for seg, n in pending if n > digest.ROWS_PER_SEGMENT and level < digest.MAX_PREFIX]
-        if not big:
-            break
-        level = min(level + 2, digest.MAX_PREFIX)
-        source_rows, target_rows = sides.both(
-            digest.bq_children_query(sides.source_from, sides.columns, sides.slicing, big, level),
-            digest.pg_children_query(sides.target, sides.columns, sides.slicing, big, level, sides.where))
-        a, b = digest.segment_digests(source_rows), digest.segment_digests(target_rows)
-        pending = []
-        for seg in a.keys() | b.keys():
-            x, y = a.get(seg), b.get(seg)
-            if x is None or y is None or (x.rows, x.h1, x.h2, x.nonnull) != (y.rows, y.h1, y.h2, y.nonnull):
-                pending.append((seg, max(x.rows if x else 0, y.rows if y else 0)))
-    source_rows, target_rows = sides.both(
-        digest.bq_rows_query(sides.source_from, sides.columns, sides.slicing, final),
-        digest.pg_rows_query(sides.target, sides.columns, sides.slicing, final, sides.where)) if final else ([], [])
-    found = digest.row_differences(sides.columns, sides.slicing, source_rows, target_rows)
-    if len(found) > MAX_ROWS_LISTED:
-        verdict.notes.append(f"the first {MAX_ROWS_LISTED} of {len(found)} differing rows listed")
-    return found[:MAX_ROWS_LISTED]
+def _described(res: Resources, entry: RegistryEntry) -> extract.SourceTable:
+    """The source table, or a query source's result as its dry run describes it (``ref`` the query in parentheses)."""
+    spec = entry.spec()
+    if spec.query is not None:
+        return describe_query(res.source, table=entry.name, query=spec.query)
+    return describe_source(res.source, table=entry.name, source_ref=str(spec.source))
 
 
 def _sides(res: Resources, entry: RegistryEntry, verdict: Verdict) -> _Sides:
@@ -384,17 +350,22 @@ def _sides(res: Resources, entry: RegistryEntry, verdict: Verdict) -> _Sides:
     at = ""
     as_of, note = read_as_of(snapshot, datetime.now(UTC), time_travel=res.source.time_travel,
                              window_hours=lambda: extract.time_travel_hours(res.source, source.ref))
-    if as_of is not None and not keeps_history(source.kind):
+    if source.kind == "query":
+        as_of, note = None, "a query source has no past to read: its query run as it is now"
+    elif as_of is not None and not keeps_history(source.kind):
         as_of, note = None, f"{source.ref} is a {source.kind.replace('_', ' ')}: it has no past to read, read as it is now"
     if note:
         verdict.notes.append(note)
     if as_of is not None:
         at = f" FOR SYSTEM_TIME AS OF TIMESTAMP '{as_of.astimezone(UTC).isoformat()}'"
         verdict.read_as_of = as_of.isoformat()
-    project, dataset, table = source.ref.split(".")
     soft = (sql.SQL("t.{} IS NULL").format(ident(spec.delete_policy.soft_delete_column))
             if spec.delete_policy.mode == "soft" else None)
-    source_from = f"{extract.bq_ident(project)}.{extract.bq_ident(dataset)}.{extract.bq_ident(table)}{at}"
+    if source.kind == "query":
+        source_from = source.ref  # the query itself, in parentheses
+    else:
+        project, dataset, table = source.ref.split(".")
+        source_from = f"{extract.bq_ident(project)}.{extract.bq_ident(dataset)}.{extract.bq_ident(table)}{at}"
     if source.partition_filter:  # require_partition_filter: BigQuery refuses a query over the table without one
         source_from = f"(SELECT * FROM {source_from} WHERE {source.partition_filter})"  # noqa: S608 - ours
     return _Sides(columns, slicing, source_from, ident(target_schema, target_table), soft, res, table=entry.name)

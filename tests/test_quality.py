@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -147,6 +148,16 @@ def test_shadow_mode_leaves_live_untouched_and_compare_reports(setup: tuple[Reso
     assert compared.returncode == 1, compared.stderr
     report = json.loads(compared.stdout)
     assert (report["only_in_live"], report["only_in_shadow"], report["different"], report["same"]) == (1, 0, 1, 198)
+    # Through tasks/digest.py, as verify: the key buckets (no window column) that differ, then the rows below them.
+    dropped, edited = sqp_rows(200).to_pylist()[-1], rows[3]
+    assert report["slicing"].startswith("key bucket") and report["complete"] is True
+    assert sorted((e["key"], e["difference"], e["columns"]) for e in report["examples"]) == sorted([
+        ([str(dropped[k]) for k in SQP_KEY], "only in live", []),
+        ([str(edited[k]) for k in SQP_KEY], "different", ["impressions"])])
+    def bucket(row: dict[str, Any]) -> str:  # the key's canonical text (written out here), its MD5's first 2 hex digits
+        text = "|".join([str(row["start_date"]), *(f"{len(row[k])}:{row[k]}" for k in ("asin", "search_query"))])
+        return hashlib.md5(text.encode()).hexdigest()[:2]  # noqa: S324
+    assert {d["slice"] for d in report["differing_slices"]} == {bucket(dropped), bucket(edited)}
 
     cut = subprocess.run([sys.executable, "-m", "flows.cli", "shadow", "cutover", "sqp"], cwd=ROOT, env=cli_env,
                          capture_output=True, text=True, timeout=120)

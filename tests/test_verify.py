@@ -426,3 +426,62 @@ def test_a_row_of_more_columns_than_a_function_takes_has_the_same_text(pg: psyco
                              for i, v in enumerate(values))
     (text,) = pg.execute(sql.SQL("SELECT {} FROM (SELECT {}) t").format(digest.pg_row_text(columns, "t"), row)).fetchone()
     assert text == "|".join("n" if v is None else str(v) for v in values)
+
+
+def test_a_query_source_is_verified_by_running_its_query_and_repaired(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
+) -> None:
+    """A query source: verify digests the query itself (its schema from a dry run; no past to read, so read as it
+    is now, and said), finds the slices edited by hand, and --repair mends them; the copy then equals the query's
+    rows value by value."""
+    s = registry
+    put_table(source, "raw", SQP_SCHEMA, sqp_rows(400, weeks=4))
+    query = (f"SELECT start_date, asin, search_query, impressions, median_price FROM `{source.table_ref('raw')}`"  # noqa: S608
+             " WHERE impressions >= 0")
+    register_table(pg, s, "q", {"query": query, "key": SQP_KEY, "mode": "window", "window_column": "start_date"})
+    assert refresh_table("q")["status"] == "success"
+    code, out = verify("--table", f"{s}.q")
+    assert code == 0, out
+    (q,) = out["tables"]
+    assert (q["status"], q["slices"], q["source_rows"], q["target_rows"]) == ("equal", 4, 400, 400), q
+    assert any("query source has no past" in n for n in q["notes"]), q
+
+    t = sql.Identifier(s, "q")
+    pg.execute(sql.SQL("UPDATE {} SET impressions = impressions + 7 WHERE start_date = '2025-01-12'"
+                       " AND search_query = 'query 1'").format(t))
+    code, out = verify("--table", f"{s}.q", "--rows")
+    assert code == 1, out
+    (q,) = out["tables"]
+    assert [d["slice"] for d in q["differing"]] == ["2025-01-12"]
+    assert {(r["kind"], tuple(r["columns"])) for r in q["rows"]} == {("differs", ("impressions",))}
+    code, out = verify("--table", f"{s}.q", "--repair")
+    assert code == 0, out
+    assert out["tables"][0]["status"] == "equal", out
+    expected = [r for r in source_rows(source, "raw") if r["impressions"] >= 0]
+    got = pg_rows(pg, f'"{s}".q', "1, 2, 3")
+    assert_same_rows([{k: r[k] for k in ("start_date", "asin", "search_query", "impressions", "median_price")}
+                      for r in expected], got, SQP_KEY)
+
+
+def test_shadow_compare_is_exact_on_floats_json_and_arrays(pg: psycopg.Connection[Any], schema: str) -> None:
+    """Two PostgreSQL copies (shadow compare) compare PostgreSQL's own text where BigQuery has none to share: a float
+    one ulp apart, an array element and a JSON value differ; the same JSON written in another key order does not."""
+    from tasks import shadow
+
+    pg.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    for name in ("live", "shade"):
+        pg.execute(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, x double precision, j jsonb, a integer[],"
+                           " n numeric(12,4))").format(sql.Identifier(schema, name)))
+        pg.execute(sql.SQL("INSERT INTO {} SELECT i, i / 10.0, jsonb_build_object('a', i, 'b', 'x'), ARRAY[i, 2],"
+                           " i * 1.5 FROM generate_series(1, 300) i").format(sql.Identifier(schema, name)))
+    shade = sql.Identifier(schema, "shade")
+    pg.execute(sql.SQL("UPDATE {} SET j = '{{\"b\": \"x\", \"a\": 5}}', n = 7.5000 WHERE id = 5").format(shade))
+    assert shadow.compare(pg, (schema, "live"), (schema, "shade"), ["id"])["identical"] is True
+    pg.execute(sql.SQL("UPDATE {} SET x = 'Infinity' WHERE id = 7").format(shade))
+    pg.execute(sql.SQL("UPDATE {} SET x = x + 1e-15 WHERE id = 8").format(shade))
+    pg.execute(sql.SQL("UPDATE {} SET a = ARRAY[9, 3] WHERE id = 9").format(shade))
+    pg.execute(sql.SQL("UPDATE {} SET j = j || '{{\"c\": null}}' WHERE id = 10").format(shade))
+    report = shadow.compare(pg, (schema, "live"), (schema, "shade"), ["id"])
+    assert (report["identical"], report["complete"], report["different"], report["same"]) == (False, True, 4, 296)
+    assert sorted((e["key"], e["columns"]) for e in report["examples"]) == [
+        (["10"], ["j"]), (["7"], ["x"]), (["8"], ["x"]), (["9"], ["a"])]
