@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import adbc_driver_postgresql.dbapi as adbc
 import psycopg
 from prefect.blocks.core import Block
+from prefect_sqlalchemy import ConnectionComponents
 from pydantic import Field, SecretStr
 
 
@@ -20,9 +21,10 @@ class PostgresTarget(Block):
         default=None,
         description="PostgreSQL URI, e.g. postgresql://user:pass@db.xyz.supabase.co:5432/postgres.",
     )
-    connection_info: Any | None = Field(
+    connection_info: ConnectionComponents | None = Field(
         default=None,
-        description="prefect-sqlalchemy ConnectionComponents, used when url is empty.",
+        description="prefect-sqlalchemy ConnectionComponents (a PostgreSQL driver, host, port, database, username, "
+                    "password, query e.g. sslmode), used when url is empty.",
     )
     application_name: str = Field(default="bq-refresh", description="Shown in pg_stat_activity.")
     session_timeouts: dict[str, int] = Field(
@@ -36,8 +38,7 @@ class PostgresTarget(Block):
         if self.url is not None:
             return self.url.get_secret_value()
         if self.connection_info is not None:
-            rendered = self.connection_info.create_url().render_as_string(hide_password=False)
-            return str(rendered).replace("postgresql+psycopg", "postgresql").replace("+psycopg2", "").replace("+asyncpg", "")
+            return components_uri(self.connection_info)
         raise ValueError("PostgresTarget needs url or connection_info")
 
     def connect(self, *, autocommit: bool = False) -> psycopg.Connection[Any]:
@@ -70,6 +71,25 @@ class PostgresTarget(Block):
                 conn.close()
                 raise
         return conn
+
+
+def components_uri(c: ConnectionComponents) -> str:
+    """The libpq URI of prefect-sqlalchemy's ConnectionComponents, each part percent-encoded (SQLAlchemy's own
+    rendering leaves a space in a password as it is, and names its driver in the scheme, which libpq refuses).
+
+    Raises:
+        ValueError: a driver that is not PostgreSQL's.
+    """
+    driver = str(getattr(c.driver, "value", c.driver))
+    if driver.split("+")[0] not in {"postgresql", "postgres"}:
+        raise ValueError(f"PostgresTarget connection_info: driver {driver} is not PostgreSQL's")
+    user = quote(c.username or "", safe="")
+    password = c.password.get_secret_value() if c.password is not None else ""
+    auth = f"{user}{':' + quote(password, safe='') if password else ''}@" if user else ""
+    host = quote(c.host or "", safe="")
+    port = f":{c.port}" if c.port else ""
+    query = urlencode(c.query) if c.query else ""
+    return f"postgresql://{auth}{host}{port}/{quote(c.database, safe='')}" + (f"?{query}" if query else "")
 
 
 def _set_timeouts_sql(timeouts: dict[str, int]) -> str:

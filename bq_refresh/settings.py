@@ -57,6 +57,14 @@ class Settings(StateSettings):
         validation_alias="BQ_REFRESH_DATABASE_URL",
         description="PostgreSQL URI of the target; unset = the embedded PostgreSQL in the state folder.",
     )
+    target_block: str | None = Field(
+        default=None, validation_alias="BQ_REFRESH_TARGET_BLOCK",
+        description="Name of a saved 'bq-refresh PostgreSQL target' block (PostgresTarget) on the Prefect server: the "
+                    "target, instead of BQ_REFRESH_DATABASE_URL.")
+    source_block: str | None = Field(
+        default=None, validation_alias="BQ_REFRESH_SOURCE_BLOCK",
+        description="Name of a saved 'bq-refresh BigQuery source' block (BigQuerySource) on the Prefect server: the "
+                    "source, instead of the BIGQUERY_* settings.")
     schema_name: str = Field(default=DEFAULT_SCHEMA, validation_alias="BQ_REFRESH_SCHEMA")
     staging_schema: str = Field(default=DEFAULT_STAGING_SCHEMA, validation_alias="BQ_REFRESH_STAGING_SCHEMA")
     shadow_schema_setting: str | None = Field(default=None, validation_alias="BQ_REFRESH_SHADOW_SCHEMA")
@@ -229,6 +237,7 @@ class Settings(StateSettings):
         """Neither a database nor a BigQuery of the user's own is configured: the embedded PostgreSQL, and the
         demo's emulator when one runs in the state folder."""
         return (self.database_url is None and not self.model_fields_set & BIGQUERY_FIELDS
+                and self.target_block is None and self.source_block is None
                 and "GOOGLE_APPLICATION_CREDENTIALS" not in os.environ)
 
 
