@@ -20,6 +20,7 @@ from blocks.resources import resolve_resources
 from bq_refresh.errors import DependencyCycle, NightFailed, RefreshError
 from bq_refresh.redact import redact
 from bq_refresh.settings import load_settings
+from flows import runlog
 from flows.automations import mark_alerted
 from flows.publish_group import settle_group
 from flows.refresh_table import refresh_table, report_view_failures, views_task
@@ -30,6 +31,8 @@ from tasks.freshness import check_freshness
 from tasks.planning import admits, plan_waves, split_cycles, streams_within, table_sessions
 from tasks.preflight import require_session_state
 from tasks.registry import RegistryEntry, complete_groups, due_entries, list_dependencies, list_entries
+
+runlog.attach()
 
 REFRESH_TABLE_DEPLOYMENT = "refresh-table/refresh-table"  # scale-out's last resort: the docker pool's
 

@@ -10,9 +10,12 @@ from prefect import flow, get_run_logger
 from blocks.resources import Resources, resolve_resources
 from bq_refresh.errors import RefreshError
 from bq_refresh.settings import load_settings
+from flows import runlog
 from tasks import maintenance, quality
 from tasks.alerts import Alert, send_alert
 from tasks.registry import list_entries
+
+runlog.attach()
 
 
 @flow(name="maintenance")

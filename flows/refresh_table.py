@@ -21,6 +21,7 @@ from bq_refresh.errors import (
     name_failure,
 )
 from bq_refresh.settings import load_settings
+from flows import runlog
 from flows.automations import mark_alerted
 from tasks import sync
 from tasks.alerts import Alert, send_alert
@@ -40,6 +41,8 @@ from tasks.locks import table_lock
 from tasks.preflight import require_session_state
 from tasks.registry import get_entry, list_entries
 from tasks.status import checks_passed
+
+runlog.attach()
 
 
 def _resources() -> Resources:

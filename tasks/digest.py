@@ -38,6 +38,7 @@ are, and how a query runs there) and get the same answer whichever engines hold 
 
 from __future__ import annotations
 
+import contextvars
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -530,7 +531,7 @@ B = TypeVar("B")
 def both(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
     """Two sides' queries at the same time (each engine scans its own copy: the slower one sets the pace)."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest-side") as pool:
-        a = pool.submit(first)
+        a = pool.submit(contextvars.copy_context().run, first)
         b = second()
         return a.result(), b
 

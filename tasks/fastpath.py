@@ -6,6 +6,7 @@ Measured by bench/run.py (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -249,7 +250,8 @@ def pipelined(producers: list[Callable[[Callable[[Any], None]], None]], depth: i
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             q.put(("error", exc))
 
-    threads = [threading.Thread(target=run, args=(p,), daemon=True) for p in producers]
+    # Each producer runs in a copy of the caller's context: its log lines belong to the run.
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(run, p), daemon=True) for p in producers]
     for t in threads:
         t.start()
     left = len(threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextvars
 import hashlib
 import json
 import logging
@@ -713,9 +714,7 @@ def stage_rows(
                     counters["quarantined"] += len(shaped.quarantined)
                     counters["batches"] += 1 if merged.num_rows else 0
                     progress.update(plan.rows_already_staged + counters["read"])
-                if shaped.quarantined:
-                    log.warning("%s: %d row(s) with NULL in key column(s) %s quarantined", plan.table,
-                                len(shaped.quarantined), ", ".join(plan.key))
+                _warn_quarantined(plan, shaped.quarantined)
 
             # Server batches are re-cut to exactly batch_size rows: memory and checkpoint granularity
             # follow the setting, not the server's batch size.
@@ -738,7 +737,9 @@ def stage_rows(
                     run_stream(stream, arrow_schema, i)
             else:
                 with ThreadPoolExecutor(max_workers=len(todo)) as pool:
-                    for fut in [pool.submit(run_stream, s, arrow_schema, i) for s, i in todo]:
+                    # Each stream's thread runs in a copy of this one's context: its log lines belong to the run.
+                    for fut in [pool.submit(contextvars.copy_context().run, run_stream, s, arrow_schema, i)
+                                for s, i in todo]:
                         fut.result()
             break
         except extract.SessionExpired:
@@ -958,6 +959,12 @@ def _record_and_gate(res: Resources, plan: RefreshPlan, audit_id: int | None, re
         rollback()
         discard_staging(res, plan, reason)
         quality.raise_on_hard_failures(plan.table, results)
+
+
+def _warn_quarantined(plan: RefreshPlan, rows: list[dict[str, Any]]) -> None:
+    """One batch's rows set aside for a NULL key, said in the run's log (both load paths)."""
+    if rows:
+        log.warning("%s: %d row(s) with NULL in key column(s) %s quarantined", plan.table, len(rows), ", ".join(plan.key))
 
 
 def publish(res: Resources, plan: RefreshPlan, *, dry_run: bool = False, audit_id: int | None = None) -> PublishResult:
@@ -1315,6 +1322,7 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
                     counters["checksum"] = (counters["checksum"] + digest) % quality.MOD
                     quarantined.extend(shaped.quarantined)
                     progress.update(counters["read"])
+                _warn_quarantined(plan, shaped.quarantined)
                 put(rows.select(hashed_schema.names))
 
             for batch, _ in read(stream, 0, arrow_schema):
