@@ -88,7 +88,7 @@ def components_uri(c: ConnectionComponents) -> str:
     auth = f"{user}{':' + quote(password, safe='') if password else ''}@" if user else ""
     host = quote(c.host or "", safe="")
     port = f":{c.port}" if c.port else ""
-    query = urlencode(c.query) if c.query else ""
+    query = urlencode(c.query, quote_via=quote) if c.query else ""  # %20, not '+': libpq does not read '+' as a space
     return f"postgresql://{auth}{host}{port}/{quote(c.database, safe='')}" + (f"?{query}" if query else "")
 
 

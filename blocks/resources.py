@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import cast
 
@@ -42,6 +43,7 @@ def resolve_resources(
     target_block = target_block or settings.target_block
     if source_block:
         source = cast(BigQuerySource, _load(BigQuerySource, source_block, "BQ_REFRESH_SOURCE_BLOCK"))
+        _register_credentials(source)
     else:
         source = BigQuerySource.from_settings(settings)
     if target_block:
@@ -54,7 +56,8 @@ def resolve_resources(
         from bq_refresh.services import start_embedded_postgres
 
         target = PostgresTarget(url=start_embedded_postgres(settings.state_dir))  # type: ignore[arg-type]
-    target = target.model_copy(update={"session_timeouts": settings.session_timeouts})
+    if not target.session_timeouts:  # a saved block's own timeouts win over the settings'
+        target = target.model_copy(update={"session_timeouts": settings.session_timeouts})
     return Resources(source=source, target=target, settings=settings)
 
 
@@ -72,3 +75,18 @@ def _load(block: type[Block], name: str, setting: str) -> Block:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _register_credentials(source: BigQuerySource) -> None:
+    """A saved source block's key JSON, and the secrets inside it, masked wherever text leaves the process."""
+    if source.credentials_json is None:
+        return
+    text = source.credentials_json.get_secret_value()
+    register_secret(text)
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return
+    for k in ("private_key", "private_key_id", "client_secret", "refresh_token"):
+        if isinstance(info.get(k), str):
+            register_secret(info[k])

@@ -57,6 +57,9 @@ BUCKET_HEX_DIGITS = 2  # 256 key buckets for a table without a window column
 # A column compared between two PostgreSQL copies only (shadow compare): its PostgreSQL text, exact there (float8's
 # shortest exact text, jsonb's normalized text, arrays); BigQuery has no such text (bq_text refuses it).
 PG_TEXT = "PG_TEXT"
+# An array of numeric between two PostgreSQL copies: its dimensions and each element without trailing zeros
+# (numeric(12,2)[] holds 1.50 where numeric[] holds 1.5: the same value).
+PG_NUMERIC_ARRAY = "PG_NUMERIC_ARRAY"
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,9 @@ def pg_text(c: DigestColumn, alias: str = "t") -> sql.Composable:
         return sql.SQL("{}::text").format(col)
     if t == "BYTES":
         return sql.SQL("encode({}, 'hex')").format(col)
+    if t == PG_NUMERIC_ARRAY:
+        return sql.SQL("coalesce(array_dims({0}), '') || coalesce((SELECT array_agg(trim_scale(e) ORDER BY o)"
+                       " FROM unnest({0}) WITH ORDINALITY AS u(e, o))::text, '{{}}')").format(col)
     if t == "DATE":
         return sql.SQL("to_char({}::timestamp, 'YYYY-MM-DD')").format(col)  # not via timestamptz (a zone lookup)
     if t == "TIMESTAMP" and c.wall_zone is not None:
@@ -122,7 +128,7 @@ def pg_text(c: DigestColumn, alias: str = "t") -> sql.Composable:
 
 # Only a STRING's text can hold the separator or look like NULL's ``n``: it alone carries its length (the other
 # texts are digits, signs, dots, dashes, hex or true/false; measured: the prefix on every column doubled the cost).
-_PREFIXED = frozenset({"STRING", PG_TEXT})
+_PREFIXED = frozenset({"STRING", PG_TEXT, PG_NUMERIC_ARRAY})
 
 
 def bq_row_text(columns: list[DigestColumn]) -> str:
@@ -594,8 +600,11 @@ def locate_rows(source: Side, target: Side, columns: list[DigestColumn], slicing
 
 def column_of_pg(name: str, pg_type: str) -> DigestColumn:
     """A column of a table bq-refresh wrote, compared with another PostgreSQL copy of it (shadow compare): the
-    canonical text of the BigQuery type it maps from where there is one, else PostgreSQL's own text (PG_TEXT)."""
-    base = pg_type.split("(")[0].strip()
+    canonical text of the BigQuery type it maps from where there is one (whatever its precision or length: numeric
+    and numeric(12,2) alike), else PostgreSQL's own text (PG_TEXT: arrays, floats, JSON, ...)."""
+    base = re.sub(r"\([^)]*\)", "", pg_type).strip()
+    if base.endswith("[]"):
+        return DigestColumn(name, name, PG_NUMERIC_ARRAY if base == "numeric[]" else PG_TEXT)
     bq_type = {"bigint": "INT64", "integer": "INT64", "smallint": "INT64", "boolean": "BOOL", "text": "STRING",
                "character varying": "STRING", "bytea": "BYTES", "date": "DATE", "numeric": "NUMERIC",
                "timestamp with time zone": "TIMESTAMP", "timestamp without time zone": "DATETIME",
@@ -629,7 +638,7 @@ def pg_period_counts_query(target: sql.Composable, *, window: str | None, scope:
                            live_only: str | None = None) -> sql.Composed:
     """PostgreSQL: per value of ``window`` (one row for all when None) the rows of ``target`` (alias ``t``) in
     ``scope``, soft-deleted rows (``live_only`` set) left out."""
-    conds: list[sql.Composable] = [] if scope is None else [scope]
+    conds: list[sql.Composable] = [] if scope is None else [sql.SQL("({})").format(scope)]
     if live_only:
         conds.append(sql.SQL("t.{} IS NULL").format(ident(live_only)))
     where = sql.SQL(" WHERE {}").format(sql.SQL(" AND ").join(conds)) if conds else sql.SQL("")

@@ -28,11 +28,19 @@ def compare(conn: psycopg.Connection[Any], live: tuple[str, str], shadow: tuple[
     missing = [k for k in key if k not in live_cols or k not in shadow_cols]
     if missing:
         return {"error": f"key column(s) {', '.join(missing)} missing from {'.'.join(live)} or {'.'.join(shadow)}"}
-    common = [c for c in live_cols if c in shadow_cols]
-    columns = [digest.column_of_pg(c, live_cols[c]) for c in common
-               if live_cols[c] == shadow_cols[c] or c in key]  # a column retyped on one side differs in every row
+    columns: list[digest.DigestColumn] = []
+    retyped: list[str] = []  # numeric(12,2) here and numeric there share a canonical text; text and bigint do not
+    for c in (c for c in live_cols if c in shadow_cols):
+        mine, theirs = digest.column_of_pg(c, live_cols[c]), digest.column_of_pg(c, shadow_cols[c])
+        if mine == theirs:
+            columns.append(mine)
+        elif c in key:
+            return {"error": f"key column {c} is {live_cols[c]} in {'.'.join(live)} but {shadow_cols[c]} in"
+                             f" {'.'.join(shadow)}: the copies cannot be matched by key"}
+        else:
+            retyped.append(c)
+    one_sided = sorted(set(live_cols) ^ set(shadow_cols))
     by_name = {c.target_name: c for c in columns}
-    retyped = [c for c in common if c not in by_name]
     slice_by = by_name.get(window or "")
     slicing = digest.Slicing(slice_by if slice_by is not None and slice_by.exact else None, [by_name[k] for k in key])
 
@@ -40,16 +48,24 @@ def compare(conn: psycopg.Connection[Any], live: tuple[str, str], shadow: tuple[
         return [tuple(r) for r in conn.execute(query).fetchall()]
 
     a, b = digest.PostgresSide(ident(*live), run), digest.PostgresSide(ident(*shadow), run)
-    compared = digest.compare_slices(a, b, columns, slicing)
     notes: list[str] = []
-    found = digest.locate_rows(a, b, columns, slicing, compared.differing, notes) if compared.differing else []
+    # One snapshot of both tables for every query (a publish meanwhile changes neither), and floats printed in
+    # their shortest exact text whatever a role sets (extra_float_digits below 1 rounds them).
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        conn.execute("SET LOCAL extra_float_digits = 3")
+        compared = digest.compare_slices(a, b, columns, slicing)
+        found = digest.locate_rows(a, b, columns, slicing, compared.differing, notes) if compared.differing else []
     only_live = sum(1 for r in found if r.kind == "missing")
     only_shadow = sum(1 for r in found if r.kind == "extra")
     different = sum(1 for r in found if r.kind == "differs")
     live_rows = sum(d.rows for d in compared.source.values())
     complete = not notes  # locate_rows says what it left out
     if retyped:
-        notes.append(f"column(s) {', '.join(retyped)} have another type in the shadow table: not compared")
+        notes.append(f"column(s) {', '.join(retyped)} of another kind of type in the shadow table: not comparable,"
+                     " so the copies are not called identical")
+    if one_sided:
+        notes.append(f"column(s) {', '.join(one_sided)} in one of the two tables only: not compared")
     return {
         "live": ".".join(live), "shadow": ".".join(shadow), "slicing": slicing.label,
         "only_in_live": only_live, "only_in_shadow": only_shadow, "different": different,
@@ -60,7 +76,7 @@ def compare(conn: psycopg.Connection[Any], live: tuple[str, str], shadow: tuple[
                      for r in found[:sample]],
         "complete": complete,
         "notes": notes,
-        "identical": not compared.differing,
+        "identical": not compared.differing and not retyped,
     }
 
 

@@ -142,7 +142,9 @@ def describe_query(source: BigQuerySource, *, table: str, query: str) -> SourceT
         location = query_location(source, client, source.dataset)
         dry = client.query(query, job_config=bigquery.QueryJobConfig(dry_run=True, use_query_cache=False),
                            location=location, retry=short_retry(source.timeout_s), job_retry=None)
-        return SourceTable(f"({query})", _fields(dry.schema or []), kind="query", location=location,
+        # On lines of its own, a final ';' dropped: a trailing comment or semicolon would end the parentheses.
+        body = query.rstrip().rstrip(";").rstrip()
+        return SourceTable(f"(\n{body}\n)", _fields(dry.schema or []), kind="query", location=location,
                            bytes_estimated=int(dry.total_bytes_processed or 0))
 
 

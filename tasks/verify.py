@@ -348,11 +348,14 @@ def _sides(res: Resources, entry: RegistryEntry, verdict: Verdict) -> _Sides:
     slicing = digest.Slicing(window if window is not None and window.exact else None, [by_source[k] for k in spec.key])
     verdict.slicing = slicing.label
     at = ""
-    as_of, note = read_as_of(snapshot, datetime.now(UTC), time_travel=res.source.time_travel,
-                             window_hours=lambda: extract.time_travel_hours(res.source, source.ref))
-    if source.kind == "query":
+    as_of: datetime | None
+    note: str | None
+    if source.kind == "query":  # no table to ask its time travel window of (and no past to read)
         as_of, note = None, "a query source has no past to read: its query run as it is now"
-    elif as_of is not None and not keeps_history(source.kind):
+    else:
+        as_of, note = read_as_of(snapshot, datetime.now(UTC), time_travel=res.source.time_travel,
+                                 window_hours=lambda: extract.time_travel_hours(res.source, source.ref))
+    if as_of is not None and not keeps_history(source.kind):
         as_of, note = None, f"{source.ref} is a {source.kind.replace('_', ' ')}: it has no past to read, read as it is now"
     if note:
         verdict.notes.append(note)

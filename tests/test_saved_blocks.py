@@ -86,9 +86,10 @@ def test_a_block_name_not_saved_is_an_error_naming_it(env: Settings, registry: s
 def test_connection_components_become_a_libpq_uri_with_every_part_encoded() -> None:
     c = ConnectionComponents(driver="postgresql+psycopg2", host="db.example.supabase.co", port=6543,
                              database="post gres", username="bq.refresh", password="p w@/:?",
-                             query={"sslmode": "require"})
+                             query={"sslmode": "require", "options": "-c search_path=a b"})
     assert components_uri(c) == ("postgresql://bq.refresh:p%20w%40%2F%3A%3F@db.example.supabase.co:6543/post%20gres"
-                                 "?sslmode=require")
-    assert conninfo_to_dict(components_uri(c))["password"] == "p w@/:?"
+                                 "?sslmode=require&options=-c%20search_path%3Da%20b")
+    parsed = conninfo_to_dict(components_uri(c))
+    assert (parsed["password"], parsed["dbname"], parsed["options"]) == ("p w@/:?", "post gres", "-c search_path=a b")
     with pytest.raises(ValueError, match="driver mysql\\+pymysql is not PostgreSQL's"):
         components_uri(ConnectionComponents(driver="mysql+pymysql", database="d"))

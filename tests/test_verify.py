@@ -437,7 +437,7 @@ def test_a_query_source_is_verified_by_running_its_query_and_repaired(
     s = registry
     put_table(source, "raw", SQP_SCHEMA, sqp_rows(400, weeks=4))
     query = (f"SELECT start_date, asin, search_query, impressions, median_price FROM `{source.table_ref('raw')}`"  # noqa: S608
-             " WHERE impressions >= 0")
+             " WHERE impressions >= 0 -- a comment at the end: verify wraps the query in parentheses")
     register_table(pg, s, "q", {"query": query, "key": SQP_KEY, "mode": "window", "window_column": "start_date"})
     assert refresh_table("q")["status"] == "success"
     code, out = verify("--table", f"{s}.q")
@@ -485,3 +485,37 @@ def test_shadow_compare_is_exact_on_floats_json_and_arrays(pg: psycopg.Connectio
     assert (report["identical"], report["complete"], report["different"], report["same"]) == (False, True, 4, 296)
     assert sorted((e["key"], e["columns"]) for e in report["examples"]) == [
         (["10"], ["j"]), (["7"], ["x"]), (["8"], ["x"]), (["9"], ["a"])]
+
+
+def test_shadow_compare_matches_precisions_and_says_what_it_cannot_compare(pg: psycopg.Connection[Any], schema: str) -> None:
+    """The live table's own DDL (numeric(12,2), varchar(50), numeric(12,2)[]) against the shadow's (numeric, text,
+    numeric[]): compared by their canonical text, so an edit is found; a column of another kind on one side is not
+    comparable and the copies are then never called identical; a column on one side only is named. Floats are
+    compared at full precision even where the role rounds them (extra_float_digits = 0)."""
+    from tasks import shadow
+
+    pg.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    live, shade = sql.Identifier(schema, "live"), sql.Identifier(schema, "shade")
+    pg.execute(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, amount numeric(12,2), name varchar(50),"
+                       " prices numeric(12,2)[], x float8, note text)").format(live))
+    pg.execute(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, amount numeric, name text, prices numeric[],"
+                       " x float8, extra int)").format(shade))
+    for t in (live, shade):
+        pg.execute(sql.SQL("INSERT INTO {} (id, amount, name, prices, x) SELECT i, i * 1.25, 'n' || i,"
+                           " ARRAY[i * 1.5, 2], 0.3 FROM generate_series(1, 100) i").format(t))
+    pg.execute("SET extra_float_digits = 0")
+    report = shadow.compare(pg, (schema, "live"), (schema, "shade"), ["id"])
+    assert report["identical"] is True, (report["examples"], report["notes"], report["differing_slices"][:2])
+    assert report["notes"] == ["column(s) extra, note in one of the two tables only: not compared"]
+    pg.execute(sql.SQL("UPDATE {} SET x = 0.1::float8 + 0.2::float8 WHERE id = 3").format(shade))  # 0.3 when rounded
+    pg.execute(sql.SQL("UPDATE {} SET amount = 9.99, prices = ARRAY[1, 2.5] WHERE id = 4").format(shade))
+    report = shadow.compare(pg, (schema, "live"), (schema, "shade"), ["id"])
+    assert sorted((e["key"], e["columns"]) for e in report["examples"]) == [(["3"], ["x"]), (["4"], ["amount", "prices"])]
+    pg.execute(sql.SQL("UPDATE {} SET x = 0.3 WHERE id = 3; UPDATE {} SET amount = 5.00, prices = ARRAY[6.00, 2]"
+                       " WHERE id = 4").format(shade, shade))
+    assert shadow.compare(pg, (schema, "live"), (schema, "shade"), ["id"])["identical"] is True
+    pg.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN name TYPE bytea USING convert_to(name, 'UTF8')").format(shade))
+    report = shadow.compare(pg, (schema, "live"), (schema, "shade"), ["id"])
+    assert report["identical"] is False and report["different"] == 0, report
+    assert "column(s) name of another kind of type in the shadow table" in report["notes"][0], report
+    pg.execute("RESET extra_float_digits")
