@@ -6,6 +6,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +29,7 @@ from tasks.migrations import apply_migrations
 from tasks.registry import register_table
 from tasks.roles import least_privilege_sql
 from tests.bqdata import assert_same_rows, pg_rows, put_table, source_rows
-from tests.conftest import TokenServer, WebhookReceiver
+from tests.conftest import ROOT, TokenServer, WebhookReceiver
 from tests.test_engine import SQP_KEY, SQP_SCHEMA, sqp_rows
 
 pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
@@ -75,7 +78,12 @@ def test_the_refresh_runs_as_a_least_privilege_role(
         pg.execute(sql.SQL("CREATE TABLE {} (secret text)").format(sql.Identifier(app, "private")))
         pg.execute(sql.SQL("INSERT INTO {} VALUES ('untouchable')").format(sql.Identifier(app, "private")))
 
-        script = least_privilege_sql(pg, schema, env.staging_schema, role)
+        # The command itself, as an administrator runs it (its function alone once hid a crash of the command).
+        made = subprocess.run([sys.executable, "-m", "flows.cli", "role-sql", "--role", role], cwd=ROOT,
+                              env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr[-3000:]
+        script = made.stdout
+        assert script == least_privilege_sql(pg, schema, env.staging_schema, role)
         assert "SUPERUSER" not in script.replace("NOSUPERUSER", "") and "PASSWORD" not in script
         assert '"private"' not in script
         pg.execute(script.encode())
