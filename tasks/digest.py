@@ -49,6 +49,7 @@ from typing import Any, Protocol, TypeVar
 
 from psycopg import sql
 
+from tasks.restriction import All, Any_, Cond, Restriction
 from tasks.sqlnames import ident
 
 # The weaker comparison: a count of non-NULL values (see the module's docstring).
@@ -295,25 +296,29 @@ def _pg_native(c: DigestColumn, text: str) -> Any:
     return None
 
 
-def bq_key_restriction(key: list[DigestColumn], keys: list[list[str | None]]) -> str | None:
-    """A BigQuery boolean expression naming exactly these keys (each a list of the key columns' canonical texts),
-    on the columns themselves (usable as a Storage Read row restriction); None where a key value has no simple
-    literal (the caller then reads more)."""
-    parts = []
+def key_restriction(key: list[DigestColumn], keys: list[list[str | None]]) -> Restriction | None:
+    """The rows of exactly these keys (each a list of the key columns' canonical texts), on the columns themselves
+    (a Storage Read row restriction, or a query's WHERE with parameters); None where a key value has no simple
+    value (the caller then reads more)."""
+    parts: list[Restriction] = []
     for values in keys:
-        conds = []
+        conds: list[Restriction] = []
         for c, text in zip(key, values, strict=True):
-            native = None if text is None else _bq_native(c, text)
+            native = None if text is None else _pg_native(c, text)
             if text is not None and native is None:
                 return None
-            conds.append(f"{bq_ident(c.source_name)} IS NULL" if text is None else f"{bq_ident(c.source_name)} = {native}")
-        parts.append("(" + " AND ".join(conds) + ")")
-    return " OR ".join(parts) if parts else "FALSE"
+            if text is None:
+                conds.append(Cond(c.source_name, "IS NULL", c.bq_type))
+            else:
+                value = native.isoformat() if isinstance(native, date) else str(native)  # datetime is a date
+                conds.append(Cond(c.source_name, "=", c.bq_type, (value,)))
+        parts.append(All(tuple(conds)))
+    return Any_(tuple(parts))
 
 
 def pg_key_scope(key: list[DigestColumn], keys: list[list[str | None]], alias: str, pg_types: dict[str, str]
                  ) -> sql.Composable | None:
-    """SQL: the target rows of these keys (see bq_key_restriction), values bound as literals of the key columns'
+    """SQL: the target rows of these keys (see key_restriction), values bound as literals of the key columns'
     types so the key's index finds them; None where a key value has no simple literal."""
     parts: list[sql.Composable] = []
     for values in keys:

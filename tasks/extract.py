@@ -102,15 +102,6 @@ def bq_ident(name: str) -> str:
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
-def bq_literal(value: Any, bq_type: str) -> str:
-    """A typed BigQuery literal for a watermark value (never user text: values we stored)."""
-    if bq_type in {"INT64", "INTEGER"}:
-        return str(int(value))
-    text = value.isoformat() if isinstance(value, datetime | date) else str(value)
-    text = text.replace("'", "")
-    return f"{bq_type} '{text}'"
-
-
 def parse_watermark(text: str | None, bq_type: str) -> Any:
     """Turn a stored watermark string back into a value of the cursor's type."""
     if text is None:

@@ -17,6 +17,7 @@ from psycopg import sql
 from blocks.resources import Resources
 from bq_refresh.errors import QualityCheckFailed
 from tasks.extract import bq_ident
+from tasks.restriction import Restriction, query_where
 from tasks.spec import QualityConfig
 from tasks.sqlnames import ident, idents, quote_ident
 from tasks.typemap import Column
@@ -63,18 +64,25 @@ def checksum_names(columns: list[Column], key: list[str], critical: list[str]) -
     return [c for c in chosen if any(col.target_name == c for col in columns)]
 
 
-def source_count(res: Resources, source_ref: str, restriction: str, snapshot: str | None) -> int:
-    """The source's row count for the synced window, from BigQuery (at the read's snapshot on BigQuery)."""
+def source_count(res: Resources, source_ref: str, restriction: Restriction, snapshot: str | None,
+                 partition_filter: str = "") -> int:
+    """The source's row count for the synced window, from BigQuery (at the read's snapshot on BigQuery): the rows of
+    ``restriction`` (its values bound as query parameters) and of the table's partition predicate (from its
+    metadata, tasks/partitions.py)."""
+    from google.cloud import bigquery
+
     project, dataset, table = source_ref.split(".")
     at = ""
     if snapshot and res.source.time_travel:  # the emulator has no time travel
         at = f" FOR SYSTEM_TIME AS OF TIMESTAMP '{datetime.fromisoformat(snapshot).isoformat()}'"
-    where = f" WHERE {restriction}" if restriction else ""
-    # identifiers quoted by bq_ident; the restriction is ours, built from typed literals (extract.bq_literal)
-    query = f"SELECT COUNT(*) AS n FROM {bq_ident(project)}.{bq_ident(dataset)}.{bq_ident(table)}{at}{where}"  # noqa: S608
+    where, params = query_where(restriction)
+    if partition_filter:
+        where = f"({where}) AND {partition_filter}"
+    query = f"SELECT COUNT(*) AS n FROM {bq_ident(project)}.{bq_ident(dataset)}.{bq_ident(table)}{at} WHERE {where}"  # noqa: S608
     from tasks.sources import query_rows
 
-    _, rows = query_rows(res.source, query, table=source_ref, what="the source count query")
+    _, rows = query_rows(res.source, query, table=source_ref, what="the source count query",
+                         job_config=bigquery.QueryJobConfig(query_parameters=params))
     return int(rows[0][0])
 
 
@@ -99,8 +107,8 @@ def staged_checksum(res: Resources, staging_schema: str, staging_table: str, col
 def staged_checks(
     res: Resources, *, table: str, target_schema: str, target_table: str, staging_schema: str, staging_table: str,
     columns: list[Column], key: list[str], critical: list[str], config: QualityConfig, source_ref: str,
-    restriction: str, snapshot: str | None, stage_state: dict[str, Any], previous_rows: int | None,
-    conn: Any = None, adbc_conn: Any = None, verify_from: str | None = None,
+    restriction: Restriction, snapshot: str | None, stage_state: dict[str, Any], previous_rows: int | None,
+    partition_filter: str = "", conn: Any = None, adbc_conn: Any = None, verify_from: str | None = None,
 ) -> list[CheckResult]:
     """Run every configured check on the staged rows (on ``conn``/``adbc_conn`` when given: the open
     transaction of a direct load, whose "staging" is the target itself; ``verify_from`` is then the query of
@@ -115,7 +123,7 @@ def staged_checks(
         read = (staged + int(stage_state.get("quarantined", 0)) + int(stage_state.get("unchanged", 0))
                 - int(stage_state.get("refetched", 0)))
         if config.row_count:
-            expected = source_count(res, source_ref, restriction, snapshot)
+            expected = source_count(res, source_ref, restriction, snapshot, partition_filter)
             results.append(CheckResult("row_count", read, expected, ok=read == expected, hard="row_count" in hard,
                                        detail=f"rows read {read} (staged {staged}, unchanged"
                                               f" {int(stage_state.get('unchanged', 0))}), source {expected}"))

@@ -15,6 +15,7 @@ from blocks.resources import Resources
 from bq_refresh.errors import QualityCheckFailed
 from tasks import digest
 from tasks.extract import bq_ident
+from tasks.restriction import NO_ROW, Cond, Restriction, any_of, query_where
 from tasks.sqlnames import ident
 
 
@@ -39,37 +40,34 @@ def period_text(value: Any) -> str | None:
     return str(value)
 
 
-def bq_value_literal(text: str, bq_type: str) -> str:
-    """A BigQuery literal of a period or key value (from period_text)."""
-    if bq_type in {"INT64", "INTEGER"}:
-        return str(int(text))
-    escaped = text.replace("\\", "\\\\").replace("'", "\\'")
-    if bq_type in {"DATE", "DATETIME", "TIMESTAMP"}:
-        return f"{bq_type} '{escaped}'"
-    return f"'{escaped}'"
-
-
 def source_slices(
     res: Resources, source_ref: str, *, snapshot: str | None, key: list[str], window: str | None,
-    cursor_floor: str | None = None, where: str | None = None,
+    cursor_floor: Restriction | None = None, where: Restriction | None = None, partition_filter: str = "",
 ) -> list[SourceSlice]:
     """One aggregate query at the read snapshot: per period (or for the whole table) the rows, the distinct
     non-NULL keys and the rows at or past the cursor floor.
 
     Args:
         key, window: source column names.
-        cursor_floor: a BigQuery boolean expression (ours, built from typed literals) marking changed rows.
-        where: a BigQuery boolean expression (ours) restricting the rows counted (a repair's keys).
+        cursor_floor: the changed rows (their values bound as query parameters).
+        where: the rows counted (a repair's keys; parameters too).
+        partition_filter: the table's partition predicate (from its metadata, tasks/partitions.py).
     """
+    from google.cloud import bigquery
+
     project, dataset, table = source_ref.split(".")
     at = ""
     if snapshot and res.source.time_travel:  # the emulator has no time travel
         at = f" FOR SYSTEM_TIME AS OF TIMESTAMP '{datetime.fromisoformat(snapshot).isoformat()}'"
+    changed, changed_params = query_where(cursor_floor, "c") if cursor_floor is not None else (None, [])
+    scope, scope_params = query_where(where, "w") if where is not None else ("", [])
+    scope = " AND ".join(f"({p})" for p in (scope, partition_filter) if p)
     query = digest.bq_period_counts_query(f"{bq_ident(project)}.{bq_ident(dataset)}.{bq_ident(table)}{at}", key=key,
-                                          window=window, changed=cursor_floor, where=where)
+                                          window=window, changed=changed, where=scope or None)
     from tasks.sources import query_rows
 
-    _, rows = query_rows(res.source, query, table=source_ref, what="the reconciliation's count query")
+    _, rows = query_rows(res.source, query, table=source_ref, what="the reconciliation's count query",
+                         job_config=bigquery.QueryJobConfig(query_parameters=changed_params + scope_params))
     return [SourceSlice(period_text(r[0]), int(r[1]), int(r[2]), int(r[3] or 0)) for r in rows]
 
 
@@ -114,15 +112,13 @@ def target_period_counts(conn: psycopg.Connection[Any], schema: str, table: str,
     return {period_text(r[0]): int(r[1]) for r in rows}
 
 
-def window_restriction(periods: list[str | None], column: str, bq_type: str) -> str:
-    """The Storage Read row restriction that reads exactly these periods, whole."""
-    values = [p for p in periods if p is not None]
-    parts = []
-    if values:
-        parts.append(f"{bq_ident(column)} IN ({', '.join(bq_value_literal(p, bq_type) for p in values)})")
+def window_restriction(periods: list[str | None], column: str, bq_type: str) -> Restriction:
+    """The rows of exactly these periods, whole (values from period_text)."""
+    values = tuple(p for p in periods if p is not None)
+    parts: list[Restriction] = [Cond(column, "IN", bq_type, values)] if values else []
     if None in periods:
-        parts.append(f"{bq_ident(column)} IS NULL")
-    return " OR ".join(parts) if parts else "FALSE"
+        parts.append(Cond(column, "IS NULL", bq_type))
+    return any_of(parts) if parts else NO_ROW
 
 
 def period_scope(alias: str, column: str, pg_type: str, periods: list[str | None]) -> sql.Composed:

@@ -12,7 +12,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -30,6 +30,7 @@ from bq_refresh.errors import (
     StagingLost,
 )
 from tasks import digest, extract, fastpath, headroom, load, quality, reconcile, registry
+from tasks import restriction as rs
 from tasks.artifacts import Progress, record_phase, rows_expected
 from tasks.fastpath import HASH_COLUMN, LocalSource
 from tasks.partitions import restrict
@@ -307,7 +308,9 @@ def plan_refresh(
                                          repair_periods, repair_keys)).encode()).hexdigest()
         restarted = None
         if active is not None:
-            why = ("the plan changed" if active[1].get("fingerprint") != fingerprint
+            why = ("its checkpoint keeps its row restriction as SQL text (written by an earlier version)"
+                   if "restriction" not in active[1].get("session", {})
+                   else "the plan changed" if active[1].get("fingerprint") != fingerprint
                    else (None if local is not None else result_gone(active[1].get("plan", {}), source)
                          or _snapshot_gone(res, source.ref, active[1]))
                    or _staging_lost(conn, staging_schema, stage_table, active[1], int(active[2] or 0)))
@@ -333,8 +336,9 @@ def plan_refresh(
             floor = extract.watermark_floor(wm, cursor_col.bq_type, spec.lookback_amount())
             watermark_from = None if floor is None else str(floor)
             if floor is not None:
-                floor_expr = f"{extract.bq_ident(cursor_col.source_name)} >= {extract.bq_literal(floor, cursor_col.bq_type)}"
-        restriction = floor_expr or ""
+                floor_expr = rs.Cond(cursor_col.source_name, ">=", cursor_col.bq_type,
+                                       (floor.isoformat() if isinstance(floor, date) else str(floor),))
+        restriction: rs.Restriction = floor_expr or rs.EVERY_ROW
         # A query's result holds what its job read when it started: the watermark moves no further than that.
         snapshot = (source.read_at or datetime.now(UTC)).replace(microsecond=0) - timedelta(seconds=1)
         at = None if source.job_result else snapshot.isoformat()  # a query's result table has no past to travel to
@@ -342,8 +346,9 @@ def plan_refresh(
         streams = streams_within(spec.streams, settings.max_connections)
         first = None
         if budget is not None and local is None:  # the read's estimate, before any query job or ReadRows
-            first = extract.create_session(res.source, source, selected_fields=selected, row_restriction=restriction,
-                                           snapshot_time=snapshot, max_streams=streams, table_name=table)
+            first = extract.create_session(res.source, source, selected_fields=selected,
+                                           row_restriction=rs.storage_text(restriction), snapshot_time=snapshot,
+                                           max_streams=streams, table_name=table)
             _refuse_over_budget(table, source, first, budget)
         soft_column = spec.delete_policy.soft_delete_column if spec.delete_policy.mode == "soft" else None
         window_col = by_source[spec.window_column] if spec.window_column else None
@@ -353,21 +358,21 @@ def plan_refresh(
         if repair_keys is not None:
             key_columns = [digest.DigestColumn(c.source_name, c.target_name, c.bq_type) for c in
                            (by_source[k] for k in spec.key)]
-            by_key = digest.bq_key_restriction(key_columns, repair_keys)
+            by_key = digest.key_restriction(key_columns, repair_keys)
             if by_key is None or local is not None:
                 raise ConfigError("these keys cannot be named in a row restriction (a key column of type "
                                   f"{', '.join(c.bq_type for c in key_columns)}): repair by period or full refresh",
                                   table=table)
             restriction = by_key
-            slices = reconcile.source_slices(res, source.ref, snapshot=at, key=spec.key, window=None,
-                                             where=restrict(by_key, source.partition_filter))
+            slices = reconcile.source_slices(res, source.ref, snapshot=at, key=spec.key, window=None, where=by_key,
+                                             partition_filter=source.partition_filter)
             expected_rows = slices[0].keys if slices else 0
         elif spec.mode == "window" and window_col is not None:
             # Which periods changed is decided from the source (a delete changes no cursor), and each is read whole.
             slices = (fastpath.local_slices(local, spec.key, window_col.source_name) if local is not None else
                       reconcile.source_slices(res, source.ref, snapshot=at, key=spec.key,
                                               window=window_col.source_name, cursor_floor=floor_expr,
-                                              where=source.partition_filter or None))
+                                              partition_filter=source.partition_filter))
             held = {} if created else reconcile.target_period_counts(conn, target_schema, target_table,
                                                                      window_col.target_name, soft_column)
             choice = reconcile.choose_periods(slices, held, everything=floor_expr is None or repair_periods is not None)
@@ -381,7 +386,7 @@ def plan_refresh(
         elif spec.mode == "full" or spec.delete_policy.mode != "none":  # the whole table is in the run's scope
             slices = (fastpath.local_slices(local, spec.key, None) if local is not None else
                       reconcile.source_slices(res, source.ref, snapshot=at, key=spec.key, window=None,
-                                              where=source.partition_filter or None))
+                                              partition_filter=source.partition_filter))
             expected_rows = slices[0].keys if slices else 0
         if local is not None:
             session = extract.ReadSessionInfo(
@@ -390,11 +395,12 @@ def plan_refresh(
                 row_restriction="", selected_fields=selected, offsets={k: 0 for k in local.streams},
                 estimated_rows=local.estimated_rows,
             )
-        elif first is not None and first.row_restriction == restrict(restriction, source.partition_filter):
+        elif first is not None and first.row_restriction == restrict(rs.storage_text(restriction),
+                                                                     source.partition_filter):
             session = first
         else:
             session = extract.create_session(
-                res.source, source, selected_fields=selected, row_restriction=restriction,
+                res.source, source, selected_fields=selected, row_restriction=rs.storage_text(restriction),
                 snapshot_time=snapshot, max_streams=streams, table_name=table,
             )
             if budget is not None:
@@ -432,7 +438,8 @@ def plan_refresh(
             verify_sample=(res.settings.verify_sample if (session.estimated_rows or 0) >= res.settings.verify_sample_min_rows
                            else 1) if row_hash else 1,
         )
-        session_data = _session_dict(session)
+        # the restriction as data (a resumed run reads no SQL text back); in-process batches are read whole
+        session_data = {**_session_dict(session), "restriction": rs.to_json(restriction if local is None else rs.EVERY_ROW)}
         plan_json = RefreshPlan(**plan_fields, checkpoint_id=0, resumed=False, rows_already_staged=0,
                                 session=session_data).model_dump(mode="json")
         stored_plan = {k: v for k, v in plan_json.items()
@@ -800,12 +807,13 @@ def _recreate_session(
     """A new session at the same snapshot: offsets of the old one mean nothing in it, so staging
     restarts empty (in the same transaction as the checkpoint) and the new session is read whole."""
     source = _plan_source(plan)
-    info = extract.create_session(
-        res.source, source, selected_fields=old["selected_fields"], row_restriction=old["row_restriction"],
+    info = extract.create_session(  # the restriction read back as data, checked, rendered again
+        res.source, source, selected_fields=old["selected_fields"],
+        row_restriction=rs.storage_text(rs.from_json(old["restriction"])),
         snapshot_time=datetime.fromisoformat(old["snapshot_time"]), max_streams=len(old["streams"]) or 1,
         table_name=plan.table,
     )
-    new = _session_dict(info)
+    new = {**_session_dict(info), "restriction": old["restriction"]}
     with res.target.connect() as conn:
         conn.execute(sql.SQL("TRUNCATE {}").format(ident(plan.staging_schema, plan.staging_table)))
         if plan.hash_skip:
@@ -893,13 +901,11 @@ def _refetch_missing_keys(res: Resources, plan: RefreshPlan, session: dict[str, 
     try:
         for at in range(0, len(missing), REFETCH_KEYS_PER_SESSION):
             chunk = missing[at:at + REFETCH_KEYS_PER_SESSION]
-            restriction = " OR ".join(
-                "(" + " AND ".join(f"{extract.bq_ident(c.source_name)} = "
-                                   f"{reconcile.bq_value_literal(str(reconcile.period_text(v)), c.bq_type)}"
-                                   for c, v in zip(key_cols, values, strict=True)) + ")" for values in chunk)
+            by_key = rs.any_of([rs.All(tuple(rs.Cond(c.source_name, "=", c.bq_type, (str(reconcile.period_text(v)),))
+                                                 for c, v in zip(key_cols, values, strict=True))) for values in chunk])
             info = extract.create_session(
                 res.source, _plan_source(plan), selected_fields=session["selected_fields"],
-                row_restriction=restriction, snapshot_time=datetime.fromisoformat(session["snapshot_time"]),
+                row_restriction=rs.storage_text(by_key), snapshot_time=datetime.fromisoformat(session["snapshot_time"]),
                 max_streams=1, table_name=plan.table)
             schema = pa.ipc.read_schema(pa.py_buffer(info.arrow_schema))
             for stream in info.streams:
@@ -937,7 +943,8 @@ def check_staged(res: Resources, plan: RefreshPlan, *, audit_id: int | None) -> 
         res, table=plan.table, target_schema=plan.target_schema, target_table=plan.target_table,
         staging_schema=plan.staging_schema, staging_table=plan.staging_table, columns=plan.columns, key=plan.key,
         critical=plan.critical_fields, config=plan.checks, source_ref=plan.source_ref,
-        restriction=str(plan.session.get("row_restriction") or ""), snapshot=None if plan.source_job_result else plan.session.get("snapshot_time"),
+        restriction=rs.from_json(plan.session["restriction"]), partition_filter=plan.source_partition_filter,
+        snapshot=None if plan.source_job_result else plan.session.get("snapshot_time"),
         stage_state={**state, "verify_sample": plan.verify_sample if plan.row_hash else None},
         previous_rows=int(prev[0]) if prev and prev[0] is not None else None,
     )
@@ -1394,7 +1401,8 @@ def _load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, a
             res, table=plan.table, target_schema=plan.target_schema, target_table=plan.target_table,
             staging_schema=plan.target_schema, staging_table=plan.target_table, columns=plan.columns, key=plan.key,
             critical=plan.critical_fields, config=plan.checks, source_ref=plan.source_ref,
-            restriction=str(plan.session.get("row_restriction") or ""), snapshot=None if plan.source_job_result else plan.session.get("snapshot_time"),
+            restriction=rs.from_json(plan.session["restriction"]), partition_filter=plan.source_partition_filter,
+        snapshot=None if plan.source_job_result else plan.session.get("snapshot_time"),
             stage_state={"checksum": str(counters["checksum"]), "quarantined": counters["quarantined"],
                          "verify_sample": plan.verify_sample if plan.row_hash else None},
             previous_rows=None, conn=session, adbc_conn=adbc_conn,

@@ -278,7 +278,7 @@ def repair_keys(res: Resources, entry: RegistryEntry, verdict: Verdict) -> list[
     source = _described(res, entry)
     key = [digest.DigestColumn(k, spec.target_name(k), f.type) for k in spec.key if (f := source.field(k)) is not None]
     keys = [[r["key"][c.target_name] for c in key] for r in verdict.rows]
-    if len(key) != len(spec.key) or digest.bq_key_restriction(key, keys) is None:
+    if len(key) != len(spec.key) or digest.key_restriction(key, keys) is None:
         return None  # a key column whose values have no simple literal (NUMERIC, BOOL, ...)
     return keys
 

@@ -10,6 +10,7 @@ import pytest
 
 from tasks.fastpath import LocalSource, local_slices
 from tasks.reconcile import SourceSlice, choose_periods, period_text, window_restriction
+from tasks.restriction import storage_text
 
 pytestmark = pytest.mark.once
 
@@ -50,10 +51,11 @@ def test_period_text_is_the_same_for_bigquery_and_postgres_values() -> None:
 
 
 def test_window_restriction_reads_exactly_the_periods() -> None:
-    assert window_restriction([W1, None], "start_date", "DATE") == \
-        "`start_date` IN (DATE '2025-01-05') OR `start_date` IS NULL"
-    assert window_restriction([], "start_date", "DATE") == "FALSE"
-    assert window_restriction(["it's"], "w", "STRING") == "`w` IN ('it\\'s')"
+    # a restriction is data, rendered for the Storage Read API by tasks/restriction.py's one literal renderer
+    assert storage_text(window_restriction([W1, None], "start_date", "DATE")) == \
+        "(`start_date` IN (DATE '2025-01-05')) OR (`start_date` IS NULL)"
+    assert storage_text(window_restriction([], "start_date", "DATE")) == "FALSE"
+    assert storage_text(window_restriction(["it's"], "w", "STRING")) == "`w` IN ('it\\'s')"
 
 
 def test_local_slices_count_distinct_keys_per_period() -> None:

@@ -44,15 +44,20 @@ def kill_mid_load(pg: psycopg.Connection[Any], schema: str, *, at_rows: int) -> 
     child.wait()
 
 
-def test_sigkill_during_load_then_rerun_resumes(env: Settings, pg: psycopg.Connection[Any]) -> None:
-    schema = env.schema_name
-    apply_migrations(pg, schema)
+def staged_sqp(env: Settings, pg: psycopg.Connection[Any], total: int) -> BigQuerySource:
+    """``total`` SQP rows in BigQuery and table "sqp" registered on the staged, checkpointed path (slow batches)."""
+    apply_migrations(pg, env.schema_name)
     source = BigQuerySource.from_settings(env)
-    total = 6000
     put_table(source, "sqp", SQP_SCHEMA, sqp_rows(total))
-    register_table(pg, schema, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
-                                       "batch_size": 250, "transform": "slow_for_tests",
-                                       "direct_initial_load": False})  # the staged, checkpointed path
+    register_table(pg, env.schema_name, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at",
+                                                "batch_size": 250, "transform": "slow_for_tests",
+                                                "direct_initial_load": False})
+    return source
+
+
+def test_sigkill_during_load_then_rerun_resumes(env: Settings, pg: psycopg.Connection[Any]) -> None:
+    schema, total = env.schema_name, 6000
+    source = staged_sqp(env, pg, total)
 
     kill_mid_load(pg, schema, at_rows=1000)
 
@@ -93,4 +98,22 @@ def test_an_expired_read_session_is_recreated_and_the_run_completes(
     rerun = refresh_table("sqp")
     assert rerun["resumed"] is True and rerun["session_recreated"] == 1
     assert rerun["rows_inserted"] == 4000 and rerun["duplicate_keys"] == 0
+    assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{schema}".sqp', "1"), SQP_KEY)
+
+
+def test_a_checkpoint_whose_row_restriction_is_sql_text_is_not_resumed(env: Settings, pg: psycopg.Connection[Any]) -> None:
+    """A checkpoint keeps its row restriction as data (tasks/restriction.py), never SQL text: one written as text (by
+    an earlier version, or edited in the database) is not read back into a query or a read session; the run starts
+    over, says why, and ends exact."""
+    schema, total = env.schema_name, 3000
+    source = staged_sqp(env, pg, total)
+    kill_mid_load(pg, schema, at_rows=500)
+    pg.execute(f"UPDATE \"{schema}\".refresh_checkpoints SET checkpoint_data = jsonb_set(checkpoint_data #- "
+               "'{session,restriction}', '{session,row_restriction}', to_jsonb('TRUE) OR (TRUE'::text))"
+               " WHERE status = 'active'")
+    rerun = refresh_table("sqp")
+    assert rerun["resumed"] is False and rerun["rows_read"] == total, rerun
+    restarted = pg.execute(f"SELECT sync_metadata->>'restarted' FROM \"{schema}\".refresh_audit_log ORDER BY id DESC"
+                           " LIMIT 1").fetchone()
+    assert restarted is not None and "row restriction as SQL text" in restarted[0], restarted
     assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{schema}".sqp', "1"), SQP_KEY)
