@@ -150,7 +150,7 @@ def create_staging(conn: psycopg.Connection[Any], schema: str, table: str, colum
     """An UNLOGGED staging table of this run (JSON as text; a batch sequence for 'latest wins').
 
     UNLOGGED: crash recovery empties it; a resumed run proves it still holds what its checkpoint records
-    (sync._resume_refused) and starts over when it does not.
+    (refresh_plan: its resume decision) and starts over when it does not.
 
     Args:
         row_hash: staged rows carry their row hash.

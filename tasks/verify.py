@@ -94,7 +94,7 @@ def last_snapshot(conn: Any, registry_schema: str, entry: RegistryEntry) -> date
 def plan_columns(res: Resources, entry: RegistryEntry, declared: dict[str, str]) -> tuple[
         list[digest.DigestColumn], list[str], extract.SourceTable]:
     """The columns both sides hold, as digest columns, and the ones left out (with why)."""
-    from tasks.sync import _columns  # the one mapping of source columns to target columns
+    from tasks.refresh_plan import _columns  # the one mapping of source columns to target columns
 
     spec = entry.spec()
     source = _described(res, entry)
