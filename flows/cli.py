@@ -618,12 +618,13 @@ def verify(
     # A repair re-reads the differing rows by key where verify can list them: bisected down to them first.
     verdicts = [verify_table(res, e, rows=rows or repair, max_bytes=max_bytes) for e in entries]
     if repair:
+        from flows.refresh_table import refresh_table
         from tasks.verify import repair_table
 
         by_name = {e.name: e for e in entries}
         for i, v in enumerate(verdicts):
             if v.status == "differs":
-                run = repair_table(res, by_name[v.table], v)
+                run = repair_table(res, by_name[v.table], v, refresh_table)
                 verdicts[i] = verify_table(res, by_name[v.table], rows=rows, max_bytes=max_bytes)
                 verdicts[i].repair = {k: run.get(k) for k in ("status", "repaired", "rows_inserted", "rows_updated",
                                                               "rows_deleted", "audit_id", "error")}

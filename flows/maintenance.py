@@ -77,6 +77,7 @@ def verify_all(res: Resources, *, repair: bool, max_bytes: int | None = None) ->
     Returns:
         table -> its verdict's status (equal, differs, not_verified), and the tables repaired.
     """
+    from flows.refresh_table import refresh_table
     from tasks.verify import repair_table, verify_table
 
     logger = get_run_logger()
@@ -90,7 +91,7 @@ def verify_all(res: Resources, *, repair: bool, max_bytes: int | None = None) ->
             mend = repair or entry.spec().auto_repair
             verdict = verify_table(res, entry, rows=mend, max_bytes=max_bytes)  # rows located: repaired by key
             if verdict.status == "differs" and mend:
-                run = repair_table(res, entry, verdict)
+                run = repair_table(res, entry, verdict, refresh_table)
                 repaired.append(entry.name)
                 verdict = verify_table(res, entry, max_bytes=max_bytes)
                 verdict.notes.insert(0, f"repaired ({run.get('status')}: {run.get('repaired')}), verified again")

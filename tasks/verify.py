@@ -283,7 +283,8 @@ def repair_keys(res: Resources, entry: RegistryEntry, verdict: Verdict) -> list[
     return keys
 
 
-def repair_table(res: Resources, entry: RegistryEntry, verdict: Verdict) -> dict[str, Any]:
+def repair_table(res: Resources, entry: RegistryEntry, verdict: Verdict, run_table: Callable[..., dict[str, Any]]
+                 ) -> dict[str, Any]:
     """Reload what differs through the normal run (plan, gate, publish with its reconciliation and delete guard,
     audit, alerts), at one snapshot. Rows verify located (``verdict.rows``, up to REFRESH_REPAIR_MAX_ROWS) are
     re-read by key through a read session whose row restriction names them, and exactly those keys replaced;
@@ -291,22 +292,24 @@ def repair_table(res: Resources, entry: RegistryEntry, verdict: Verdict) -> dict
     hand edit leaves the old hash), and any other table runs a full refresh (rows already equal are not rewritten).
     A repair leaves the watermark, the refresh time and the table's freshness as the nights left them.
 
-    Returns:
-        The run's summary (flows.refresh_table), with ``repaired``: "N rows by key", the periods, or "full refresh".
-    """
-    from flows.refresh_table import refresh_table
+    Args:
+        run_table: the run itself (flows.refresh_table.refresh_table: the flow, above this module), called with
+            the table's name and ``repair_keys``, ``repair_periods`` or ``full_refresh``, and ``refresh_views``.
 
+    Returns:
+        The run's summary, with ``repaired``: "N rows by key", the periods, or "full refresh".
+    """
     spec = entry.spec()
     keys = repair_keys(res, entry, verdict)
     if keys is not None:
-        run = refresh_table(entry.name, repair_keys=keys, refresh_views=True)
+        run = run_table(entry.name, repair_keys=keys, refresh_views=True)
         return {**run, "repaired": f"{len(keys)} rows by key"}
     window = next((c for c in _window_columns(res, entry) if c.source_name == spec.window_column), None)
     if spec.mode == "window" and window is not None and verdict.slicing == window.target_name:
         periods = [period_of(d["slice"], window) for d in verdict.differing]
-        run = refresh_table(entry.name, repair_periods=periods, refresh_views=True)
+        run = run_table(entry.name, repair_periods=periods, refresh_views=True)
         return {**run, "repaired": periods}
-    run = refresh_table(entry.name, full_refresh=True, refresh_views=True)
+    run = run_table(entry.name, full_refresh=True, refresh_views=True)
     return {**run, "repaired": "full refresh"}
 
 

@@ -12,6 +12,8 @@ import pytest
 from tasks import restriction as rs
 from tasks.restriction import All, Any_, Cond
 
+pytestmark = pytest.mark.once  # no database
+
 
 @pytest.mark.parametrize(("text", "bq_type", "literal"), [
     ("42", "INT64", "42"),

@@ -101,6 +101,7 @@ def test_an_expired_read_session_is_recreated_and_the_run_completes(
     assert_same_rows(source_rows(source, "sqp"), pg_rows(pg, f'"{schema}".sqp', "1"), SQP_KEY)
 
 
+@pytest.mark.once
 def test_a_checkpoint_whose_row_restriction_is_sql_text_is_not_resumed(env: Settings, pg: psycopg.Connection[Any]) -> None:
     """A checkpoint keeps its row restriction as data (tasks/restriction.py), never SQL text: one written as text (by
     an earlier version, or edited in the database) is not read back into a query or a read session; the run starts

@@ -20,7 +20,7 @@ from tests.bqdata import put_table
 from tests.test_bad_input import LOOSE_SCHEMA, T0, loose_rows
 from tests.test_engine import SQP_KEY
 
-pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
+pytestmark = [pytest.mark.emulator, pytest.mark.once, pytest.mark.usefixtures("prefect_harness")]
 
 
 def run_log(flow_run_id: Any) -> list[tuple[int, str]]:  # noqa: D103

@@ -72,6 +72,7 @@ def test_a_refresh_configured_by_saved_blocks_alone(
     assert not (tmp_path / "state" / "pgdata").exists()  # no embedded PostgreSQL was started
 
 
+@pytest.mark.once
 def test_a_block_name_not_saved_is_an_error_naming_it(env: Settings, registry: str, tmp_path: Path) -> None:
     for setting in ("BQ_REFRESH_TARGET_BLOCK", "BQ_REFRESH_SOURCE_BLOCK"):
         cli_env = blocks_only_env(tmp_path, env, **{setting: "no-such-block"})
@@ -83,6 +84,7 @@ def test_a_block_name_not_saved_is_an_error_naming_it(env: Settings, registry: s
         assert not (tmp_path / "state" / "pgdata").exists()  # the source block is looked up first
 
 
+@pytest.mark.once
 def test_connection_components_become_a_libpq_uri_with_every_part_encoded() -> None:
     c = ConnectionComponents(driver="postgresql+psycopg2", host="db.example.supabase.co", port=6543,
                              database="post gres", username="bq.refresh", password="p w@/:?",

@@ -312,7 +312,7 @@ def test_what_the_nightly_cursor_cannot_see_is_found_and_mended(
     assert [(r["key"]["asin"], r["kind"], r["columns"]) for r in verdict.rows] == [
         (restated["asin"], "differs", ["median_price"]), ("B0LATE0000", "missing", [])]
 
-    run = repair_table(res, get_entry(pg, s, "inc"), verdict)
+    run = repair_table(res, get_entry(pg, s, "inc"), verdict, refresh_table)
     assert (run["repaired"], run["rows_inserted"], run["rows_updated"]) == ("2 rows by key", 1, 1), run
     assert verify_table(res, get_entry(pg, s, "inc")).status == "equal"
     assert_same_rows(source_rows(source, "inc"), pg_rows(pg, f'"{s}".inc', "1, 2, 3"), SQP_KEY)
@@ -428,6 +428,7 @@ def test_a_row_of_more_columns_than_a_function_takes_has_the_same_text(pg: psyco
     assert text == "|".join("n" if v is None else str(v) for v in values)
 
 
+@pytest.mark.once
 def test_a_query_source_is_verified_by_running_its_query_and_repaired(
     env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
 ) -> None:
