@@ -225,6 +225,7 @@ def stored(pg: psycopg.Connection[Any], schema: str) -> dict[str, list[Any]]:
 
 
 @pytest.mark.once
+@pytest.mark.second
 def test_google_arrow_fields_are_read_as_their_bigquery_types() -> None:
     assert {f.name: arrow_source_type(f) for f in GOOGLE_SCHEMA} == {
         "id": ("INT64", "REQUIRED"), "geo": ("GEOGRAPHY", "NULLABLE"), "geo_wkb": ("GEOGRAPHY", "NULLABLE"),
@@ -267,6 +268,7 @@ def test_google_arrow_batches_land_exactly_per_the_type_contract(
 
 
 @pytest.mark.once
+@pytest.mark.second
 def test_an_interval_finer_than_the_microsecond_is_refused_naming_the_column() -> None:
     batch = pa.record_batch({"iv": pa.array([pa.MonthDayNano([0, 0, 1500])], pa.month_day_nano_interval())})
     with pytest.raises(SourceError, match=r"column 'iv': INTERVAL 0 months 0 days 1500 ns .* finer than the micro"):
@@ -274,6 +276,7 @@ def test_an_interval_finer_than_the_microsecond_is_refused_naming_the_column() -
 
 
 @pytest.mark.once
+@pytest.mark.second
 def test_a_transform_keeps_bignumeric_exact_though_polars_has_no_256_bit_decimal() -> None:
     columns = [Column("id", "id", "INT64", "REQUIRED"), Column("bnum", "bnum", "BIGNUMERIC", "NULLABLE"),
                Column("s", "s", "STRING", "NULLABLE"), Column("abnum", "abnum", "BIGNUMERIC", "REPEATED")]
@@ -324,12 +327,14 @@ WKB_CASES = [
 
 
 @pytest.mark.once
+@pytest.mark.second
 @pytest.mark.parametrize(("wkb", "wkt"), WKB_CASES)
 def test_wkb_is_decoded_to_wkt(wkb: bytes, wkt: str) -> None:
     assert wkb_to_wkt(wkb) == wkt
 
 
 @pytest.mark.once
+@pytest.mark.second
 @pytest.mark.parametrize("wkb", [b"", _wkb("<", 1, _coords("<", 1)), _wkb("<", 9, b""), _wkb("<", 1, _coords("<", 1, 2)) + b"x",
                                  b"\x02" + _wkb("<", 1, _coords("<", 1, 2))[1:]],
                          ids=["empty", "short point", "unknown type", "trailing bytes", "bad byte order"])

@@ -30,7 +30,7 @@ from tests.comparator import assert_same_rows
 from tests.storage_standin import StorageStandIn
 from tests.test_source_kinds import SCHEMA, rows
 
-pytestmark = [pytest.mark.once, pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
+pytestmark = [pytest.mark.once, pytest.mark.second, pytest.mark.emulator, pytest.mark.usefixtures("prefect_harness")]
 
 
 @pytest.fixture

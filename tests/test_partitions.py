@@ -59,6 +59,7 @@ TYPES = {"d": "DATE", "ts": "TIMESTAMP", "n": "INTEGER"}
 
 
 @pytest.mark.once
+@pytest.mark.second
 @pytest.mark.parametrize(("given", "expected"), [
     (table("d", required=True), DATE_FILTER),
     (table("ts", legacy_required=True), "(`ts` IS NULL OR `ts` >= TIMESTAMP '0001-01-01 00:00:00+00')"),
@@ -73,6 +74,7 @@ def test_the_partition_predicate_follows_the_tables_metadata(given: bigquery.Tab
 
 
 @pytest.mark.once
+@pytest.mark.second
 @pytest.mark.parametrize(("restriction", "expected"), [
     ("", DATE_FILTER),
     ("`updated_at` >= TIMESTAMP '2026-01-01T00:00:00+00:00'",
@@ -87,6 +89,7 @@ def test_the_predicate_is_anded_to_the_reads_own_restriction_and_qualifies(restr
 
 
 @pytest.mark.once
+@pytest.mark.second
 @pytest.mark.parametrize("role", ["cursor", "window_column", "key"])
 def test_a_pseudo_column_is_refused_for_a_table_source_and_allowed_by_name_in_a_query_source(role: str) -> None:
     params: dict[str, Any] = {"source": "events", "key": ["id"], "cursor": "updated_at"}
@@ -167,6 +170,7 @@ def partitioned_events(source: BigQuerySource, data: pa.Table) -> str:
 
 @pytest.mark.emulator
 @pytest.mark.once
+@pytest.mark.second
 def test_the_emulator_keeps_the_partitioning_and_the_source_carries_its_predicate(source: BigQuerySource) -> None:
     """Tables made by DDL (the emulator keeps require_partition_filter inside timePartitioning): a column-partitioned
     one and an ingestion-time one; the resolved source of each carries the predicate its reads send."""
@@ -181,6 +185,7 @@ def test_the_emulator_keeps_the_partitioning_and_the_source_carries_its_predicat
 
 @pytest.mark.emulator
 @pytest.mark.once
+@pytest.mark.second
 def test_a_read_session_without_the_predicate_is_refused_and_with_it_reads_every_row(source: BigQuerySource) -> None:
     data = events(9)
     ref = partitioned_events(source, data)
@@ -270,6 +275,7 @@ def test_a_full_refresh_counts_the_source_with_the_predicate_too(
 
 @pytest.mark.emulator
 @pytest.mark.once
+@pytest.mark.second
 def test_doctor_names_the_partitioning_and_opens_its_read_session_with_the_predicate(
     env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource,
 ) -> None:
@@ -293,6 +299,7 @@ def test_doctor_names_the_partitioning_and_opens_its_read_session_with_the_predi
 
 
 @pytest.mark.once
+@pytest.mark.second
 def test_tables_add_refuses_a_pseudo_column_cursor_in_one_line(env: Settings, registry: str) -> None:
     """Through the real entry point: exit 2, the one line naming the fix, nothing registered."""
     import os
@@ -312,6 +319,7 @@ def test_tables_add_refuses_a_pseudo_column_cursor_in_one_line(env: Settings, re
 
 @pytest.mark.emulator
 @pytest.mark.once
+@pytest.mark.second
 def test_verify_reads_a_table_that_requires_a_partition_filter_with_one(
     env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, emulator: Any,
     monkeypatch: pytest.MonkeyPatch,

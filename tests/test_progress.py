@@ -147,6 +147,7 @@ def phases_shown(screen: str, table: str) -> list[str]:
 
 @pytest.mark.emulator
 @pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.once  # a terminal's view: the same on either server
 def test_run_on_a_terminal_shows_each_phase_and_no_log_line_cuts_through(env: Settings, registry: str,
                                                                          source: Any) -> None:
     """`bq-refresh run` in a pseudo-terminal: the table's row goes planning -> reading (rows of those expected)

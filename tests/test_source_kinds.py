@@ -33,7 +33,7 @@ from tests.comparator import assert_same_rows
 from tests.conftest import EMULATOR_PROJECT
 from tests.storage_standin import StorageStandIn, table_path
 
-pytestmark = [pytest.mark.once]
+pytestmark = [pytest.mark.once, pytest.mark.second]
 
 SCHEMA = bq_schema([("id", "INT64", "REQUIRED"), ("day", "DATE"), ("name", "STRING"), ("amount", "NUMERIC")])
 

@@ -65,6 +65,7 @@ def read(source: BigQuerySource, info: extract.ReadSessionInfo, stream: int = 0,
 # --- the read path (no PostgreSQL) ---------------------------------------------------------------------------------
 
 @pytest.mark.once
+@pytest.mark.second
 def test_a_session_selects_restricts_and_splits_as_bigquery_does(standin: StorageStandIn) -> None:
     data = sqp_rows(1000, step=timedelta(seconds=1))
     standin.register(REF, data)
@@ -86,6 +87,7 @@ def test_a_session_selects_restricts_and_splits_as_bigquery_does(standin: Storag
 
 
 @pytest.mark.once
+@pytest.mark.second
 @pytest.mark.parametrize("honours", [True, False], ids=["offsets-honoured", "offsets-ignored"])
 def test_a_read_continues_at_its_checkpointed_offset(standin: StorageStandIn, honours: bool) -> None:
     """A checkpoint's offset falls inside a server message: the read yields exactly the rows from it, whether the
@@ -108,6 +110,7 @@ FAULTS: dict[str, dict[str, Any]] = {
 
 
 @pytest.mark.once
+@pytest.mark.second
 @pytest.mark.parametrize("honours", [True, False], ids=["offsets-honoured", "offsets-ignored"])
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_call_failing_mid_stream_is_resumed_with_no_row_skipped_or_read_twice(
@@ -132,6 +135,7 @@ def test_a_call_failing_mid_stream_is_resumed_with_no_row_skipped_or_read_twice(
 
 
 @pytest.mark.once
+@pytest.mark.second
 def test_a_stream_that_keeps_failing_gives_up_within_the_deadline(standin: StorageStandIn) -> None:
     standin.register(REF, sqp_rows(500))
     standin.fail_mid_stream("UNAVAILABLE", at_row=200, times=-1)
@@ -149,6 +153,7 @@ def test_a_stream_that_keeps_failing_gives_up_within_the_deadline(standin: Stora
 
 
 @pytest.mark.once
+@pytest.mark.second
 def test_a_slow_consumer_is_not_a_stalled_stream(standin: StorageStandIn) -> None:
     """The time the caller keeps each batch (a slow flush, a COPY shared with other streams) does not count against
     BIGQUERY_TIMEOUT_SECONDS: a call that fails after the caller was slow for longer is still resumed."""
@@ -167,6 +172,7 @@ def test_a_slow_consumer_is_not_a_stalled_stream(standin: StorageStandIn) -> Non
 
 
 @pytest.mark.once
+@pytest.mark.second
 def test_a_stream_split_in_two_holds_the_same_rows_back_to_back(standin: StorageStandIn) -> None:
     """SplitReadStream through the real client: the primary and the remainder are the original, in order."""
     from google.cloud.bigquery_storage_v1 import types
@@ -183,6 +189,7 @@ def test_a_stream_split_in_two_holds_the_same_rows_back_to_back(standin: Storage
 
 
 @pytest.mark.once
+@pytest.mark.second
 def test_a_session_refused_for_quota_is_asked_again(standin: StorageStandIn) -> None:
     """RESOURCE_EXHAUSTED (429) on CreateReadSession is transient: asked again after a pause, within the deadline."""
     standin.register(REF, sqp_rows(50))
@@ -192,6 +199,7 @@ def test_a_session_refused_for_quota_is_asked_again(standin: StorageStandIn) -> 
 
 
 @pytest.mark.once
+@pytest.mark.second
 def test_an_expired_session_is_said_so_for_the_caller_to_open_another(standin: StorageStandIn) -> None:
     standin.register(REF, sqp_rows(300))
     source = source_for(standin, honours=True)
@@ -203,6 +211,7 @@ def test_an_expired_session_is_said_so_for_the_caller_to_open_another(standin: S
 
 
 @pytest.mark.once
+@pytest.mark.second
 @pytest.mark.parametrize("kind", ["VIEW", "MATERIALIZED_VIEW"])
 def test_a_view_is_refused_with_an_error_naming_it(standin: StorageStandIn, kind: str) -> None:
     standin.register("p.d.sqp_view", sqp_rows(10), kind=kind)
@@ -216,6 +225,7 @@ def test_a_view_is_refused_with_an_error_naming_it(standin: StorageStandIn, kind
 
 
 @pytest.mark.once
+@pytest.mark.second
 def test_a_snapshot_past_the_time_travel_window_is_refused_clearly(standin: StorageStandIn) -> None:
     standin.register(REF, sqp_rows(10), at=datetime.now(UTC) - timedelta(days=30))
     old = datetime.now(UTC) - timedelta(hours=170)
@@ -225,6 +235,7 @@ def test_a_snapshot_past_the_time_travel_window_is_refused_clearly(standin: Stor
 
 
 @pytest.mark.once
+@pytest.mark.second
 @pytest.mark.parametrize(("age_h", "window_h", "gone"), [
     (1, 48, False), (46.9, 48, False), (47.1, 48, True), (100, 168, False), (167.5, 168, True), (200, 168, True),
 ])
