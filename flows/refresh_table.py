@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from typing import Any
 
 import psycopg
@@ -318,17 +319,16 @@ def refresh_table(
     if group is not None and not hold_publish:
         raise ConfigError(f"in publish group {group!r}, whose tables publish together: run it through the nightly"
                           f" flow (bq-refresh run --table {entry.name} refreshes the whole group)", table=entry.name)
-    try:
-        lock = table_lock(res.target, entry.name, settings.lock_wait_s)
-        held = lock.__enter__()
-    except AlreadyRunning as exc:
-        with audit(autocommit=True) as conn:
-            audit_id = start_audit(conn, schema, config_id=entry.id, table_schema=entry.table_schema,
-                                   table_name=entry.table_name, metadata={"flow_run_id": run_id})
-            finish_audit(conn, schema, audit_id, status="skipped", error=exc)
-        logger.warning("%s", exc)
-        return {"table": entry.name, "status": "skipped", "reason": str(exc), "audit_id": audit_id}
-    try:
+    with ExitStack() as held_for_the_run:
+        try:
+            held = held_for_the_run.enter_context(table_lock(res.target, entry.name, settings.lock_wait_s))
+        except AlreadyRunning as exc:
+            with audit(autocommit=True) as conn:
+                audit_id = start_audit(conn, schema, config_id=entry.id, table_schema=entry.table_schema,
+                                       table_name=entry.table_name, metadata={"flow_run_id": run_id})
+                finish_audit(conn, schema, audit_id, status="skipped", error=exc)
+            logger.warning("%s", exc)
+            return {"table": entry.name, "status": "skipped", "reason": str(exc), "audit_id": audit_id}
         with audit(autocommit=True) as conn:
             audit_id = start_audit(conn, schema, config_id=entry.id, table_schema=entry.table_schema,
                                    table_name=entry.table_name,
@@ -397,8 +397,6 @@ def refresh_table(
         summary = finish_run(res, entry.name, plan, manifest, result, soft_failures, audit_id=audit_id,
                              interrupted=interrupted, lock_reacquired=held.reacquired, elapsed_ms=elapsed_ms,
                              dry_run=dry_run)
-    finally:
-        lock.__exit__(None, None, None)
     return announce_run(res, summary, plan, manifest, result, previous=previous, run_id=run_id, dry_run=dry_run,
                         refresh_views=refresh_views)
 
