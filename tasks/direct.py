@@ -162,7 +162,7 @@ def load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, au
             staging_schema=plan.target_schema, staging_table=plan.target_table, columns=plan.columns, key=plan.key,
             critical=plan.critical_fields, config=plan.checks, source_ref=plan.source_ref,
             restriction=rs.from_json(plan.session["restriction"]), partition_filter=plan.source_partition_filter,
-        snapshot=None if plan.source_job_result else plan.session.get("snapshot_time"),
+            snapshot=None if plan.source_job_result else plan.session.get("snapshot_time"),
             stage_state={"checksum": str(counters["checksum"]), "quarantined": counters["quarantined"],
                          "verify_sample": plan.verify_sample if plan.row_hash else None},
             previous_rows=None, conn=session, adbc_conn=adbc_conn,

@@ -305,8 +305,8 @@ def plan_refresh(
                                          repair_periods, repair_keys)).encode()).hexdigest()
         restarted = None
         if active is not None:
-            why = ("its checkpoint keeps its row restriction as SQL text (written by an earlier version)"
-                   if "restriction" not in active[1].get("session", {})
+            unreadable = _restriction_unreadable(active[1].get("session") or {})
+            why = (unreadable if unreadable
                    else "the plan changed" if active[1].get("fingerprint") != fingerprint
                    else (None if local is not None else result_gone(active[1].get("plan", {}), source)
                          or _snapshot_gone(res, source.ref, active[1]))
@@ -377,7 +377,8 @@ def plan_refresh(
                 choice = choice.only(repair_periods)
             reconcile.refuse_vanished(table, choice.vanished, spec.max_vanished_periods, allow_deletes,
                                       window_col.source_name)
-            restriction = reconcile.window_restriction(choice.read, window_col.source_name, window_col.bq_type)
+            if local is None:  # in-process batches are read whole
+                restriction = reconcile.window_restriction(choice.read, window_col.source_name, window_col.bq_type)
             periods = choice.read + choice.vanished
             expected_periods = list(choice.expected.items())
         elif spec.mode == "full" or spec.delete_policy.mode != "none":  # the whole table is in the run's scope
@@ -535,6 +536,17 @@ def staging_lost(conn: Any, staging_schema: str, stage_table: str, data: dict[st
         have = int(row[0]) if row else -1
         if have != want:
             return f"staging table {name} holds {have} rows, the checkpoint records {want} (emptied by a crash?)"
+    return None
+
+
+def _restriction_unreadable(session: dict[str, Any]) -> str | None:
+    """Why a checkpoint's row restriction cannot be read back as data (None: it can): then it is not resumed."""
+    if "restriction" not in session:
+        return "its checkpoint keeps its row restriction as SQL text (written by an earlier version)"
+    try:
+        rs.from_json(session["restriction"])
+    except ValueError as exc:
+        return f"its checkpoint's row restriction is not one this version writes ({exc})"
     return None
 
 

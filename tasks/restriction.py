@@ -10,19 +10,23 @@ where they are used, two ways:
 A run's checkpoint keeps the restriction as this data (``to_json`` / ``from_json``, which validates every part),
 so a resumed run never reads SQL text back from the database.
 
-Values are texts: INT64 decimal digits, DATE ``YYYY-MM-DD``, TIMESTAMP and DATETIME ISO 8601 (a TIMESTAMP's with
-its offset, or UTC), NUMERIC/BIGNUMERIC a decimal, BOOL ``true``/``false``, STRING itself.
+Values are texts: INT64 decimal digits (in its range), DATE ``YYYY-MM-DD``, TIME, TIMESTAMP and DATETIME ISO 8601
+(a TIMESTAMP's with its offset, or UTC), NUMERIC/BIGNUMERIC a decimal of at most 9/38 digits after the point, BOOL
+``true``/``false``, STRING itself. Other types (FLOAT64, BYTES, ...) have no literal here: a restriction on one is
+refused when it is made.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 OPERATORS = ("=", ">=", "IN", "IS NULL")
-TYPES = ("INT64", "STRING", "DATE", "DATETIME", "TIMESTAMP", "NUMERIC", "BIGNUMERIC", "BOOL")
+TYPES = ("INT64", "STRING", "DATE", "DATETIME", "TIME", "TIMESTAMP", "NUMERIC", "BIGNUMERIC", "BOOL")
+_INT64 = (-(2**63), 2**63 - 1)
+_SCALE = {"NUMERIC": 9, "BIGNUMERIC": 38}  # the most digits after the point BigQuery keeps
 _ALIASES = {"INTEGER": "INT64", "BOOLEAN": "BOOL", "DECIMAL": "NUMERIC", "BIGDECIMAL": "BIGNUMERIC"}
 PSEUDO_COLUMNS = ("_PARTITIONTIME", "_PARTITIONDATE")  # written bare, as BigQuery's documentation writes them
 
@@ -71,12 +75,6 @@ def bq_type(name: str) -> str:
     return _ALIASES.get(name.upper(), name.upper())
 
 
-def both(*parts: Restriction | None) -> Restriction:
-    """The rows every given restriction holds (None and every-row parts left out)."""
-    kept = tuple(p for p in parts if p is not None and p != EVERY_ROW)
-    return kept[0] if len(kept) == 1 else All(kept)
-
-
 def any_of(parts: list[Restriction]) -> Restriction:
     return parts[0] if len(parts) == 1 else Any_(tuple(parts))
 
@@ -97,7 +95,7 @@ def python_value(text: str, type_name: str) -> Any:
     t = bq_type(type_name)
     try:
         if t == "INT64":
-            if not text.lstrip("-").isdigit():
+            if not text.lstrip("-").isdigit() or not _INT64[0] <= int(text) <= _INT64[1]:
                 raise ValueError(text)
             return int(text)
         if t == "DATE":
@@ -105,6 +103,8 @@ def python_value(text: str, type_name: str) -> Any:
         if t == "TIMESTAMP":
             at = datetime.fromisoformat(text)
             return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+        if t == "TIME":
+            return time.fromisoformat(text)
         if t == "DATETIME":
             at = datetime.fromisoformat(text)
             if at.tzinfo is not None:
@@ -112,7 +112,7 @@ def python_value(text: str, type_name: str) -> Any:
             return at
         if t in {"NUMERIC", "BIGNUMERIC"}:
             number = Decimal(text)
-            if not number.is_finite():
+            if not number.is_finite() or -number.as_tuple().exponent > _SCALE[t]:  # type: ignore[operator]
                 raise ValueError(text)
             return number
         if t == "BOOL":

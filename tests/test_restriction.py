@@ -24,6 +24,8 @@ pytestmark = pytest.mark.once  # no database
     ("2025-01-05T10:00:00.000001", "DATETIME", "DATETIME '2025-01-05T10:00:00.000001'"),
     ("19.990000001", "NUMERIC", "NUMERIC '19.990000001'"),
     ("True", "BOOL", "TRUE"),
+    ("12:34:56.000001", "TIME", "TIME '12:34:56.000001'"),
+    ("-0.000000001", "NUMERIC", "NUMERIC '-1E-9'"),
     ("it's a \\ test\n", "STRING", "'it\\'s a \\\\ test\\n'"),
 ])
 def test_each_value_has_one_literal(text: str, bq_type: str, literal: str) -> None:
@@ -32,7 +34,8 @@ def test_each_value_has_one_literal(text: str, bq_type: str, literal: str) -> No
 
 @pytest.mark.parametrize(("text", "bq_type"), [
     ("1 OR TRUE", "INT64"), ("2025-01-05' OR TRUE --", "DATE"), ("x", "TIMESTAMP"), ("2025-01-05T10:00:00+01:00", "DATETIME"),
-    ("NaN", "NUMERIC"), ("1; DROP", "NUMERIC"), ("yes", "BOOL"),
+    ("NaN", "NUMERIC"), ("1; DROP", "NUMERIC"), ("yes", "BOOL"), ("9223372036854775808", "INT64"),
+    ("0.0000000001", "NUMERIC"), ("25:00", "TIME"),
 ])
 def test_a_value_that_is_not_of_its_type_is_refused(text: str, bq_type: str) -> None:
     with pytest.raises(ValueError, match="is not a"):
@@ -69,3 +72,12 @@ def test_a_checkpoints_restriction_is_read_back_only_as_data() -> None:
                 {"all": "TRUE"}):
         with pytest.raises(ValueError, match="row restriction"):
             rs.from_json(bad)
+
+
+def test_a_checkpoint_is_resumed_only_when_its_restriction_reads_back_as_data() -> None:
+    from tasks.refresh_plan import _restriction_unreadable
+
+    assert _restriction_unreadable({"restriction": rs.to_json(Cond("w", "IN", "DATE", ("2025-01-05",)))}) is None
+    assert "SQL text" in str(_restriction_unreadable({"row_restriction": "`w` >= 1"}))
+    forged = {"restriction": {"column": "w", "op": ">=", "type": "INT64", "values": ["1) OR (TRUE"]}}
+    assert "not one this version writes" in str(_restriction_unreadable(forged))
