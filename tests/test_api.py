@@ -412,6 +412,7 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)
 
 
+@pytest.mark.once  # the operator's commands, not the server: the first pass only
 def test_operator_commands_end_to_end(settings: Settings, pg: psycopg.Connection[Any], tmp_path: Path) -> None:
     schema = settings.schema_name
     assert settings.database_url is not None

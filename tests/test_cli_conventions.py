@@ -198,6 +198,7 @@ def deps(pg: psycopg.Connection[Any], schema: str) -> set[tuple[str, str, str]]:
     return {(d.parent.split(".")[1], d.dependent.split(".")[1], d.kind) for d in list_dependencies(pg, schema)}
 
 
+@pytest.mark.once  # the command's conventions, not the server: the first pass only
 def test_dependencies_refuse_a_cycle_and_can_be_removed(cli_env: dict[str, str], pg: psycopg.Connection[Any],
                                                         env: Settings) -> None:
     schema = env.schema_name

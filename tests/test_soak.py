@@ -30,7 +30,9 @@ from tests.test_engine import SQP_KEY, SQP_SCHEMA
 CYCLES = int(os.environ.get("BQ_REFRESH_SOAK_CYCLES", "30"))
 # Database-facing: runs in both passes of ./dev test (embedded PostgreSQL and PostgreSQL 15). A cycle takes
 # about 4 s here; a longer soak gets a longer timeout than the suite's 600 s.
-pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.timeout(max(600, 20 * CYCLES)),
+# Once, on the Supabase-like server (PostgreSQL 15 through PgBouncer, TLS: the production-like one): it ran on both
+# and was the second longest file of each pass.
+pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.once, pytest.mark.second, pytest.mark.timeout(max(600, 20 * CYCLES)),
               pytest.mark.usefixtures("prefect_harness")]
 Key = tuple[date, str, str]
 
