@@ -364,12 +364,6 @@ def pg_segment_filter(slicing: Slicing, segments: list[Segment], alias: str = "t
     return sql.SQL(" OR ").join(parts) if parts else sql.SQL("false")
 
 
-def bq_children_query(source_from: str, columns: list[DigestColumn], slicing: Slicing, parents: list[Segment],
-                      prefix_len: int) -> str:
-    """Per (slice, key-hash prefix of ``prefix_len`` hex digits) digests of the rows in ``parents``."""
-    return _bq_aggregate(source_from, columns, slicing, bq_segment_filter(slicing, parents), prefix_len)
-
-
 def pg_children_query(target: sql.Composable, columns: list[DigestColumn], slicing: Slicing, parents: list[Segment],
                       prefix_len: int, where: sql.Composable | None = None) -> sql.Composed:
     scope = pg_segment_filter(slicing, parents, "t")

@@ -163,6 +163,22 @@ def publish_waits(conn: psycopg.Connection[Any]) -> Any:
         "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE 'WITH up AS%'").fetchone())
 
 
+def crash_while_publish_waits(crashable: CrashablePostgres, conn: psycopg.Connection[Any], table: str,
+                              args: list[str], what: str) -> int:
+    """Run tests/killable_refresh.py with ``args`` while the test holds a SHARE lock on ``table`` (SQL), crash
+    PostgreSQL once the publish waits on it inside its transaction; the child's exit code."""
+    blocker = psycopg.connect(crashable.uri)
+    blocker.execute(f"LOCK TABLE {table} IN SHARE MODE")
+    child = refresh_child(*args)
+    try:
+        wait_for(publish_waits(conn), child, what)
+        crashable.crash()
+    finally:
+        rc = child.wait(timeout=180)
+        blocker.close()
+    return rc
+
+
 @pytest.mark.parametrize(("point", "mode", "hashes", "where"), CASES,
                          ids=["-".join([p, m, "hash" if h else "nohash", w]) for p, m, h, w in CASES])
 def test_a_postgres_crash_then_one_rerun_is_exact(
@@ -265,16 +281,9 @@ def test_a_postgres_crash_inside_a_group_publish_leaves_every_member_as_before_t
         put(source, changed_source(rows, "late"))
         before = {t: pg_rows(conn, f'"{schema}".{t}', "1, 2, 3") for t in ("sqp", "sqp_copy")}
 
-        blocker = psycopg.connect(crashable.uri)
-        blocker.execute(f'LOCK TABLE "{schema}".sqp_copy IN SHARE MODE')
-        child = refresh_child("--nightly")
-        try:
-            # sqp merged inside the group's transaction (its rows locked), sqp_copy's merge waiting on our lock.
-            wait_for(publish_waits(conn), child, "the group's publish waiting on its second member")
-            crashable.crash()
-        finally:
-            rc = child.wait(timeout=180)
-            blocker.close()
+        # sqp merged inside the group's transaction (its rows locked), sqp_copy's merge waiting on our lock.
+        rc = crash_while_publish_waits(crashable, conn, f'"{schema}".sqp_copy', ["--nightly"],
+                                       "the group's publish waiting on its second member")
         assert rc != 0, "the crashed night must not report success"
     finally:
         conn.close()
@@ -337,15 +346,8 @@ def test_a_postgres_crash_inside_a_repair_by_key_leaves_the_table_as_before_then
         before = live(conn, schema)
         night = conn.execute(f'SELECT watermark, last_refresh_at FROM "{schema}".refresh_config').fetchone()
 
-        blocker = psycopg.connect(crashable.uri)
-        blocker.execute(f"LOCK TABLE {t} IN SHARE MODE")
-        child = refresh_child("--repair-keys", "sqp", json.dumps(keys))
-        try:
-            wait_for(publish_waits(conn), child, "the repair's publish waiting inside its transaction")
-            crashable.crash()
-        finally:
-            rc = child.wait(timeout=180)
-            blocker.close()
+        rc = crash_while_publish_waits(crashable, conn, t, ["--repair-keys", "sqp", json.dumps(keys)],
+                                       "the repair's publish waiting inside its transaction")
         assert rc != 0, "the crashed repair must not report success"
     finally:
         conn.close()
