@@ -21,48 +21,24 @@ import pyarrow as pa
 from psycopg import sql
 
 from bq_refresh.errors import RefreshError
+from tasks import rowhash
 from tasks.sqlnames import ident, quote_ident
 from tasks.typemap import Column
 
 log = logging.getLogger(__name__)
 HASH_COLUMN = "_bqr_row_hash"
-HASH_SEED = 0x6271722D72656672  # fixed, so equal rows hash equal in every run
+HASH_SEED = rowhash.SEED
 
 
 def row_hashes(rows: pa.RecordBatch, columns: list[Column]) -> pa.Array:
-    """A 64-bit hash of each row's published values (key included), as int64 for a bigint column.
-
-    Equal rows give equal hashes in every run of the same Polars version; a new version may hash
-    differently, which makes every row look changed once (rewritten, never skipped wrongly).
-    """
-    if rows.num_rows == 0:
-        return pa.array([], pa.int64())
+    """A 64-bit hash of each row's published values (key included), as int64 for a bigint column: XXH64 over the
+    row's canonical bytes (tasks/rowhash.py), each value first cast to its column's Arrow type, so that the rows
+    read from BigQuery and the same rows read back from PostgreSQL hash alike, in every library version."""
     arrays = []
     for c in columns:
         arr = rows.column(c.target_name)
-        arrays.append(_float_bits(arr.cast(c.arrow_type) if arr.type != c.arrow_type else arr))
-    frame = pl.from_arrow(pa.table(arrays, names=[c.target_name for c in columns]))
-    assert isinstance(frame, pl.DataFrame)
-    hashed = frame.hash_rows(seed=HASH_SEED).to_numpy().view(np.int64)
-    return pa.array(hashed, pa.int64())
-
-
-_BITS = {pa.float64(): pa.int64(), pa.float32(): pa.int32(), pa.float16(): pa.int16()}
-
-
-def _float_bits(arr: pa.Array) -> pa.Array:
-    """Floats as their bit patterns: Polars hashes -0.0 and 0.0 alike (and PostgreSQL calls them equal),
-    but they are different values of the source, so the row hash must tell them apart. A decimal256 (BIGNUMERIC)
-    as its 32 bytes: Polars cannot take 256-bit decimals, and the bytes are the exact value at the fixed scale."""
-    if arr.type in _BITS:
-        return arr.view(_BITS[arr.type])
-    if pa.types.is_decimal256(arr.type):
-        return arr.view(pa.binary(32))
-    if pa.types.is_list(arr.type) and (arr.type.value_type in _BITS or pa.types.is_decimal256(arr.type.value_type)):
-        values = arr.values
-        bits = values.view(pa.binary(32) if pa.types.is_decimal256(values.type) else _BITS[values.type])
-        return pa.ListArray.from_arrays(arr.offsets, bits, mask=arr.is_null())
-    return arr
+        arrays.append(arr.cast(c.arrow_type) if arr.type != c.arrow_type else arr)
+    return rowhash.row_hashes(arrays)
 
 
 class HashSet:

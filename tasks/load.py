@@ -14,6 +14,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from bq_refresh.errors import ConfigError
+from tasks import rowhash
 from tasks.fastpath import HASH_COLUMN
 from tasks.sqlnames import ident, idents, quote_ident
 from tasks.typemap import Column
@@ -41,8 +42,10 @@ def rowhash_table(target_schema: str, target_table: str) -> str:
 def ensure_rowhash(conn: psycopg.Connection[Any], staging_schema: str, target_schema: str, target_table: str,
                    columns: list[Column], key: list[str]) -> str:
     """Create the target's row-hash side table if missing, and make it afresh when it was kept for another table
-    of that name (the target dropped and made again) or another key: a hash says "the live row with this key is
-    exactly this", so one that outlived its row must go. A live table still carrying the row-hash column of earlier versions gives
+    of that name (the target dropped and made again), another key or another hash function (``rowhash.VERSION``:
+    the hashes of bq-refresh 0.1's Polars-based function, once, so the next run stages every row, and the merge
+    writes none that did not change): a hash says "the live row with this key is exactly this", so one that outlived
+    its row, or that this version cannot reproduce, must go. A live table still carrying the row-hash column of earlier versions gives
     its hashes to the side table and loses the column (its owner only; else the column stays, unused).
 
     Returns:
@@ -53,12 +56,16 @@ def ensure_rowhash(conn: psycopg.Connection[Any], staging_schema: str, target_sc
     target = ident(target_schema, target_table)
     oid_row = conn.execute("SELECT %s::regclass::oid::text", (target.as_string(conn),)).fetchone()
     assert oid_row is not None
-    marker = f"bq-refresh row hashes of {target_schema}.{target_table} (oid {oid_row[0]}, key {', '.join(key)})"
+    same_row = f"bq-refresh row hashes of {target_schema}.{target_table} (oid {oid_row[0]}, key {', '.join(key)}"
+    marker = f"{same_row}, {rowhash.VERSION})"
     ensure_schema(conn, staging_schema)
     if table_exists(conn, staging_schema, name):
         held = conn.execute("SELECT obj_description(%s::regclass, 'pg_class')", (side.as_string(conn),)).fetchone()
         if held is not None and held[0] == marker:
             return name
+        if held is not None and str(held[0]).startswith(same_row):
+            log.warning("%s.%s: its row hashes were made by an earlier hash function; this run stages every row"
+                        " once (rows that did not change are not rewritten)", target_schema, target_table)
         conn.execute(sql.SQL("DROP TABLE {}").format(side))  # kept for another table of that name, or key
     types = {c.target_name: c.pg_type for c in columns}
     conn.execute(sql.SQL("CREATE TABLE {} ({}, h bigint NOT NULL, PRIMARY KEY ({}))").format(

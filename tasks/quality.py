@@ -9,13 +9,13 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-import polars as pl
 import psycopg
 import pyarrow as pa
 from psycopg import sql
 
 from blocks.resources import Resources
 from bq_refresh.errors import QualityCheckFailed
+from tasks import rowhash
 from tasks.extract import bq_ident
 from tasks.restriction import Restriction, query_where
 from tasks.spec import QualityConfig
@@ -40,7 +40,8 @@ class CheckResult:
 
 
 def checksum(data: pa.RecordBatch | pa.Table, columns: list[Column], names: list[str]) -> int:
-    """Order-independent checksum: the sum, modulo 2**64, of a 64-bit hash of each row's ``names`` values.
+    """Order-independent checksum: the sum, modulo 2**64, of the row hash (tasks/rowhash.py) of each row's
+    ``names`` values.
 
     The same function runs on the Arrow batches read from BigQuery and on the staging table read back
     from PostgreSQL (cast to the same Arrow types), so one changed value in one row changes it.
@@ -53,9 +54,7 @@ def checksum(data: pa.RecordBatch | pa.Table, columns: list[Column], names: list
         arr = data.column(n)
         want = by_name[n].arrow_type
         arrays.append(arr.cast(want) if arr.type != want else arr)
-    frame = pl.from_arrow(pa.table(arrays, names=names))
-    assert isinstance(frame, pl.DataFrame)
-    hashes = frame.hash_rows(seed=0).to_numpy()
+    hashes = rowhash.row_hashes(arrays).to_numpy(zero_copy_only=False).view(np.uint64)
     return int(np.sum(hashes, dtype=np.uint64))  # wraps modulo 2**64 by design
 
 

@@ -10,6 +10,7 @@ Every target is compared with BigQuery by the independent comparator, which igno
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import psycopg
@@ -138,6 +139,39 @@ def test_an_earlier_versions_hash_column_hands_its_hashes_over_and_goes(
     assert_same_rows(source_rows(source, "sqp"), live(pg, s), SQP_KEY)
     put_table(source, "sqp", SQP_SCHEMA, sqp_rows(600, updated=T0.replace(day=6)))  # every row's cursor moves
     assert refresh_table("sqp")["rows_updated"] == 600
+    assert_same_rows(source_rows(source, "sqp"), live(pg, s), SQP_KEY)
+
+
+def test_hashes_of_an_earlier_hash_function_go_once_and_no_row_is_rewritten(
+    env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Upgrading from the Polars-based hashes (bq-refresh 0.1): the side table's marker names no hash function, its
+    hashes cannot be reproduced. The first run stages every row, rewrites none (no update trigger fires), keeps
+    the new hashes; the next one skips every row."""
+    s = registry
+    put_table(source, "sqp", SQP_SCHEMA, sqp_rows(800))
+    register_table(pg, s, "sqp", {"source": "sqp", "key": SQP_KEY, "cursor": "updated_at", "mode": "full"})
+    assert refresh_table("sqp")["rows_inserted"] == 800
+    side = f'"{env.staging_schema}"."{rowhash_table(s, "sqp")}"'
+    marker = pg.execute(f"SELECT obj_description('{side}'::regclass, 'pg_class')").fetchone()
+    assert marker is not None and str(marker[0]).endswith(", xxh64-v1)")
+    # As 0.1 left it: a marker without the function's name, and hashes this version would never compute.
+    pg.execute(f"COMMENT ON TABLE {side} IS " + "'" + str(marker[0]).removesuffix(", xxh64-v1)") + ")'")
+    pg.execute(f"UPDATE {side} SET h = h # 6148914691236517205")
+    pg.execute(f'CREATE TABLE "{s}".fired (n int)')
+    pg.execute(f'CREATE FUNCTION "{s}".count_update() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN'
+               f' INSERT INTO "{s}".fired VALUES (1); RETURN NEW; END $$')
+    pg.execute(f'CREATE TRIGGER on_update AFTER UPDATE ON "{s}".sqp FOR EACH ROW EXECUTE FUNCTION "{s}".count_update()')
+
+    with caplog.at_level(logging.WARNING, logger="tasks.load"):
+        first = refresh_table("sqp")
+    assert "made by an earlier hash function; this run stages every row once" in caplog.text
+    assert (first["rows_skipped_unchanged"], first["rows_updated"], first["rows_inserted"]) == (0, 0, 0), first
+    assert pg.execute(f'SELECT count(*) FROM "{s}".fired').fetchone() == (0,)
+    assert kept(pg, env) == 800
+    assert_same_rows(source_rows(source, "sqp"), live(pg, s), SQP_KEY)
+    second = refresh_table("sqp")
+    assert (second["rows_skipped_unchanged"], second["rows_updated"]) == (800, 0), second
     assert_same_rows(source_rows(source, "sqp"), live(pg, s), SQP_KEY)
 
 
