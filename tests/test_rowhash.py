@@ -208,3 +208,8 @@ def test_the_row_hash_needs_no_polars() -> None:
             "print(rowhash.row_hashes([pa.array([1, None]), pa.array(['a', 'b'])]).to_pylist())")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(rowhash.row_hashes([pa.array([1, None]), pa.array(["a", "b"])]).to_pylist())
+
+
+def test_a_type_without_canonical_bytes_is_refused_by_name() -> None:
+    with pytest.raises(TypeError, match="struct<a: int64>"):
+        rowhash.row_hashes([pa.array([{"a": 1}])])
