@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import polars as pl
 import psycopg
 import pyarrow as pa
 from psycopg import sql
@@ -27,7 +26,6 @@ from tasks.typemap import Column
 
 log = logging.getLogger(__name__)
 HASH_COLUMN = "_bqr_row_hash"
-HASH_SEED = rowhash.SEED
 
 
 def row_hashes(rows: pa.RecordBatch, columns: list[Column]) -> pa.Array:
@@ -92,20 +90,32 @@ def local_slices(local: LocalSource, key: list[str], window: str | None) -> list
     """
     from tasks.reconcile import SourceSlice, period_text
 
-    cols = [*key, *([window] if window and window not in key else [])]
-    parts = []
+    every: list[pa.Array] = []  # each row's period
+    keyed_periods: list[pa.Array] = []  # each row's period, rows without a NULL in the key
+    hashes: list[np.ndarray[Any, Any]] = []  # their keys' hashes
     for stream in local.streams.values():
         for batch in stream(0):
-            frame = pl.from_arrow(pa.Table.from_batches([batch]).select(cols))
-            assert isinstance(frame, pl.DataFrame)
-            keyed = pl.all_horizontal([pl.col(k).is_not_null() for k in key])
-            parts.append(frame.select(
-                (pl.col(window) if window else pl.lit(None)).alias("w"),
-                pl.when(keyed).then(pl.struct(key).hash(seed=HASH_SEED)).alias("h")))
-    if not parts:
+            keys = [batch.column(k) for k in key]
+            keyed = np.ones(batch.num_rows, bool)
+            for k in keys:
+                if k.null_count:
+                    keyed &= np.asarray(k.is_valid().to_numpy(zero_copy_only=False), bool)
+            w = batch.column(window) if window else pa.array(np.zeros(batch.num_rows, np.int8))  # one slice
+            every.append(w)
+            keyed_periods.append(w if keyed.all() else w.filter(pa.array(keyed)))
+            hashes.append(rowhash.row_hashes(keys).to_numpy(zero_copy_only=False)[keyed])
+    if not every:
         return []
-    counted = pl.concat(parts).group_by("w").agg(pl.len().alias("n"), pl.col("h").drop_nulls().n_unique().alias("k"))
-    return [SourceSlice(period_text(w), int(n), int(k), int(n)) for w, n, k in counted.iter_rows()]
+    # Periods as dictionary indices (NULL: one more index); then rows per period, and distinct (period, key hash).
+    encoded = pa.chunked_array(every + keyed_periods).combine_chunks().dictionary_encode()
+    periods = encoded.dictionary.to_pylist() + [None] if window else [None, None]
+    index = np.asarray(encoded.indices.fill_null(len(periods) - 1).to_numpy(zero_copy_only=False), np.int64)
+    total = sum(len(w) for w in every)
+    rows = np.bincount(index[:total], minlength=len(periods))
+    pairs = np.unique(np.stack([index[total:], np.concatenate(hashes)], axis=1), axis=0)
+    keys_per = np.bincount(pairs[:, 0], minlength=len(periods)) if pairs.size else np.zeros(len(periods), np.int64)
+    return [SourceSlice(period_text(periods[i]), int(rows[i]), int(keys_per[i]), int(rows[i]))
+            for i in range(len(periods)) if rows[i]]
 
 
 class AdbcSession:
