@@ -4,7 +4,6 @@ transaction."""
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import tempfile
 import threading
@@ -16,7 +15,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from blocks.resources import Resources
-from tasks import fastpath, load, quality
+from tasks import fastpath, load, quality, quarantine
 from tasks import restriction as rs
 from tasks.artifacts import Progress, record_phase, rows_expected
 from tasks.batches import batch_digest, split_unchanged, warn_quarantined, with_hashes
@@ -150,12 +149,7 @@ def load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, au
                 if "23505" in str(exc) or "duplicate key" in str(exc):  # as the live table's key would say below
                     raise fastpath.DirectLoadAbandoned("the source repeats a key", table=plan.table) from None
                 raise
-        for row in quarantined:
-            session.execute(sql.SQL("INSERT INTO {} (audit_log_id, table_schema, table_name, reason, row_data)"
-                                    " VALUES (%s, %s, %s, 'NULL in a key column', %s)").format(
-                ident(plan.registry_schema, "refresh_quarantine")),
-                (audit_id, plan.table.split(".")[0], plan.table.split(".", 1)[1],
-                 Jsonb(row, dumps=lambda v: json.dumps(v, default=str))))
+        quarantine.set_aside(adbc_conn, plan.registry_schema, audit_id, plan.table, quarantined)
         record_phase(plan.table, "checking")
         results = quality.staged_checks(
             res, table=plan.table, target_schema=plan.target_schema, target_table=plan.target_table,

@@ -4,7 +4,6 @@ statistics after a publish."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +13,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from bq_refresh.errors import ConfigError
-from tasks import rowhash
+from tasks import quarantine, rowhash
 from tasks.fastpath import HASH_COLUMN
 from tasks.sqlnames import ident, idents, quote_ident
 from tasks.typemap import Column
@@ -249,12 +248,8 @@ def ingest_batch(adbc_conn: Any, batch: pa.RecordBatch, load: BatchLoad, quarant
             parameters=(load.checkpoint_id, load.stream, load.offset_after, load.stream_done, batch.num_rows,
                         str(load.checksum), len(quarantined), unchanged, load.refetched),
         )
-        for row in quarantined:
-            cur.execute(
-                f"INSERT INTO {reg}.refresh_quarantine (audit_log_id, table_schema, table_name, reason, row_data)"  # noqa: S608
-                " VALUES ($1::int, $2::text, $3::text, 'NULL in a key column', $4::text::jsonb)",
-                parameters=(load.audit_id, load.table_schema, load.table_name, json.dumps(row, default=str)),
-            )
+    quarantine.set_aside(adbc_conn, load.registry_schema, load.audit_id, f"{load.table_schema}.{load.table_name}",
+                         quarantined)
     adbc_conn.commit()
 
 
