@@ -1,9 +1,12 @@
-"""What both load paths (staged and direct) do to each batch: its checksum, the split of rows whose hash the
-target already holds, the quarantine's warning; the live rows with their kept hashes."""
+"""What both load paths (staged and direct) do to the rows they read: cut into pieces of ``SHAPE_ROWS``, each
+conformed, shaped, hashed and split from the rows the target already holds (``shape_piece``, the one batch
+builder); the checksum, the quarantine's warning; the live rows with their kept hashes."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -12,8 +15,62 @@ from tasks import fastpath, quality
 from tasks.fastpath import HASH_COLUMN
 from tasks.refresh_plan import RefreshPlan
 from tasks.sqlnames import quote_ident
+from tasks.transform import Transform, shape
+from tasks.typemap import conform
 
 log = logging.getLogger(__name__)
+# Rows shaped at a time, by both load paths: each shaping thread's copies (conform, shape, hash) stay small
+# whatever the checkpoint's batch (bench/run.py --big: the 1M-row direct load peaked at 545 MB at 50k-row pieces).
+SHAPE_ROWS = 8_192
+
+
+def recut(batches: Iterable[pa.RecordBatch], piece: int, boundary: int | None = None) -> Iterator[pa.RecordBatch]:
+    """The rows of ``batches`` again, in order, as batches of ``piece`` rows: small ones joined, large ones cut.
+
+    With ``boundary``, no batch crosses a multiple of ``boundary`` rows (counted from the first row), so that
+    pieces add up to exactly ``boundary`` rows a checkpoint. The last batch may be shorter.
+    """
+    pending: list[pa.RecordBatch] = []
+    size = done = 0  # rows pending; rows yielded since the last boundary
+
+    def join() -> pa.RecordBatch:
+        return pending[0] if len(pending) == 1 else pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+
+    for batch in batches:
+        while batch.num_rows:
+            want = piece if boundary is None else min(piece, boundary - done)
+            take = batch.slice(0, want - size)
+            pending.append(take)
+            size += take.num_rows
+            batch = batch.slice(take.num_rows)
+            if size == want:
+                yield join()
+                done = 0 if boundary is None else (done + size) % boundary
+                pending, size = [], 0
+    if pending:
+        yield join()
+
+
+@dataclass
+class Piece:
+    """One piece of a stream, shaped: the rows to load (with their hash, when kept), the hashes of rows the target
+    already holds, the rows set aside, and what the checksum check expects of the rows loaded."""
+
+    read: int
+    rows: pa.RecordBatch
+    same: pa.Table | None
+    quarantined: list[dict[str, Any]]
+    digest: int
+
+
+def shape_piece(plan: RefreshPlan, raw: pa.RecordBatch, transform: Transform | None,
+                hashset: fastpath.HashSet | None, check_names: list[str]) -> Piece:
+    """Conform, transform and shape one piece of a stream, hash it and split off the rows the target already
+    holds (``hashset``): the one batch builder of both load paths."""
+    shaped = shape(conform(raw, plan.columns), columns=plan.columns, key=plan.key, cursor=plan.cursor,
+                   transform=transform)
+    rows, same = split_unchanged(plan, shaped.rows, hashset)
+    return Piece(raw.num_rows, rows, same, shaped.quarantined, batch_digest(plan, rows, check_names))
 
 
 def batch_digest(plan: RefreshPlan, rows: pa.RecordBatch, check_names: list[str]) -> int:

@@ -15,20 +15,17 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from blocks.resources import Resources
-from tasks import fastpath, load, quality, quarantine
+from tasks import batches, fastpath, load, quality, quarantine
 from tasks import restriction as rs
 from tasks.artifacts import Progress, record_phase, rows_expected
-from tasks.batches import batch_digest, split_unchanged, warn_quarantined, with_hashes
+from tasks.batches import SHAPE_ROWS, recut, warn_quarantined, with_hashes
 from tasks.fastpath import HASH_COLUMN
 from tasks.gate import reconciliation, record_and_gate
 from tasks.publish import advance_watermark, new_watermark
 from tasks.refresh_plan import PublishResult, RefreshPlan, StageManifest
 from tasks.sqlnames import ident
-from tasks.transform import shape
-from tasks.typemap import conform
 
 log = logging.getLogger(__name__)
-DIRECT_BATCH_ROWS = 8_192  # bench/run.py --big: peak RSS of the 1M-row direct load 545 MB at 50k-row batches
 
 
 def load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, audit_id: int | None, *,
@@ -61,45 +58,24 @@ def load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, au
     spill_dir = tempfile.TemporaryDirectory(prefix="bqr-hashes-") if plan.row_hash else None
     spill_path = f"{spill_dir.name}/hashes.arrow" if spill_dir is not None else ""
 
-    # No checkpoint per batch here, so no reason for large batches: small ones keep each shaping thread's
-    # copies (conform, shape, hash) small; the COPY is one stream whatever their size.
-    cut = min(plan.batch_size, DIRECT_BATCH_ROWS)
+    # No checkpoint per batch here: pieces of batches.SHAPE_ROWS (or batch_size, when smaller) are shaped and
+    # handed to the one COPY as they come.
+    cut = min(plan.batch_size, SHAPE_ROWS)
 
     def producer(stream: str) -> Any:
         def produce(put: Any) -> None:
-            pending: list[pa.RecordBatch] = []
-            size = 0
-
-            def flush() -> None:
-                nonlocal pending, size
-                if not pending:
-                    return
-                merged = pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
-                pending, size = [], 0
-                shaped = shape(conform(merged, plan.columns), columns=plan.columns, key=plan.key,
-                               cursor=plan.cursor, transform=transform)
-                rows, _ = split_unchanged(plan, shaped.rows, None)
-                digest = batch_digest(plan, rows, check_names)
+            for raw in recut((batch for batch, _ in read(stream, 0, arrow_schema)), cut):
+                piece = batches.shape_piece(plan, raw, transform, None, check_names)
                 with lock:
-                    counters["read"] += merged.num_rows
-                    counters["loaded"] += rows.num_rows
-                    counters["quarantined"] += len(shaped.quarantined)
+                    counters["read"] += piece.read
+                    counters["loaded"] += piece.rows.num_rows
+                    counters["quarantined"] += len(piece.quarantined)
                     counters["batches"] += 1
-                    counters["checksum"] = (counters["checksum"] + digest) % quality.MOD
-                    quarantined.extend(shaped.quarantined)
+                    counters["checksum"] = (counters["checksum"] + piece.digest) % quality.MOD
+                    quarantined.extend(piece.quarantined)
                     progress.update(counters["read"])
-                warn_quarantined(plan, shaped.quarantined)
-                put(rows.select(hashed_schema.names))
-
-            for batch, _ in read(stream, 0, arrow_schema):
-                while batch.num_rows:  # re-cut to exactly batch_size rows, as staging does
-                    take = batch.slice(0, cut - size)
-                    pending.append(take)
-                    size += take.num_rows
-                    batch = batch.slice(take.num_rows)
-                    if size >= cut:
-                        flush()
-            flush()
+                warn_quarantined(plan, piece.quarantined)
+                put(piece.rows.select(hashed_schema.names))
         return produce
 
     adbc_conn = res.target.connect_adbc()
@@ -115,12 +91,12 @@ def load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, au
         dropped = fastpath.drop_indexes(session, plan.target_schema, plan.target_table,
                                         fastpath.table_indexes(session, plan.target_schema, plan.target_table))
         failures: list[BaseException] = []
-        batches = fastpath.pipelined([producer(s) for s in plan.session["streams"]], depth=2, errors=failures)
+        shaped = fastpath.pipelined([producer(s) for s in plan.session["streams"]], depth=2, errors=failures)
         spill_schema = pa.schema([*(hashed_schema.field(k) for k in plan.key), pa.field("h", pa.int64())])
         spill = pa.ipc.new_file(spill_path, spill_schema) if spill_dir is not None else None
 
         def live_rows() -> Iterator[pa.RecordBatch]:
-            for batch in batches:
+            for batch in shaped:
                 if spill is not None:
                     spill.write_batch(pa.RecordBatch.from_arrays(batch.select(side_names).columns,
                                                                  schema=spill_schema))

@@ -21,10 +21,15 @@ from bq_refresh.errors import (
     SourceError,
     StagingLost,
 )
-from tasks import extract, fastpath, load, quality, reconcile
+from tasks import batches, extract, fastpath, load, quality, reconcile
 from tasks import restriction as rs
 from tasks.artifacts import Progress, rows_expected
-from tasks.batches import batch_digest, split_unchanged, warn_quarantined
+from tasks.batches import (
+    SHAPE_ROWS,
+    Piece,
+    recut,
+    warn_quarantined,
+)
 from tasks.direct import load_direct
 from tasks.fastpath import LocalSource
 from tasks.refresh_plan import (
@@ -36,7 +41,7 @@ from tasks.refresh_plan import (
     session_dict,
 )
 from tasks.sqlnames import ident, quote_ident
-from tasks.transform import get_transform, shape
+from tasks.transform import get_transform
 from tasks.typemap import conform
 
 log = logging.getLogger(__name__)
@@ -148,40 +153,48 @@ def stage_rows(
         seq = seq_base + stream_index * 1_000_000_000 + offsets.get(stream, 0)
         try:
             committed = offsets.get(stream, 0)
+            pieces: list[Piece] = []
 
-            def flush(rows: pa.Table, last: bool) -> None:
-                nonlocal seq, committed
-                raw = rows.combine_chunks().to_batches()
-                merged = raw[0] if raw else pa.RecordBatch.from_pylist([], arrow_schema)
-                shaped = shape(conform(merged, plan.columns), columns=plan.columns, key=plan.key,
-                               cursor=plan.cursor, transform=transform)
+            def commit(last: bool) -> None:
+                """The pieces shaped since the last checkpoint: their rows COPied into staging and the checkpoint
+                moved past them, in one transaction."""
+                nonlocal seq, committed, pieces
+                loaded = [p.rows for p in pieces if p.rows.num_rows]
+                rows = (loaded[0] if len(loaded) == 1 else pa.Table.from_batches(loaded).combine_chunks().to_batches()[0]
+                        if loaded else pa.RecordBatch.from_pylist([], arrow_schema))
+                same_parts = [p.same for p in pieces if p.same is not None]
+                same = pa.concat_tables(same_parts) if same_parts else None
+                quarantined = [row for p in pieces for row in p.quarantined]
+                read_rows = sum(p.read for p in pieces)
+                digest = sum(p.digest for p in pieces) % quality.MOD
+                pieces = []
                 seq += 1
-                committed += merged.num_rows
-                rows, same = split_unchanged(plan, shaped.rows, hashset)
-                digest = batch_digest(plan, rows, check_names)
+                committed += read_rows
                 load.ingest_batch(adbc_conn, rows, load.BatchLoad(
                     plan.staging_schema, plan.staging_table, plan.registry_schema, plan.checkpoint_id, stream,
                     committed, last, seq, plan.table.split(".")[0], plan.table.split(".", 1)[1], audit_id, digest,
                     plan.same_table if plan.hash_skip else None,
-                ), shaped.quarantined, same)
+                ), quarantined, same)
                 with lock:
-                    counters["read"] += merged.num_rows
+                    counters["read"] += read_rows
                     counters["staged"] += rows.num_rows
                     counters["unchanged"] += same.num_rows if same is not None else 0
-                    counters["quarantined"] += len(shaped.quarantined)
-                    counters["batches"] += 1 if merged.num_rows else 0
+                    counters["quarantined"] += len(quarantined)
+                    counters["batches"] += 1 if read_rows else 0
                     progress.update(plan.rows_already_staged + counters["read"])
-                warn_quarantined(plan, shaped.quarantined)
+                warn_quarantined(plan, quarantined)
 
-            # Server batches are re-cut to exactly batch_size rows: memory and checkpoint granularity
-            # follow the setting, not the server's batch size.
-            pending = pa.Table.from_batches([], arrow_schema)
-            for batch, _ in read(stream, committed, arrow_schema):
-                pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
-                while pending.num_rows >= plan.batch_size:
-                    flush(pending.slice(0, plan.batch_size), False)
-                    pending = pending.slice(plan.batch_size)
-            flush(pending, True)
+            # Rows are shaped SHAPE_ROWS at a time (memory) and committed plan.batch_size at a time, exactly: the
+            # checkpoint's granularity follows the setting, not the server's batches.
+            since = 0  # rows read since the last checkpoint
+            for raw in recut((batch for batch, _ in read(stream, committed, arrow_schema)), SHAPE_ROWS,
+                             plan.batch_size):
+                pieces.append(batches.shape_piece(plan, raw, transform, hashset, check_names))
+                since += raw.num_rows
+                if since == plan.batch_size:
+                    commit(False)
+                    since = 0
+            commit(True)
         finally:
             adbc_conn.close()
 
@@ -331,16 +344,14 @@ def _refetch_missing_keys(res: Resources, plan: RefreshPlan, session: dict[str, 
                 for batch, _ in extract.read_stream(client, stream, 0, schema, table_name=plan.table,
                                                     server_offsets=res.source.honours_read_offset,
                                                     stall_timeout_s=res.source.timeout_s):
-                    shaped = shape(conform(batch, plan.columns), columns=plan.columns, key=plan.key,
-                                   cursor=plan.cursor, transform=transform)
-                    rows, _ = split_unchanged(plan, shaped.rows, None)
+                    piece = batches.shape_piece(plan, batch, transform, None, check_names)
                     seq += 1
-                    staged += rows.num_rows
-                    load.ingest_batch(adbc_conn, rows, load.BatchLoad(
+                    staged += piece.rows.num_rows
+                    load.ingest_batch(adbc_conn, piece.rows, load.BatchLoad(
                         plan.staging_schema, plan.staging_table, plan.registry_schema, plan.checkpoint_id,
                         f"refetch-{at}", batch.num_rows, True, seq, plan.table.split(".")[0],
-                        plan.table.split(".", 1)[1], audit_id, batch_digest(plan, rows, check_names), refetched=rows.num_rows,
-                    ), shaped.quarantined)
+                        plan.table.split(".", 1)[1], audit_id, piece.digest, refetched=piece.rows.num_rows,
+                    ), piece.quarantined)
     finally:
         adbc_conn.close()
     return staged
