@@ -12,10 +12,9 @@ from typing import Any
 
 import pyarrow as pa
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from blocks.resources import Resources
-from tasks import batches, fastpath, load, quality, quarantine
+from tasks import batches, checkpoints, fastpath, load, quality, quarantine
 from tasks import restriction as rs
 from tasks.artifacts import Progress, record_phase, rows_expected
 from tasks.batches import SHAPE_ROWS, recut, warn_quarantined, with_hashes
@@ -165,9 +164,8 @@ def load_direct(res: Resources, plan: RefreshPlan, read: Any, transform: Any, au
                 checks_failed_soft=[r.name for r in results if not r.ok and not r.hard],
                 indexes_rebuilt=[n for n, _ in dropped.constraints + dropped.indexes], future_cursor_rows=future),
         )
-        session.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s, checkpoint_data = checkpoint_data"
-                                " || %s WHERE id = %s").format(ident(plan.registry_schema, "refresh_checkpoints")),
-                        (counters["loaded"], Jsonb({"direct_load": manifest.model_dump(mode="json")}), plan.checkpoint_id))
+        checkpoints.complete(session, plan.registry_schema, plan.checkpoint_id, counters["loaded"],
+                             {"direct_load": manifest.model_dump(mode="json")})
         for leftover in load.run_tables(plan.staging_table):
             session.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, leftover)))
         adbc_conn.commit()

@@ -9,7 +9,7 @@ from typing import Any
 from psycopg import sql
 
 from blocks.resources import Resources
-from tasks import digest, load, quality, reconcile
+from tasks import checkpoints, digest, load, quality, reconcile
 from tasks import restriction as rs
 from tasks.artifacts import record_phase
 from tasks.refresh_plan import RefreshPlan, discard_staging, pg_type
@@ -23,9 +23,8 @@ def check_staged(res: Resources, plan: RefreshPlan, *, audit_id: int | None) -> 
     staging and raises QualityCheckFailed (nothing is published)."""
     record_phase(plan.table, "checking")
     with res.target.connect(autocommit=True) as conn:
-        row = conn.execute(sql.SQL("SELECT checkpoint_data FROM {} WHERE id = %s").format(
-            ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,)).fetchone()
-        state = row[0] if row else {}
+        ckpt = checkpoints.read(conn, plan.registry_schema, plan.checkpoint_id)
+        state = ckpt.data if ckpt else {}
         prev = conn.execute(
             sql.SQL("SELECT rows_processed FROM {} WHERE refresh_config_id = %s AND status IN ('success', 'warning')"
                     " AND NOT coalesce((sync_metadata->>'dry_run')::boolean, false) ORDER BY id DESC LIMIT 1").format(

@@ -13,7 +13,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from bq_refresh.errors import ConfigError
-from tasks import quarantine, rowhash
+from tasks import checkpoints, quarantine, rowhash
 from tasks.fastpath import HASH_COLUMN
 from tasks.sqlnames import ident, idents, quote_ident
 from tasks.typemap import Column
@@ -221,7 +221,6 @@ def ingest_batch(adbc_conn: Any, batch: pa.RecordBatch, load: BatchLoad, quarant
 
     A crash before commit loses both (the rerun re-reads the batch); after commit keeps both.
     """
-    reg = quote_ident(load.registry_schema)  # an identifier quoted by PostgreSQL rules; values are bound
     with adbc_conn.cursor() as cur:
         if batch.num_rows:
             seq = pa.array([load.seq] * batch.num_rows, pa.int64())
@@ -233,21 +232,10 @@ def ingest_batch(adbc_conn: Any, batch: pa.RecordBatch, load: BatchLoad, quarant
         with adbc_conn.cursor() as cur:  # a fresh cursor: db_schema_name sticks to a reused one
             cur.adbc_ingest(load.same_table, same, mode="append", db_schema_name=load.staging_schema)
     with adbc_conn.cursor() as cur:
-        cur.execute(
-            f"UPDATE {reg}.refresh_checkpoints SET"  # noqa: S608
-            " checkpoint_data = jsonb_set(jsonb_set(checkpoint_data, ARRAY['offsets', $2::text], to_jsonb($3::bigint)),"
-            "   ARRAY['done', $2::text], to_jsonb($4::boolean))"
-            " || jsonb_build_object('checksum', ((coalesce((checkpoint_data->>'checksum')::numeric, 0) + $6::numeric)"
-            "      % 18446744073709551616)::text,"
-            "    'quarantined', coalesce((checkpoint_data->>'quarantined')::bigint, 0) + $7::bigint,"
-            "    'unchanged', coalesce((checkpoint_data->>'unchanged')::bigint, 0) + $8::bigint,"
-            "    'refetched', coalesce((checkpoint_data->>'refetched')::bigint, 0) + $9::bigint),"
-            " last_processed_row = coalesce(last_processed_row, 0) + $5::bigint,"
-            " expires_at = greatest(expires_at, now() + interval '1 hour')"
-            " WHERE id = $1::int AND status = 'active'",
-            parameters=(load.checkpoint_id, load.stream, load.offset_after, load.stream_done, batch.num_rows,
-                        str(load.checksum), len(quarantined), unchanged, load.refetched),
-        )
+        checkpoints.record_batch(cur, load.registry_schema, load.checkpoint_id, stream=load.stream,
+                                 offset_after=load.offset_after, stream_done=load.stream_done, rows=batch.num_rows,
+                                 checksum=load.checksum, quarantined=len(quarantined), unchanged=unchanged,
+                                 refetched=load.refetched)
     quarantine.set_aside(adbc_conn, load.registry_schema, load.audit_id, f"{load.table_schema}.{load.table_name}",
                          quarantined)
     adbc_conn.commit()

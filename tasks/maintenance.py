@@ -12,6 +12,7 @@ from psycopg.types.json import Jsonb
 
 from blocks.bigquery import BigQuerySource
 from bq_refresh.errors import TargetError
+from tasks import checkpoints
 from tasks.extract import short_retry
 from tasks.load import ROWHASH_SUFFIX, rowhash_table, run_of
 from tasks.registry import list_entries
@@ -54,9 +55,7 @@ class ArchiveCounts:
 def expire_checkpoints(conn: psycopg.Connection[Any], schema: str, *, all_active: bool = False) -> int:
     """Expire checkpoints past their expiry (or every active one: the rollback procedure)."""
     if all_active:
-        cur = conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE status = 'active'").format(
-            ident(schema, "refresh_checkpoints")))
-        return cur.rowcount
+        return checkpoints.expire_every_active(conn, schema)
     row = conn.execute(sql.SQL("SELECT {}()").format(ident(schema, "expire_checkpoints"))).fetchone()
     return int(row[0]) if row else 0
 
@@ -67,13 +66,7 @@ def delete_finished_checkpoints(conn: psycopg.Connection[Any], schema: str, rete
     An active checkpoint is never deleted, however old: it is a run that can still be resumed (expiry, above,
     is what ends it). An expired one's staging table is dropped by ``drop_orphaned_staging``.
     """
-    cur = conn.execute(
-        sql.SQL("DELETE FROM {} WHERE status IN ('completed', 'expired')"
-                " AND coalesce(updated_at, created_at) < now() - make_interval(days => %s)").format(
-            ident(schema, "refresh_checkpoints")),
-        (retention_days,),
-    )
-    return cur.rowcount
+    return checkpoints.delete_finished(conn, schema, retention_days)
 
 
 def delete_old_alerts(conn: psycopg.Connection[Any], schema: str, retention_days: int) -> int:
@@ -179,11 +172,7 @@ def archive_audit(conn: psycopg.Connection[Any], schema: str, retention_days: in
 
 def drop_orphaned_staging(conn: psycopg.Connection[Any], schema: str, staging_schema: str) -> list[str]:
     """Drop staging tables no active checkpoint refers to (left by expired or abandoned runs)."""
-    active = {
-        str(r[0]) for r in conn.execute(
-            sql.SQL("SELECT checkpoint_data->'plan'->>'staging_table' FROM {} WHERE status = 'active'").format(
-                ident(schema, "refresh_checkpoints"))).fetchall() if r[0]
-    }
+    active = checkpoints.active_staging_tables(conn, schema)
     tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (staging_schema,))]
     dropped = []
     for t in tables:

@@ -16,7 +16,7 @@ from bq_refresh.errors import (
     QualityCheckFailed,
     StagingLost,
 )
-from tasks import extract, load, quality, reconcile, registry
+from tasks import checkpoints, extract, load, quality, reconcile, registry
 from tasks.artifacts import record_phase
 from tasks.gate import reconciliation, record_and_gate, repair_scope
 from tasks.refresh_plan import PublishResult, RefreshPlan, discard_staging, pg_type, staging_lost
@@ -94,12 +94,11 @@ def publish_group(res: Resources, group: str, plans: list[RefreshPlan], *, dry_r
 def _published_before(conn: Any, plan: RefreshPlan) -> PublishResult | None:
     """What an earlier attempt of this run published, when its COMMIT landed though its answer was lost
     (the checkpoint row is locked for the rest of the transaction either way)."""
-    ckpt = conn.execute(sql.SQL("SELECT status, checkpoint_data FROM {} WHERE id = %s FOR UPDATE").format(
-        ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,)).fetchone()
-    if ckpt is not None and ckpt[0] == "completed" and "published" in (ckpt[1] or {}):
+    ckpt = checkpoints.read(conn, plan.registry_schema, plan.checkpoint_id, lock=True)
+    if ckpt is not None and ckpt.status == "completed" and "published" in ckpt.data:
         log.warning("%s: already published by an earlier attempt of this run (its COMMIT's answer was lost)",
                     plan.table)
-        return PublishResult(**ckpt[1]["published"])
+        return PublishResult(**ckpt.data["published"])
     return None
 
 
@@ -112,20 +111,18 @@ def _publish_in(conn: Any, res: Resources, plan: RefreshPlan, *, dry_run: bool, 
     p = load.PublishSQL(target, staging, plan.columns, plan.key, plan.cursor, hashes, plan.wall_time)
     same = ident(plan.staging_schema, plan.same_table)
     soft = plan.soft_delete_column if plan.delete_mode == "soft" else None
-    ckpt_table = ident(plan.registry_schema, "refresh_checkpoints")
-    ckpt = conn.execute(sql.SQL("SELECT status, last_processed_row, checkpoint_data FROM {} WHERE id = %s"
-                                " FOR UPDATE").format(ckpt_table), (plan.checkpoint_id,)).fetchone()
-    if ckpt is None or ckpt[0] != "active":
+    ckpt = checkpoints.read(conn, plan.registry_schema, plan.checkpoint_id, lock=True)
+    if ckpt is None or ckpt.status != "active":
         conn.rollback()
-        raise StagingLost(f"its checkpoint is {ckpt[0] if ckpt else 'gone'}: the staged rows cannot be trusted;"
+        raise StagingLost(f"its checkpoint is {ckpt.status if ckpt else 'gone'}: the staged rows cannot be trusted;"
                           " nothing published, the next run starts over", table=plan.table)
     counts = conn.execute(
         sql.SQL("SELECT count(*), count(DISTINCT ({})) FROM {}").format(idents(plan.key), staging)
     ).fetchone()
     assert counts is not None
     staged, distinct = int(counts[0]), int(counts[1])
-    skipped = int((ckpt[2] or {}).get("unchanged") or 0)
-    lost = staging_lost(conn, plan.staging_schema, plan.staging_table, ckpt[2] or {}, int(ckpt[1] or 0))
+    skipped = int(ckpt.data.get("unchanged") or 0)
+    lost = staging_lost(conn, plan.staging_schema, plan.staging_table, ckpt.data, ckpt.rows)
     if lost:
         # Publishing or deleting from a staging that crash recovery emptied would lose rows: the run fails
         # with nothing published, and the next one starts over.
@@ -220,9 +217,8 @@ def _publish_in(conn: Any, res: Resources, plan: RefreshPlan, *, dry_run: bool, 
         return result
     if not plan.repair:
         advance_watermark(conn, plan, watermark, res.settings.schedule_anchor)
-    conn.execute(sql.SQL("UPDATE {} SET status = 'completed', total_rows = %s,"
-                         " checkpoint_data = checkpoint_data || %s WHERE id = %s").format(ckpt_table),
-                 (staged, Jsonb({"published": result.model_dump(mode="json")}), plan.checkpoint_id))
+    checkpoints.complete(conn, plan.registry_schema, plan.checkpoint_id, staged,
+                         {"published": result.model_dump(mode="json")})
     for leftover in load.run_tables(plan.staging_table):
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, leftover)))
     return result

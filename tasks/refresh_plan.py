@@ -12,7 +12,6 @@ from typing import Any
 
 import pyarrow as pa
 from psycopg import sql
-from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
 from blocks.resources import Resources
@@ -21,7 +20,7 @@ from bq_refresh.errors import (
     SchemaDriftError,
     SourceError,
 )
-from tasks import digest, extract, fastpath, headroom, load, reconcile
+from tasks import checkpoints, digest, extract, fastpath, headroom, load, reconcile
 from tasks import restriction as rs
 from tasks.artifacts import record_phase
 from tasks.fastpath import LocalSource
@@ -266,13 +265,8 @@ def plan_refresh(
 
         staging_schema = settings.staging_schema
         stage_table = staging_name(table)
-        ckpt_table = ident(settings.schema_name, "refresh_checkpoints")
-        conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE status = 'active' AND expires_at < now()").format(ckpt_table))
-        active = conn.execute(
-            sql.SQL("SELECT id, checkpoint_data, last_processed_row FROM {} WHERE function_name = %s"
-                    " AND table_schema = %s AND table_name = %s AND status = 'active'").format(ckpt_table),
-            (FUNCTION_NAME, entry.table_schema, entry.table_name),
-        ).fetchone()
+        checkpoints.expire_overdue(conn, settings.schema_name)
+        active = checkpoints.active(conn, settings.schema_name, FUNCTION_NAME, entry.table_schema, entry.table_name)
         has_rows = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {}), pg_has_role((SELECT relowner FROM pg_class"
                                         " WHERE oid = %s::regclass), 'USAGE')").format(ident(target_schema, target_table)),
                                 (ident(target_schema, target_table).as_string(conn),)).fetchone()
@@ -305,26 +299,25 @@ def plan_refresh(
                                          repair_periods, repair_keys)).encode()).hexdigest()
         restarted = None
         if active is not None:
-            unreadable = _restriction_unreadable(active[1].get("session") or {})
+            unreadable = _restriction_unreadable(active.data.get("session") or {})
             why = (unreadable if unreadable
-                   else "the plan changed" if active[1].get("fingerprint") != fingerprint
-                   else (None if local is not None else result_gone(active[1].get("plan", {}), source)
-                         or _snapshot_gone(res, source.ref, active[1]))
-                   or staging_lost(conn, staging_schema, stage_table, active[1], int(active[2] or 0)))
+                   else "the plan changed" if active.data.get("fingerprint") != fingerprint
+                   else (None if local is not None else result_gone(active.data.get("plan", {}), source)
+                         or _snapshot_gone(res, source.ref, active.data))
+                   or staging_lost(conn, staging_schema, stage_table, active.data, active.rows))
             if why:
                 log.warning("%s: the unfinished run is not resumed (%s); starting over", table, why)
-                restarted = f"the unfinished run of checkpoint {active[0]} is not resumed: {why}"
-                conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE id = %s").format(ckpt_table), (active[0],))
+                restarted = f"the unfinished run of checkpoint {active.id} is not resumed: {why}"
+                checkpoints.expire(conn, settings.schema_name, active.id)
                 active = None
         if active is None and source.reused:  # the earlier job's result was for the run that is not resumed
             source = resolve_source(res.source, table=table, source_ref=spec.source, query=spec.query,
                                     materialization_dataset=spec.materialization_dataset,
                                     maximum_bytes_billed=budget, dry_run=dry_run)
         if active is not None:
-            data = active[1]
             conn.commit()
-            return RefreshPlan(**data["plan"], checkpoint_id=active[0], resumed=True,
-                               rows_already_staged=int(active[2] or 0), session=data["session"])
+            return RefreshPlan(**active.data["plan"], checkpoint_id=active.id, resumed=True,
+                               rows_already_staged=active.rows, session=active.data["session"])
 
         watermark_from = None
         floor_expr = None  # the cursor read: rows at or past the watermark's floor (its own value included)
@@ -442,17 +435,13 @@ def plan_refresh(
                                 session=session_data).model_dump(mode="json")
         stored_plan = {k: v for k, v in plan_json.items()
                        if k not in {"checkpoint_id", "resumed", "rows_already_staged", "session", "restarted"}}
-        row = conn.execute(
-            sql.SQL("INSERT INTO {} (function_name, table_schema, table_name, checkpoint_data, last_processed_row,"
-                    " status, expires_at) VALUES (%s, %s, %s, %s, 0, 'active', now() + make_interval(hours => %s))"
-                    " RETURNING id").format(ckpt_table),
-            (FUNCTION_NAME, entry.table_schema, entry.table_name,
-             Jsonb({"fingerprint": fingerprint, "plan": stored_plan, "session": session_data,
-                    "offsets": session.offsets, "done": {}}), settings.checkpoint_ttl_hours),
-        ).fetchone()
+        checkpoint_id = checkpoints.create(
+            conn, settings.schema_name, function_name=FUNCTION_NAME, table_schema=entry.table_schema,
+            table_name=entry.table_name, ttl_hours=settings.checkpoint_ttl_hours,
+            data={"fingerprint": fingerprint, "plan": stored_plan, "session": session_data,
+                  "offsets": session.offsets, "done": {}})
         conn.commit()
-        assert row is not None
-        return RefreshPlan(**plan_fields, checkpoint_id=int(row[0]), resumed=False, rows_already_staged=0,
+        return RefreshPlan(**plan_fields, checkpoint_id=checkpoint_id, resumed=False, rows_already_staged=0,
                            session=session_data, restarted=restarted)
 
 
@@ -460,11 +449,9 @@ def _earlier_result(res: Resources, entry: RegistryEntry, spec: TableSpec) -> ex
     """The result table of the query job of this table's unfinished run (a query or view source), found by the
     job's id: the resumed run reads what its checkpoint counts, without running (and paying for) the query again."""
     with res.target.connect(autocommit=True) as conn:
-        row = conn.execute(sql.SQL("SELECT checkpoint_data->'plan' FROM {} WHERE function_name = %s AND table_schema = %s"
-                                   " AND table_name = %s AND status = 'active' AND expires_at >= now()").format(
-            ident(res.settings.schema_name, "refresh_checkpoints")), (FUNCTION_NAME, entry.table_schema,
-                                                                     entry.table_name)).fetchone()
-    plan = row[0] if row else None
+        active = checkpoints.active(conn, res.settings.schema_name, FUNCTION_NAME, entry.table_schema,
+                                    entry.table_name, unexpired=True)
+    plan = active.data.get("plan") if active else None
     if not plan or not plan.get("source_job_result") or not plan.get("bigquery_job_id"):
         return None
     return earlier_result(res.source, table=entry.name, source_ref=spec.source, query=spec.query,
@@ -609,8 +596,7 @@ def plan_source(plan: RefreshPlan) -> extract.SourceTable:
 def discard_staging(res: Resources, plan: RefreshPlan, reason: str) -> None:
     """Drop a run's staging and expire its checkpoint (used when a run must start over)."""
     with res.target.connect() as conn:
-        conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE id = %s").format(
-            ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,))
+        checkpoints.expire(conn, plan.registry_schema, plan.checkpoint_id)
         for leftover in load.run_tables(plan.staging_table):
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(plan.staging_schema, leftover)))
         conn.commit()

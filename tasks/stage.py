@@ -14,14 +14,13 @@ from typing import Any
 
 import pyarrow as pa
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from blocks.resources import Resources
 from bq_refresh.errors import (
     SourceError,
     StagingLost,
 )
-from tasks import batches, extract, fastpath, load, quality, reconcile
+from tasks import batches, checkpoints, extract, fastpath, load, quality, reconcile
 from tasks import restriction as rs
 from tasks.artifacts import Progress, rows_expected
 from tasks.batches import (
@@ -40,7 +39,7 @@ from tasks.refresh_plan import (
     plan_source,
     session_dict,
 )
-from tasks.sqlnames import ident, quote_ident
+from tasks.sqlnames import ident
 from tasks.transform import get_transform
 from tasks.typemap import conform
 
@@ -106,15 +105,14 @@ def stage_rows(
     transform = get_transform(plan.transform, plan.table) if plan.transform else None
     read = _reader(res, plan, local)
     with res.target.connect() as conn:
-        row = conn.execute(sql.SQL("SELECT status, checkpoint_data FROM {} WHERE id = %s").format(
-            ident(plan.registry_schema, "refresh_checkpoints")), (plan.checkpoint_id,)).fetchone()
-    assert row is not None
-    if row[0] == "completed" and "direct_load" in row[1]:
+        ckpt = checkpoints.read(conn, plan.registry_schema, plan.checkpoint_id)
+    assert ckpt is not None
+    if ckpt.status == "completed" and "direct_load" in ckpt.data:
         # A retry after the direct load's COMMIT landed with its answer lost: report what it published.
         log.warning("%s: already loaded by an earlier attempt of this run (its COMMIT's answer was lost)", plan.table)
-        return StageManifest(**row[1]["direct_load"])
-    if row[0] != "active":
-        raise StagingLost(f"its checkpoint is {row[0]}; nothing published, the next run starts over", table=plan.table)
+        return StageManifest(**ckpt.data["direct_load"])
+    if ckpt.status != "active":
+        raise StagingLost(f"its checkpoint is {ckpt.status}; nothing published, the next run starts over", table=plan.table)
     renewed = 0
     while plan.direct:
         try:
@@ -130,13 +128,13 @@ def stage_rows(
                 raise
             log.warning("%s: read session expired during the direct load; re-creating it at the same snapshot",
                         plan.table)
-            fresh, _, _, _ = _recreate_session(res, plan, dict(plan.session), int(row[1].get("seq_base", 0)) + 10**13)
+            fresh, _, _, _ = _recreate_session(res, plan, dict(plan.session), int(ckpt.data.get("seq_base", 0)) + 10**13)
             plan = plan.model_copy(update={"session": fresh})
     hashset = _target_hashes(res, plan) if plan.hash_skip else None
     counters = {"read": 0, "staged": 0, "quarantined": 0, "batches": 0, "unchanged": 0}
     lock = threading.Lock()
     recreated = 0
-    state = row[1]
+    state = ckpt.data
     # The checkpoint's session, not the plan's: a Prefect retry after a re-created session gets the plan it started
     # with, while the checkpoint holds the new session whose stream names its offsets and done flags belong to.
     session = dict(state.get("session") or plan.session)
@@ -248,12 +246,9 @@ def _recreate_session(
         conn.execute(sql.SQL("TRUNCATE {}").format(ident(plan.staging_schema, plan.staging_table)))
         if plan.hash_skip:
             conn.execute(sql.SQL("TRUNCATE {}").format(ident(plan.staging_schema, plan.same_table)))
-        conn.execute(
-            sql.SQL("UPDATE {} SET checkpoint_data = checkpoint_data || %s, last_processed_row = 0 WHERE id = %s").format(
-                ident(plan.registry_schema, "refresh_checkpoints")),
-            (Jsonb({"session": new, "offsets": info.offsets, "done": {}, "seq_base": seq_base, "checksum": "0",
-                    "quarantined": 0, "unchanged": 0}), plan.checkpoint_id),
-        )
+        checkpoints.restart_reading(conn, plan.registry_schema, plan.checkpoint_id, {
+            "session": new, "offsets": info.offsets, "done": {}, "seq_base": seq_base, "checksum": "0",
+            "quarantined": 0, "unchanged": 0})
         conn.commit()
     return new, dict(info.offsets), {}, seq_base
 
@@ -273,7 +268,6 @@ def _stage_source_keys(res: Resources, plan: RefreshPlan, session: dict[str, Any
     client = res.source.get_read_client()
     schema = pa.ipc.read_schema(pa.py_buffer(info.arrow_schema))
     adbc_conn = res.target.connect_adbc()
-    reg = quote_ident(plan.registry_schema)
     try:
         n = 0
         for stream in info.streams:
@@ -285,9 +279,7 @@ def _stage_source_keys(res: Resources, plan: RefreshPlan, session: dict[str, Any
                     cur.adbc_ingest(keys_table, pa.Table.from_batches([conform(batch, key_cols)]), mode="append",
                                     db_schema_name=plan.staging_schema)
         with adbc_conn.cursor() as cur:  # the count a publish proves the (UNLOGGED) key table still holds
-            cur.execute(f"UPDATE {reg}.refresh_checkpoints SET checkpoint_data = checkpoint_data"  # noqa: S608
-                        " || jsonb_build_object('source_keys', $1::bigint) WHERE id = $2::int",
-                        parameters=(n, plan.checkpoint_id))
+            checkpoints.record_source_keys(cur, plan.registry_schema, plan.checkpoint_id, n)
         adbc_conn.commit()
     finally:
         adbc_conn.close()

@@ -10,6 +10,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from tasks import checkpoints as run_state
 from tasks.freshness import is_stale
 from tasks.sqlnames import ident
 
@@ -189,13 +190,8 @@ def checks_passed(conn: psycopg.Connection[Any], schema: str, audit_ids: list[in
 
 
 def checkpoints(conn: psycopg.Connection[Any], schema: str, *, status: str | None = "active") -> list[dict[str, Any]]:
-    query = sql.SQL(
-        "SELECT id, table_schema || '.' || table_name AS table, status, last_processed_row AS rows_staged,"
-        " total_rows, checkpoint_data->'plan'->>'staging_table' AS staging_table, created_at, updated_at, expires_at"
-        " FROM {} {} ORDER BY id DESC LIMIT 200"
-    ).format(ident(schema, "refresh_checkpoints"), sql.SQL("WHERE status = %s") if status else sql.SQL(""))
-    with conn.cursor(row_factory=dict_row) as cur:
-        return list(cur.execute(query, [status] if status else []).fetchall())
+    """The latest checkpoints (of ``status``, or all), newest first."""
+    return run_state.listing(conn, schema, status=status)
 
 
 def rollback(conn: psycopg.Connection[Any], schema: str) -> dict[str, int]:
@@ -203,8 +199,7 @@ def rollback(conn: psycopg.Connection[Any], schema: str) -> dict[str, int]:
     with conn.transaction():
         disabled = conn.execute(sql.SQL("UPDATE {} SET is_enabled = false WHERE is_enabled").format(
             ident(schema, "refresh_config"))).rowcount
-        expired = conn.execute(sql.SQL("UPDATE {} SET status = 'expired' WHERE status = 'active'").format(
-            ident(schema, "refresh_checkpoints"))).rowcount
+        expired = run_state.expire_every_active(conn, schema)
     return {"tables_disabled": disabled, "checkpoints_expired": expired}
 
 
@@ -235,14 +230,11 @@ def in_progress(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, An
                c.checkpoint_data->'done' AS done, (c.checkpoint_data->>'unchanged')::bigint AS rows_unchanged,
                (SELECT count(*) FROM {quality} q WHERE q.audit_log_id = a.id) AS checks_recorded
           FROM {audit} a
-          LEFT JOIN LATERAL (SELECT status, last_processed_row, checkpoint_data FROM {ckpt} k
-                              WHERE k.table_schema = a.table_schema AND k.table_name = a.table_name
-                                AND (k.status = 'active' OR k.updated_at >= a.refresh_started_at)
-                              ORDER BY (k.status = 'active') DESC, k.id DESC LIMIT 1) c ON true
+          LEFT JOIN {ckpt} c ON true
          WHERE a.status = 'running'
          ORDER BY a.id
         """
-    ).format(audit=ident(schema, "refresh_audit_log"), ckpt=ident(schema, "refresh_checkpoints"),
+    ).format(audit=ident(schema, "refresh_audit_log"), ckpt=run_state.of_running_audits(schema),
              quality=ident(schema, "refresh_data_quality"))
     out = []
     with conn.cursor(row_factory=dict_row) as cur:

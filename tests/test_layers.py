@@ -6,6 +6,7 @@ stay above); and one table's refresh runs its phases one way: refresh_plan <- ba
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,16 @@ def test_the_phases_of_a_refresh_import_one_way() -> None:
         wrong += [f"tasks/{phase}.py imports {name}" for name in sorted(imports(ROOT / "tasks" / f"{phase}.py"))
                   if name in later]
     assert wrong == []
+
+
+def test_one_module_owns_a_runs_checkpoint_and_one_writes_the_quarantine() -> None:
+    """refresh_checkpoints is read and written by tasks/checkpoints.py alone (the other modules call it with their
+    own connection); rows reach refresh_quarantine through tasks/quarantine.py alone (maintenance archives them)."""
+    code = {p.relative_to(ROOT).as_posix(): p.read_text() for folder in ("tasks", "flows", "blocks", "bq_refresh")
+            for p in project_files(folder)}
+    assert [name for name, text in code.items() if "refresh_checkpoints" in text] == ["tasks/checkpoints.py"]
+    assert [name for name, text in code.items()
+            if re.search(r"INSERT INTO [^\n]*refresh_quarantine\b", text)] == ["tasks/quarantine.py"]
+    for name in ("checkpoints", "quarantine"):  # state below the phases: it imports none of them
+        assert not {m for m in imports(ROOT / "tasks" / f"{name}.py")
+                    if m.startswith("tasks.") and m.split(".")[1] in PHASES + ["load"]}
