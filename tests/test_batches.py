@@ -56,6 +56,7 @@ def test_recut_keeps_every_row_in_order_and_never_crosses_a_boundary(
 
 
 @pytest.mark.emulator
+@pytest.mark.once  # the pipeline is the client's; the server's flavour is the other tests' matter
 @pytest.mark.usefixtures("prefect_harness")
 def test_both_load_paths_build_every_piece_with_shape_piece(
     source: BigQuerySource, registry: str, pg: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch,

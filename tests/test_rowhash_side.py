@@ -142,6 +142,7 @@ def test_an_earlier_versions_hash_column_hands_its_hashes_over_and_goes(
     assert_same_rows(source_rows(source, "sqp"), live(pg, s), SQP_KEY)
 
 
+@pytest.mark.once  # an upgrade's path, the same on either server
 def test_hashes_of_an_earlier_hash_function_go_once_and_no_row_is_rewritten(
     env: Settings, pg: psycopg.Connection[Any], registry: str, source: BigQuerySource, caplog: pytest.LogCaptureFixture,
 ) -> None:
