@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 SHAPE_ROWS = 8_192
 
 
+def join_batches(parts: list[pa.RecordBatch]) -> pa.RecordBatch:
+    """One contiguous batch of ``parts`` (concat_batches raises where a column would pass Arrow's 2 GiB offsets,
+    where combine_chunks would split it into chunks, and a first chunk taken alone would drop rows)."""
+    return parts[0] if len(parts) == 1 else pa.concat_batches(parts)
+
+
 def recut(batches: Iterable[pa.RecordBatch], piece: int, boundary: int | None = None) -> Iterator[pa.RecordBatch]:
     """The rows of ``batches`` again, in order, as batches of ``piece`` rows: small ones joined, large ones cut.
 
@@ -34,7 +40,7 @@ def recut(batches: Iterable[pa.RecordBatch], piece: int, boundary: int | None = 
     size = done = 0  # rows pending; rows yielded since the last boundary
 
     def join() -> pa.RecordBatch:
-        return pending[0] if len(pending) == 1 else pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+        return join_batches(pending)
 
     for batch in batches:
         while batch.num_rows:

@@ -27,6 +27,7 @@ RUN_TABLE_SUFFIXES = ("", "_keys", "_same")
 
 
 ROWHASH_SUFFIX = "_rowhash"
+FLOAT_TYPES = {"double precision", "real"}
 
 
 def rowhash_table(target_schema: str, target_table: str) -> str:
@@ -44,8 +45,8 @@ def ensure_rowhash(conn: psycopg.Connection[Any], staging_schema: str, target_sc
     of that name (the target dropped and made again), another key or another hash function (``rowhash.VERSION``:
     the hashes of bq-refresh 0.1's Polars-based function, once, so the next run stages every row, and the merge
     writes none that did not change): a hash says "the live row with this key is exactly this", so one that outlived
-    its row, or that this version cannot reproduce, must go. A live table still carrying the row-hash column of earlier versions gives
-    its hashes to the side table and loses the column (its owner only; else the column stays, unused).
+    its row, or that this version cannot reproduce, must go. A live table still carrying the row-hash column of earlier
+    versions loses the column, its hashes not kept (its owner only; else the column stays, unused).
 
     Returns:
         The side table's name (in ``staging_schema``).
@@ -71,9 +72,8 @@ def ensure_rowhash(conn: psycopg.Connection[Any], staging_schema: str, target_sc
         side, sql.SQL(", ").join(sql.SQL("{} {}").format(ident(k), sql.SQL(types[k])) for k in key), idents(key)))
     conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(side, sql.Literal(marker)))
     if HASH_COLUMN in target_columns(conn, target_schema, target_table):  # once, when the side table is made
-        conn.execute(sql.SQL("INSERT INTO {} ({}, h) SELECT {}, {} FROM {} WHERE {} IS NOT NULL"
-                             " ON CONFLICT ({}) DO UPDATE SET h = EXCLUDED.h").format(
-            side, idents(key), idents(key), ident(HASH_COLUMN), target, ident(HASH_COLUMN), idents(key)))
+        # Its hashes were made by the Polars-based function of those versions: not kept (the run stages every row
+        # once; the merge rewrites none that did not change).
         conn.execute("SAVEPOINT bqr_drop_hash")
         try:
             conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(target, ident(HASH_COLUMN)))
@@ -315,9 +315,14 @@ class PublishSQL:
             sets = [sql.SQL("{} = EXCLUDED.{}").format(ident(n), ident(n)) for n in non_key]
             guards = []
             if non_key:
+                # A float compared by its text: -0 and 0 are equal to PostgreSQL's IS DISTINCT FROM, but they are
+                # different values of the source and of the row hash (a change between them must be written).
+                floats = {c.target_name for c in self.columns if c.pg_type.split("[")[0] in FLOAT_TYPES}
                 guards.append(sql.SQL("({}) IS DISTINCT FROM ({})").format(
-                    sql.SQL(", ").join(sql.SQL("t.{}").format(ident(n)) for n in non_key),
-                    sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(ident(n)) for n in non_key),
+                    sql.SQL(", ").join(sql.SQL("t.{}" + ("::text" if n in floats else "")).format(ident(n))
+                                       for n in non_key),
+                    sql.SQL(", ").join(sql.SQL("EXCLUDED.{}" + ("::text" if n in floats else "")).format(ident(n))
+                                       for n in non_key),
                 ))
             if revive_column:
                 sets.append(sql.SQL("{} = NULL").format(ident(revive_column)))

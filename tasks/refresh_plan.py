@@ -20,7 +20,7 @@ from bq_refresh.errors import (
     SchemaDriftError,
     SourceError,
 )
-from tasks import checkpoints, digest, extract, fastpath, headroom, load, reconcile
+from tasks import checkpoints, digest, extract, fastpath, headroom, load, reconcile, rowhash
 from tasks import restriction as rs
 from tasks.artifacts import record_phase
 from tasks.fastpath import LocalSource
@@ -296,7 +296,7 @@ def plan_refresh(
         fingerprint = hashlib.sha1(repr((columns, key, full, spec.mode, entry.watermark, spec.lookback, target_schema,
                                          spec.checks, spec.critical_fields, row_hash, direct, hash_skip,
                                          local is not None, spec.publish_group, hashes, sorted(wall_time.items()),
-                                         repair_periods, repair_keys)).encode()).hexdigest()
+                                         repair_periods, repair_keys, rowhash.VERSION)).encode()).hexdigest()
         restarted = None
         if active is not None:
             unreadable = _restriction_unreadable(active.data.get("session") or {})

@@ -8,7 +8,8 @@ column i is not NULL), then each column's words in column order:
 - floats: the float64 bit pattern (-0.0 and 0.0 differ, as they do in the source; every NaN is ``CANONICAL_NAN``);
 - decimals: the unscaled two's-complement integer, 2 words (NUMERIC) or 4 (BIGNUMERIC), at the column's scale;
 - strings and bytes: XXH64 of the bytes (UTF-8 for strings);
-- lists: XXH64 of the element words in order (a NULL element is the word ``NULL_ELEMENT``).
+- lists: XXH64 of the element words in order (a NULL element is the word ``NULL_ELEMENT``, so an INT64 list
+  holding that value where another holds a NULL hashes alike: BigQuery's arrays hold no NULL).
 
 The row hash is XXH64 (seed ``SEED``) of those bytes. tests/test_rowhash.py checks the implementation against
 the reference C library (the ``xxhash`` package) and pins golden values.
@@ -24,6 +25,7 @@ import pyarrow as pa
 VERSION = "xxh64-v1"  # in the side table's marker (load.ensure_rowhash): a new function makes the kept hashes go
 SEED = 0x6271722D72656672  # fixed, so equal rows hash equal in every run and every version
 NULL_ELEMENT = 0x9E3779B97F4A7C15  # a NULL inside a list
+LONG_SEGMENT = 4096  # bytes: longer values go to the xxhash library one by one (see xxh64_segments)
 CANONICAL_NAN = 0x7FF8000000000000  # NaN payloads differ between systems; a NaN is a NaN
 
 _P1 = 0x9E3779B185EBCA87
@@ -107,19 +109,40 @@ def xxh64_words(words: Words, seed: int = SEED) -> Words:
 
 
 def xxh64_segments(data: np.ndarray[Any, Any], offsets: np.ndarray[Any, Any], seed: int = SEED) -> Words:
-    """XXH64 of each byte segment ``data[offsets[i]:offsets[i + 1]]`` (data: uint8, offsets: n + 1 integers)."""
+    """XXH64 of each byte segment ``data[offsets[i]:offsets[i + 1]]`` (data: uint8, offsets: n + 1 integers).
+
+    Segments longer than ``LONG_SEGMENT`` bytes (a large JSON or GEOGRAPHY value) are hashed one by one by the
+    ``xxhash`` library's C XXH64; the others together, here.
+    """
     offsets = np.asarray(offsets, np.int64)
     start = offsets[:-1]
     length = offsets[1:] - start
+    long_rows = np.flatnonzero(length > LONG_SEGMENT)
+    if not long_rows.size:
+        return _xxh64_spans(data, start, length, seed)
+    import xxhash
+
+    out = np.empty(start.size, U64)
+    for i in long_rows.tolist():
+        out[i] = xxhash.xxh64_intdigest(data[int(start[i]): int(start[i] + length[i])].data, seed=seed)
+    short = np.flatnonzero(length <= LONG_SEGMENT)
+    out[short] = _xxh64_spans(data, start[short], length[short], seed)
+    return out
+
+
+def _xxh64_spans(data: np.ndarray[Any, Any], start: np.ndarray[Any, Any], length: np.ndarray[Any, Any],
+                 seed: int) -> Words:
+    """XXH64 of each span ``data[start[i]:start[i] + length[i]]``, vectorised over the spans."""
     n = start.size
     h = np.full(n, (seed + _P5) & _M64, U64)
     if not n:
         return h
-    size = int(offsets[-1] - offsets[0])
+    lo, hi = int(start.min()), int((start + length).max())
+    size = hi - lo
     buf = np.zeros((size // 8 + 2) * 8, np.uint8)  # whole words, padded: a read past a segment's end stays inside
-    buf[:size] = data[int(offsets[0]): int(offsets[-1])]
+    buf[:size] = data[lo:hi]
     aligned = buf.view(U64)
-    start = start - offsets[0]
+    start = start - lo
 
     def word(at: np.ndarray[Any, Any]) -> Words:
         """The 8 bytes at each byte position ``at``, as a little-endian word (two aligned reads)."""

@@ -26,6 +26,7 @@ from tasks.artifacts import Progress, rows_expected
 from tasks.batches import (
     SHAPE_ROWS,
     Piece,
+    join_batches,
     recut,
     warn_quarantined,
 )
@@ -158,8 +159,7 @@ def stage_rows(
                 moved past them, in one transaction."""
                 nonlocal seq, committed, pieces
                 loaded = [p.rows for p in pieces if p.rows.num_rows]
-                rows = (loaded[0] if len(loaded) == 1 else pa.Table.from_batches(loaded).combine_chunks().to_batches()[0]
-                        if loaded else pa.RecordBatch.from_pylist([], arrow_schema))
+                rows = join_batches(loaded) if loaded else pa.RecordBatch.from_pylist([], arrow_schema)
                 same_parts = [p.same for p in pieces if p.same is not None]
                 same = pa.concat_tables(same_parts) if same_parts else None
                 quarantined = [row for p in pieces for row in p.quarantined]

@@ -56,6 +56,13 @@ def test_segments_match_the_reference_library_for_any_bytes(segments: list[bytes
     assert [int(h) for h in got] == reference_segments(segments)
 
 
+def test_long_segments_among_short_ones_match_the_reference_library() -> None:
+    rng = random.Random(4096)
+    segments = [rng.randbytes(n) for n in (4095, 4096, 4097, 0, 5, 100_000, 31, 2_000_000, 33)]
+    got = rowhash.xxh64_segments(*as_segments(segments))
+    assert [int(h) for h in got] == reference_segments(segments)
+
+
 def test_segments_in_the_middle_of_a_buffer_read_only_their_bytes() -> None:
     data = np.frombuffer(b"\xff" * 37 + b"abc" + b"\xee" * 41, np.uint8)
     assert int(rowhash.xxh64_segments(data, np.array([37, 40]))[0]) == xxhash.xxh64_intdigest(b"abc", seed=SEED)
@@ -114,14 +121,14 @@ def null_words(t: pa.DataType) -> bytes:
 def reference_row_hashes(table: pa.Table) -> list[int]:
     out = []
     for row in table.to_pylist():
-        validity = 0
+        validity = [0] * ((table.num_columns + 63) // 64 or 1)  # one word per 64 columns
         body = b""
         for i, f in enumerate(table.schema):
             value = row[f.name]
             if value is not None:
-                validity |= 1 << i
+                validity[i // 64] |= 1 << (i % 64)
             body += null_words(f.type) if value is None else canonical(value, f.type)
-        out.append(xxhash.xxh64_intdigest(word(validity) + body, seed=SEED))
+        out.append(xxhash.xxh64_intdigest(b"".join(word(v) for v in validity) + body, seed=SEED))
     return out
 
 
@@ -156,6 +163,16 @@ def test_every_type_hashes_its_canonical_bytes() -> None:
     got = rowhash.row_hashes(table.columns).to_pylist()
     want = [h - (1 << 64) if h >= 1 << 63 else h for h in reference_row_hashes(table)]
     assert got == want
+
+
+def test_a_row_of_more_than_64_columns_has_a_second_validity_word() -> None:
+    rng = random.Random(70)
+    columns = {f"c{i}": pa.array([None if rng.random() < 0.3 else rng.randrange(-5, 5) for _ in range(50)], pa.int64())
+               for i in range(70)}
+    columns["c65"] = pa.array([None, 0] * 25, pa.int64())  # NULL and 0 differ in the second word only
+    table = pa.table(columns)
+    want = [h - (1 << 64) if h >= 1 << 63 else h for h in reference_row_hashes(table)]
+    assert rowhash.row_hashes(table.columns).to_pylist() == want
 
 
 def test_a_slice_a_chunked_column_and_large_types_hash_as_the_plain_rows() -> None:
