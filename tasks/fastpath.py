@@ -90,9 +90,9 @@ def local_slices(local: LocalSource, key: list[str], window: str | None) -> list
     """
     from tasks.reconcile import SourceSlice, period_text
 
-    every: list[pa.Array] = []  # each row's period
-    keyed_periods: list[pa.Array] = []  # each row's period, rows without a NULL in the key
-    hashes: list[np.ndarray[Any, Any]] = []  # their keys' hashes
+    ids: dict[Any, int] = {}  # period value -> its number
+    rows: list[int] = []  # per period number
+    hashes: list[list[np.ndarray[Any, Any]]] = []  # per period number: its keyed rows' key hashes, batch by batch
     for stream in local.streams.values():
         for batch in stream(0):
             keys = [batch.column(k) for k in key]
@@ -100,22 +100,27 @@ def local_slices(local: LocalSource, key: list[str], window: str | None) -> list
             for k in keys:
                 if k.null_count:
                     keyed &= np.asarray(k.is_valid().to_numpy(zero_copy_only=False), bool)
-            w = batch.column(window) if window else pa.array(np.zeros(batch.num_rows, np.int8))  # one slice
-            every.append(w)
-            keyed_periods.append(w if keyed.all() else w.filter(pa.array(keyed)))
-            hashes.append(rowhash.row_hashes(keys).to_numpy(zero_copy_only=False)[keyed])
-    if not every:
-        return []
-    # Periods as dictionary indices (NULL: one more index); then rows per period, and distinct (period, key hash).
-    encoded = pa.chunked_array(every + keyed_periods).combine_chunks().dictionary_encode()
-    periods = encoded.dictionary.to_pylist() + [None] if window else [None, None]
-    index = np.asarray(encoded.indices.fill_null(len(periods) - 1).to_numpy(zero_copy_only=False), np.int64)
-    total = sum(len(w) for w in every)
-    rows = np.bincount(index[:total], minlength=len(periods))
-    pairs = np.unique(np.stack([index[total:], np.concatenate(hashes)], axis=1), axis=0)
-    keys_per = np.bincount(pairs[:, 0], minlength=len(periods)) if pairs.size else np.zeros(len(periods), np.int64)
-    return [SourceSlice(period_text(periods[i]), int(rows[i]), int(keys_per[i]), int(rows[i]))
-            for i in range(len(periods)) if rows[i]]
+            if window:
+                encoded = batch.column(window).dictionary_encode()
+                number = np.asarray([ids.setdefault(v, len(ids)) for v in encoded.dictionary.to_pylist()]
+                                    + [ids.setdefault(None, len(ids))], np.int64)
+                period = number[np.asarray(encoded.indices.fill_null(len(number) - 1)
+                                           .to_numpy(zero_copy_only=False), np.int64)]
+            else:
+                period = np.full(batch.num_rows, ids.setdefault(None, 0), np.int64)
+            while len(rows) < len(ids):
+                rows.append(0)
+                hashes.append([])
+            for p, n in enumerate(np.bincount(period, minlength=len(ids)).tolist()):
+                rows[p] += n
+            h = rowhash.row_hashes(keys).to_numpy(zero_copy_only=False)[keyed]
+            of_keyed = period[keyed]
+            for p in np.unique(of_keyed).tolist():
+                hashes[p].append(h[of_keyed == p])
+    values = {number: value for value, number in ids.items()}
+    return [SourceSlice(period_text(values[p]), rows[p],
+                        int(np.unique(np.concatenate(hashes[p])).size) if hashes[p] else 0, rows[p])
+            for p in range(len(rows)) if rows[p]]
 
 
 class AdbcSession:
