@@ -99,13 +99,16 @@ def _until(what: str, done: Callable[[], bool], timeout_s: float = 300) -> None:
 
 
 class PrefectServer:
-    """``prefect server start`` on a free port with its own home (its services: scheduler, triggers, actions)."""
+    """``prefect server start`` on a free port with its own home (its services: triggers, actions). Not its
+    scheduler: the deployments keep their active 02:00 UTC schedule, and a suite running at that hour saw the
+    scheduled night start on a test's worker and alert beside the runs the test made (the tests start their runs)."""
 
     def __init__(self, home: Path) -> None:
         self.port = free_port()
         self.api = f"http://127.0.0.1:{self.port}/api"
         self.env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": self.api, "BQ_REFRESH_HOME": str(ROOT),
-                    "PREFECT_SERVER_API_PORT": str(self.port), "COLUMNS": "250"}
+                    "PREFECT_SERVER_API_PORT": str(self.port), "COLUMNS": "250",
+                    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
         self.proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
                                      cwd=ROOT, env=self.environ(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
